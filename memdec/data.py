@@ -1,0 +1,212 @@
+"""Corpus → token windows: the one windowing function every stage, baseline and metric uses.
+
+A corpus is a list of documents, tokenized and concatenated into one stream of token ids (an EOS
+token between documents when the tokenizer has one). Windows over that stream follow the usual
+sliding-window perplexity rule: window `w`, stride `s`; each window scores only the tokens that no
+earlier window scored, so every token from position 1 on is scored exactly once.
+
+Position `p` of the stream is predicted from positions < p; datastore row `p - 1` holds the key
+computed at position `p - 1` and the value `tokens[p]`.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet")
+
+
+@dataclass
+class CorpusSpec:
+    """Where a corpus lives: local files (`path`: a file, a folder or a glob) or a hub dataset."""
+
+    path: str | None = None
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    max_docs: int | None = None
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        cfg = f"/{self.config}" if self.config else ""
+        return f"hf:{self.dataset}{cfg}[{self.split}]"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_arg(cls, value: str | dict | CorpusSpec, **kw) -> CorpusSpec:
+        """A spec from a CLI/config value: a dict, a local path, or `hf:NAME[:CONFIG]` for a hub dataset."""
+        if isinstance(value, CorpusSpec):
+            return value
+        if isinstance(value, dict):
+            return cls(**{**value, **{k: v for k, v in kw.items() if v is not None}})
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if str(value).startswith("hf:"):
+            dataset, _, config = str(value)[3:].partition(":")
+            return cls(dataset=dataset, **{"config": config or None, **kw})
+        return cls(path=str(value), **kw)
+
+
+def _files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        found = sorted(
+            os.path.join(root, f)
+            for root, _, names in os.walk(path)
+            for f in names
+            if f.endswith(TEXT_SUFFIXES)
+        )
+    elif any(ch in path for ch in "*?["):
+        found = sorted(glob.glob(path))
+    elif os.path.exists(path):
+        found = [path]
+    else:
+        raise FileNotFoundError(f"corpus {path}: no such file or folder")
+    if not found:
+        raise FileNotFoundError(f"corpus {path}: no {'/'.join(TEXT_SUFFIXES)} files found")
+    return found
+
+
+def _read_file(path: str, column: str) -> Iterable[str]:
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            yield f.read()
+    elif path.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"corpus {path}, line {i}: not valid JSON ({e.msg})") from None
+                if column not in row:
+                    raise ValueError(f"corpus {path}, line {i}: no field {column!r}")
+                yield row[column]
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+        for row in rows if isinstance(rows, list) else [rows]:
+            if column not in row:
+                raise ValueError(f"corpus {path}: a record has no field {column!r}")
+            yield row[column]
+    elif path.endswith(".parquet"):
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        if column not in frame.columns:
+            raise ValueError(f"corpus {path}: no column {column!r} (has {list(frame.columns)})")
+        yield from frame[column].tolist()
+    else:
+        raise ValueError(f"corpus {path}: unsupported file type (use {', '.join(TEXT_SUFFIXES)})")
+
+
+def load_texts(spec: CorpusSpec) -> list[str]:
+    """The corpus's non-empty documents, in order. Raises a one-line error for a missing/empty corpus."""
+    if spec.path is not None:
+        texts = [t for f in _files(spec.path) for t in _read_file(f, spec.text_column)]
+    elif spec.dataset is not None:
+        import datasets
+
+        ds = datasets.load_dataset(spec.dataset, spec.config, split=spec.split)
+        if spec.text_column not in ds.column_names:
+            raise ValueError(f"corpus {spec.describe()}: no column {spec.text_column!r} ({ds.column_names})")
+        texts = ds[spec.text_column]
+    else:
+        raise ValueError("corpus: give a local path or a hub dataset name")
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if spec.max_docs is not None:
+        texts = texts[: spec.max_docs]
+    if not texts:
+        raise ValueError(f"corpus {spec.describe()}: no text found")
+    return texts
+
+
+def tokenize(texts: Sequence[str], tokenizer, batch_size: int = 1000, progress: bool = True) -> np.ndarray:
+    """Token ids of all documents concatenated (int32), EOS between documents when the tokenizer has one."""
+    from tqdm.auto import tqdm
+
+    eos = tokenizer.eos_token_id
+    parts: list[np.ndarray] = []
+    bar = tqdm(total=len(texts), desc="tokenize", unit="doc", disable=not progress or len(texts) < 2 * batch_size)
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[i : i + batch_size]), add_special_tokens=False)["input_ids"]
+        for ids in batch:
+            parts.append(np.asarray(ids, dtype=np.int32))
+            if eos is not None:
+                parts.append(np.asarray([eos], dtype=np.int32))
+        bar.update(len(batch))
+    bar.close()
+    if eos is not None and parts:
+        parts.pop()  # no EOS after the last document
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Input tokens[start:end]; the scored targets are positions [score_start, end)."""
+
+    start: int
+    end: int
+    score_start: int
+
+    @property
+    def n_scored(self) -> int:
+        return self.end - self.score_start
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int | None = None) -> list[Window]:
+    """Windows of at most `window` tokens, starting every `stride` tokens, covering targets 1..n-1 once."""
+    stride = window if stride is None else stride
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    out: list[Window] = []
+    prev_end = 1  # position 0 has no context and is never scored
+    start = 0
+    while prev_end < n_tokens:
+        end = min(start + window, n_tokens)
+        if end > prev_end:
+            out.append(Window(start, end, prev_end))
+            prev_end = end
+        start += stride
+    return out
+
+
+def check_min_tokens(n_tokens: int, window: int, what: str) -> None:
+    """Raise a one-line error if a corpus cannot fill one window (`window` + 1 tokens)."""
+    if n_tokens < window + 1:
+        raise ValueError(f"{what}: {n_tokens} tokens, fewer than one window of {window} (+1) tokens")
+
+
+def window_batch(
+    tokens: np.ndarray | torch.Tensor, windows: Sequence[Window], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, score_mask) for a batch of windows.
+
+    score_mask[b, j] is True when input position j of window b is a scored target; its prediction
+    comes from the logits at j - 1.
+    """
+    tokens = torch.as_tensor(tokens)
+    length = max(w.end - w.start for w in windows)
+    ids = torch.full((len(windows), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(windows), length), dtype=torch.long)
+    score = torch.zeros((len(windows), length), dtype=torch.bool)
+    for b, w in enumerate(windows):
+        n = w.end - w.start
+        ids[b, :n] = tokens[w.start : w.end]
+        attn[b, :n] = 1
+        score[b, w.score_start - w.start : n] = True
+    return ids, attn, score

@@ -1,0 +1,126 @@
+"""On-disk formats: a `manifest.json` (what made the files) beside plain .npy / safetensors arrays.
+
+Every stage writes its output folder under a temporary name and renames it when complete, so a
+folder with a final name is always whole; readers check the manifest against the files. No pickle:
+arrays are read with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class FormatError(ValueError):
+    """A file on disk is missing, truncated, or does not match its manifest."""
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Save one array atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def load_npy(path: str | os.PathLike, mmap: bool = True, shape: tuple | None = None, dtype=None) -> np.ndarray:
+    """Load an array without pickle; check its shape/dtype when given. Truncation is a FormatError."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: missing")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise FormatError(f"{path}: unreadable or truncated ({e})") from None
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+        raise FormatError(f"{path}: shape {tuple(arr.shape)} does not match the manifest's {tuple(shape)}")
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        raise FormatError(f"{path}: dtype {arr.dtype} does not match the manifest's {np.dtype(dtype)}")
+    return arr
+
+
+def write_manifest(folder: str | os.PathLike, kind: str, **fields: Any) -> dict[str, Any]:
+    """Write `manifest.json` for an output of `kind` (e.g. 'datastore', 'targets')."""
+    manifest = {"kind": kind, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
+    write_json(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike, kind: str) -> dict[str, Any]:
+    """Read and check the manifest of a complete output of `kind`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FormatError(f"{folder}: no such {kind} folder")
+    manifest = read_json(folder / MANIFEST)
+    if manifest.get("kind") != kind:
+        raise FormatError(f"{folder / MANIFEST}: holds a {manifest.get('kind')!r}, expected a {kind!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FormatError(
+            f"{folder / MANIFEST}: format version {manifest.get('format_version')}, this memdec reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def is_complete(folder: str | os.PathLike, kind: str) -> bool:
+    """True if `folder` holds a finished output of `kind`."""
+    try:
+        read_manifest(folder, kind)
+        return True
+    except FormatError:
+        return False
+
+
+def partial_dir(final: str | os.PathLike) -> Path:
+    """The temporary folder a stage writes into (kept across a kill, so the stage can resume)."""
+    final = Path(final)
+    return final.with_name(final.name + ".partial")
+
+
+@contextmanager
+def staged_output(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield the `.partial` folder to write into; on success rename it to `final`.
+
+    A folder left by a killed run is reused (the stage resumes from what is in it). On an exception
+    the partial folder is kept for the next run to resume from.
+    """
+    final = Path(final)
+    if final.exists():
+        if not overwrite:
+            raise FileExistsError(f"{final}: already exists (pass overwrite to replace it)")
+        shutil.rmtree(final)
+    tmp = partial_dir(final)
+    tmp.mkdir(parents=True, exist_ok=True)
+    yield tmp
+    os.replace(tmp, final)

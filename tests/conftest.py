@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny tokenizer and tiny models built locally (never downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+DATA = Path(__file__).parent / "data"
+
+
+def read_jsonl(name: str) -> list[str]:
+    with open(DATA / name, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def texts() -> dict[str, list[str]]:
+    """{'general': [...], 'domain': [...]}: the shipped fixture documents."""
+    return {"general": read_jsonl("general.jsonl"), "domain": read_jsonl("domain.jsonl")}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, texts):
+    """Paths of tiny local models sharing one tokenizer.
+
+    - `tok`: the tokenizer alone; `base`: GPT-2 (2 layers, 64 wide); `memory`: a smaller GPT-2
+      (another seed); `base_llama`: a Llama whose embedding is padded 8 rows past the tokenizer;
+    - `other_tok_model`: a GPT-2 with a different tokenizer (for mismatch errors).
+    """
+    from memdec.tiny import save_model, tiny_model, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = train_tokenizer(texts["general"] + texts["domain"], vocab_size=400)
+    tok.save_pretrained(root / "tok")
+    paths = {"root": root, "tok": str(root / "tok")}
+    paths["base"] = save_model(tiny_model(tok, "gpt2", n_layer=2, hidden=64, seed=1), tok, root / "base")
+    paths["memory"] = save_model(tiny_model(tok, "gpt2", n_layer=1, hidden=32, n_head=2, seed=2), tok, root / "memory")
+    paths["base_llama"] = save_model(tiny_model(tok, "llama", n_layer=2, hidden=64, vocab_pad=8, seed=3), tok,
+                                     root / "base_llama")
+    other = train_tokenizer(texts["domain"], vocab_size=300, name="other-bpe")
+    paths["other_tok_model"] = save_model(tiny_model(other, "gpt2", seed=4), other, root / "other")
+    return paths
