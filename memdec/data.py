@@ -3,7 +3,9 @@
 A corpus is a list of documents, tokenized and concatenated into one stream of token ids (an EOS
 token between documents when the tokenizer has one). Windows over that stream follow the usual
 sliding-window perplexity rule: window `w`, stride `s`; each window scores only the tokens that no
-earlier window scored, so every token from position 1 on is scored exactly once.
+earlier window scored, so every token from position 1 on is scored exactly once. A window never
+starts after the last token scored before it (with stride = window, consecutive windows overlap by
+one token, as lm-eval's rolling windows do), so each scored token has at least one token of context.
 
 Position `p` of the stream is predicted from positions < p; datastore row `p - 1` holds the key
 computed at position `p - 1` and the value `tokens[p]`.
@@ -177,10 +179,10 @@ def sliding_windows(n_tokens: int, window: int, stride: int | None = None) -> li
     prev_end = 1  # position 0 has no context and is never scored
     start = 0
     while prev_end < n_tokens:
+        start = min(start, prev_end - 1)  # the first new target needs its predecessor in the window
         end = min(start + window, n_tokens)
-        if end > prev_end:
-            out.append(Window(start, end, prev_end))
-            prev_end = end
+        out.append(Window(start, end, prev_end))
+        prev_end = end
         start += stride
     return out
 

@@ -1,0 +1,85 @@
+"""Per-token log-probabilities of a token stream under sliding windows (memdec.data's windowing).
+
+Mixing is elementwise in probability space, so the mixture's log-probability of the observed token
+only needs each model's log-probability of that token: `perplexity` of a joint model and
+`tune-lambda` both mix these per-token numbers (memdec.mixing) instead of full distributions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from memdec.data import sliding_windows, window_batch
+
+
+def max_positions(model) -> int | None:
+    """The longest context a model accepts, from its config (None if it does not say)."""
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_window(model, window: int, what: str = "model") -> None:
+    """Raise a one-line error if `window` is longer than the model's context length."""
+    limit = max_positions(model)
+    if limit is not None and window > limit:
+        raise ValueError(f"{what}: window {window} is longer than its context length {limit}")
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) under softmax(logits[..., :vocab_size] / temperature), in float32 or better."""
+    logits = logits[..., :vocab_size]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def token_logprobs(
+    model,
+    tokens: np.ndarray | torch.Tensor,
+    window: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    pad_id: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """float64 array of length n-1: entry i is log p(tokens[i+1] | its window's context)."""
+    from tqdm.auto import tqdm
+
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    n = int(tokens.numel())
+    out = np.full(max(n - 1, 0), np.nan, dtype=np.float64)
+    if n < 2:
+        return out
+    check_window(model, min(window, n))
+    vocab_size = vocab_size or model.config.vocab_size
+    device = next(model.parameters()).device
+    windows = sliding_windows(n, window, stride)
+    for i in tqdm(range(0, len(windows), batch_size), desc="score", disable=not progress):
+        chunk = windows[i : i + batch_size]
+        ids, attn, score = window_batch(tokens, chunk, pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+        lp = target_logprobs(logits[:, :-1], ids[:, 1:].to(device), vocab_size, temperature).cpu().double()
+        for b, w in enumerate(chunk):
+            j0 = w.score_start - w.start  # first scored input position in this window
+            out[w.score_start - 1 : w.end - 1] = lp[b, j0 - 1 : w.end - w.start - 1].numpy()
+    return out
+
+
+def perplexity(logprobs: np.ndarray) -> float:
+    """exp of the mean negative log-likelihood (token-level perplexity)."""
+    logprobs = np.asarray(logprobs, dtype=np.float64)
+    if logprobs.size == 0:
+        raise ValueError("perplexity of zero tokens is undefined")
+    return float(math.exp(-logprobs.mean()))
