@@ -24,9 +24,50 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=run)
 
 
+# ---- train (memdec/train.py) ----
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a Memory Decoder on a datastore's kNN targets (or fine-tune on a corpus)")
+    p.add_argument("--init", required=True, help="the small causal LM to start from (HF dir or hub id)")
+    p.add_argument("--out", required=True, help="output folder (HF model + tokenizer + memdec.json)")
+    p.add_argument("--datastore", help="datastore folder (memdec datastore)")
+    p.add_argument("--targets", help="kNN targets folder (memdec targets)")
+    p.add_argument("--corpus", help="instead of a datastore: a corpus (path or hf:NAME[:CONFIG]) for beta=0 fine-tuning")
+    p.add_argument("--beta", type=float, default=0.5, help="weight of the KL term (default 0.5; 0 = plain CE)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the windows)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per process per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=float, default=0.05, help="warmup steps, or a fraction of steps if < 1")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--window", type=int, help="window length (default: the datastore's)")
+    p.add_argument("--stride", type=int, help="window stride (default: the window)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (resumed automatically)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lmbda", type=float, default=0.5, help="suggested mixing weight written to memdec.json")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    def run(args):
+        from memdec.train import train
+
+        out = train(args.init, args.out, datastore=args.datastore, targets=args.targets, corpus=args.corpus,
+                    beta=args.beta, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+                    grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+                    max_grad_norm=args.max_grad_norm, window=args.window, stride=args.stride,
+                    save_every=args.save_every, seed=args.seed, lmbda=args.lmbda,
+                    mixed_precision=args.mixed_precision, overwrite=args.overwrite)
+        print(out)
+
+    p.set_defaults(func=run)
+
+
 # ---- end of blocks ----
 
-REGISTER = [_add_demo]
+REGISTER = [_add_demo, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,441 @@
+"""Training a Memory Decoder: a small causal LM taught to imitate a kNN-LM's next-token distribution.
+
+    loss = beta * KL(p_knn || p_mem) + (1 - beta) * CE(next token)
+
+averaged over every scored target position. p_knn is sparse (the CSR rows of a targets folder), so
+the KL is computed on its support only: KL = sum_j p_j (log p_j - log q_j), with log q_j gathered
+from the model's log-softmax at the support ids; no vocabulary-sized target tensor is ever built.
+
+Windows run over the datastore's token stream (`memdec.data.sliding_windows`); target position p
+is predicted from the logits at p - 1 and its kNN distribution is targets row p - 1.
+
+With beta = 0 and no targets the same loop is plain causal-LM fine-tuning on a corpus (the DAPT and
+LoRA baselines); pass `peft_config` to train a LoRA adapter instead of the full model.
+
+Runs under `accelerate launch` (data-parallel; each process takes its share of every step's
+windows). Checkpoints are safetensors (model, optimizer tensors, RNG states) plus JSON (step,
+optimizer/scheduler scalars); no pickle. A rerun with the same settings resumes from the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memdec.data import (
+    CorpusSpec,
+    Window,
+    check_min_tokens,
+    load_texts,
+    sliding_windows,
+    tokenize,
+    window_batch,
+)
+from memdec.formats import partial_dir, read_json, write_json
+from memdec.mixing import align_vocab, check_fingerprint, tokenizer_fingerprint
+from memdec.scoring import check_window, max_positions
+
+MEMDEC_JSON = "memdec.json"
+SETTINGS_JSON = "train_settings.json"
+CHECKPOINTS = "checkpoints"
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def memdec_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    score_mask: torch.Tensor,
+    knn_ids: torch.Tensor | None = None,
+    knn_probs: torch.Tensor | None = None,
+    beta: float = 0.5,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """beta * KL(p_knn || p_model) + (1 - beta) * CE, averaged over the scored positions.
+
+    logits: [B, L, V] model outputs; input_ids / score_mask: [B, L] (score_mask[b, j] marks input
+    position j as a target, predicted from logits[b, j - 1]). knn_ids / knn_probs: [N, S], one row
+    per scored position in row-major order, zero-probability padding past each row's support.
+    `vocab_size` (the tokenizer's length) cuts padded embedding rows off the softmax.
+    Returns (loss, {"ce": ..., "kl": ..., "positions": N}).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if vocab_size is not None:
+        logits = align_vocab(logits, vocab_size)
+    sel = score_mask[:, 1:]
+    pred = logits[:, :-1][sel].float()  # [N, V]
+    labels = input_ids[:, 1:][sel]  # [N]
+    n = pred.shape[0]
+    if n == 0:
+        raise ValueError("memdec_loss: no scored positions in the batch")
+    lse = torch.logsumexp(pred, dim=-1)  # log-partition; log q_j = logit_j - lse
+    ce = (lse - pred.gather(1, labels[:, None]).squeeze(1)).mean()
+    stats = {"ce": float(ce.detach()), "positions": n}
+    loss = ce
+    if beta > 0.0:
+        if knn_ids is None or knn_probs is None:
+            raise ValueError("memdec_loss: beta > 0 needs kNN targets (knn_ids, knn_probs)")
+        if knn_ids.shape[0] != n:
+            raise ValueError(f"memdec_loss: {knn_ids.shape[0]} kNN target rows for {n} scored positions")
+        p = knn_probs.float()
+        log_q = pred.gather(1, knn_ids.long()) - lse[:, None]
+        log_p = torch.where(p > 0, p, torch.ones_like(p)).log()
+        kl = (p * (log_p - log_q)).sum(-1).mean()
+        stats["kl"] = float(kl.detach())
+        loss = beta * kl + (1.0 - beta) * ce
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def knn_batch(targets, windows: Sequence[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (ids int64, probs float32) [N, max_support] for the scored positions of `windows`.
+
+    Position p's row is targets row p - 1; rows come in the order memdec_loss flattens positions.
+    """
+    lens, ids, probs = [], [], []
+    for w in windows:
+        offsets, i, p = targets.rows(w.score_start - 1, w.end - 1)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        offsets = offsets - offsets[0]
+        lens.append(np.diff(offsets))
+        ids.append(np.asarray(i)[: offsets[-1]])
+        probs.append(np.asarray(p)[: offsets[-1]])
+    lens = np.concatenate(lens)
+    width = max(int(lens.max()), 1)
+    mask = np.arange(width)[None, :] < lens[:, None]
+    out_ids = np.zeros((len(lens), width), dtype=np.int64)
+    out_probs = np.zeros((len(lens), width), dtype=np.float32)
+    out_ids[mask] = np.concatenate(ids)
+    out_probs[mask] = np.concatenate(probs).astype(np.float32)
+    return torch.from_numpy(out_ids), torch.from_numpy(out_probs)
+
+
+def _batches(n_windows: int, batch: int, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
+    """The window indices of each global batch of one epoch (a fixed order per seed and epoch)."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n_windows, generator=g).tolist()
+    else:
+        order = list(range(n_windows))
+    return [order[i : i + batch] for i in range(0, n_windows, batch)]
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, accelerator, extra: dict) -> None:
+    """Write checkpoint `step` (model, optimizer, scheduler, RNG) to folder/step_NNNNNNN atomically."""
+    from safetensors.torch import save_file, save_model
+
+    final = folder / f"step_{step:07d}"
+    tmp = folder / f"step_{step:07d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = s
+    save_file(rng, str(tmp / f"rng_{rank}.safetensors"))
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+        state = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for idx, st in state["state"].items():
+            for name, value in st.items():
+                if torch.is_tensor(value):
+                    tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{idx}.{name}"] = value
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "state.json", {
+            "step": step,
+            "optimizer_scalars": scalars,
+            "param_groups": state["param_groups"],
+            "scheduler": scheduler.state_dict(),  # LambdaLR: plain numbers (its lambdas are closures: None)
+            **extra,
+        })
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        for old in sorted(folder.glob("step_???????"))[:-2]:  # keep the two latest
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder under `folder`, or None."""
+    found = sorted(p for p in Path(folder).glob("step_???????") if (p / "state.json").exists())
+    return found[-1] if found else None
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator) -> int:
+    from safetensors.torch import load_file, load_model
+
+    load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"))
+    meta = read_json(ckpt / "state.json")
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["optimizer_scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    scheduler.load_state_dict(meta["scheduler"])
+    rng_file = ckpt / f"rng_{accelerator.process_index}.safetensors"
+    if rng_file.exists():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["cpu"])
+        cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    return int(meta["step"])
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _check_model(model, tok, init: str, window: int, vocab_from: int | None, what: str) -> None:
+    n_emb = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    if n_emb is not None and n_emb < len(tok):
+        raise ValueError(f"init model {init}: output layer has {n_emb} rows, fewer than its tokenizer's {len(tok)} tokens")
+    if vocab_from is not None and n_emb is not None and n_emb < vocab_from:
+        raise ValueError(f"init model {init}: output layer has {n_emb} rows but {what} holds token ids up to {vocab_from - 1}")
+    check_window(model, window, f"init model {init}")
+
+
+def _open_targets(targets: str | os.PathLike, ds_manifest: dict, n_tokens: int):
+    from memdec.targets import Targets
+
+    t = Targets.open(targets)
+    n_rows = int(t.manifest.get("n_rows", n_tokens - 1)) if hasattr(t, "manifest") else n_tokens - 1
+    if n_rows != n_tokens - 1:
+        raise ValueError(f"targets {targets}: {n_rows} rows, but the datastore has {n_tokens - 1} target positions")
+    sub = t.manifest.get("datastore", {}) if hasattr(t, "manifest") else {}
+    fp = sub.get("tokenizer_fingerprint") if isinstance(sub, dict) else None
+    if fp and fp != ds_manifest.get("tokenizer_fingerprint"):
+        raise ValueError(f"targets {targets}: built from a datastore with tokenizer {fp}, not {ds_manifest.get('tokenizer_fingerprint')}")
+    return t
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def train(
+    init: str | os.PathLike,
+    out: str | os.PathLike,
+    datastore: str | os.PathLike | None = None,
+    targets: str | os.PathLike | None = None,
+    beta: float = 0.5,
+    corpus: CorpusSpec | str | dict | None = None,
+    texts: Sequence[str] | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    steps: int | None = None,
+    epochs: float = 1.0,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 5e-4,
+    weight_decay: float = 0.01,
+    warmup: float = 0.05,
+    max_grad_norm: float = 1.0,
+    save_every: int = 500,
+    seed: int = 0,
+    lmbda: float = 0.5,
+    mixed_precision: str = "auto",
+    peft_config=None,
+    shuffle: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+) -> Path:
+    """Train `init` (an HF causal LM dir or hub id) and save it to `out`; returns `out`.
+
+    Memory Decoder: give `datastore` and `targets` (kNN targets folder), beta in (0, 1].
+    Plain fine-tuning (DAPT/LoRA baselines): beta = 0 and `datastore`, `corpus` or `texts`.
+    `steps` optimizer steps (default: `epochs` passes over the windows), each of
+    `batch_size` windows per process x `grad_accum`. `warmup` is a fraction of steps (< 1) or a count.
+    Checkpoints every `save_every` steps in OUT.partial; a rerun resumes from the latest one.
+    `callback(step, stats)` is called after every optimizer step.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+    out = Path(out)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    sources = [s is not None for s in (datastore, corpus, texts)]
+    if sum(sources) != 1:
+        raise ValueError("train: give exactly one of datastore, corpus or texts")
+    if beta > 0 and (datastore is None or targets is None):
+        raise ValueError(f"train: beta={beta} needs a datastore and its kNN targets (or use beta=0)")
+    if batch_size < 1 or grad_accum < 1 or save_every < 1:
+        raise ValueError("train: batch_size, grad_accum and save_every must be >= 1")
+    if (out / MEMDEC_JSON).exists() and not overwrite:
+        raise FileExistsError(f"{out}: a trained model is already there (pass overwrite to replace it)")
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    tok = AutoTokenizer.from_pretrained(str(init))
+    model = AutoModelForCausalLM.from_pretrained(str(init))
+
+    # ---- the token stream, its windows and the kNN targets
+    ds_manifest: dict[str, Any] | None = None
+    knn = None
+    if datastore is not None:
+        from memdec.datastore import Datastore
+
+        ds = Datastore.open(datastore)
+        ds_manifest = dict(ds.manifest)
+        check_fingerprint(tok, ds_manifest["tokenizer_fingerprint"], f"datastore {datastore}")
+        tokens = np.asarray(ds.tokens)
+        window = int(window or ds_manifest.get("window") or 512)
+        source = f"datastore {datastore}"
+        if beta > 0:
+            knn = _open_targets(targets, ds_manifest, len(tokens))
+    else:
+        docs = list(texts) if texts is not None else load_texts(CorpusSpec.from_arg(corpus))
+        tokens = tokenize(docs, tok, progress=progress and accelerator.is_main_process)
+        window = int(window or min(max_positions(model) or 1024, 1024))
+        source = f"corpus {CorpusSpec.from_arg(corpus).describe()}" if corpus is not None else "training texts"
+    check_min_tokens(len(tokens), window, source)
+    _check_model(model, tok, str(init), window, int(tokens.max()) + 1 if len(tokens) else None, source)
+    windows = sliding_windows(len(tokens), window, stride or window)
+    tokens_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+
+    world = accelerator.num_processes
+    global_batch = batch_size * world
+    per_epoch = math.ceil(len(windows) / global_batch)  # global batches per epoch
+    if steps is None:
+        steps = max(1, math.ceil(epochs * per_epoch / grad_accum))
+    warmup_steps = int(warmup * steps) if warmup < 1 else int(warmup)
+
+    settings = {
+        "init": str(init), "beta": beta, "window": window, "stride": stride or window, "steps": steps,
+        "batch_size": batch_size, "grad_accum": grad_accum, "processes": world, "lr": lr,
+        "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
+        "seed": seed, "mixed_precision": mixed_precision, "shuffle": shuffle,
+        "peft": peft_config is not None, "n_tokens": int(len(tokens)), "n_windows": len(windows),
+    }
+    work = partial_dir(out)
+    if overwrite and accelerator.is_main_process:
+        shutil.rmtree(out, ignore_errors=True)
+    if accelerator.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        if (work / SETTINGS_JSON).exists():
+            before = read_json(work / SETTINGS_JSON)
+            diff = sorted(k for k in settings if before.get(k) != settings[k])
+            if diff and not overwrite:
+                raise ValueError(f"{work}: holds an unfinished run with other settings ({', '.join(diff)}); "
+                                 "rerun with the same settings to resume, or delete it")
+            if diff:
+                shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)
+        write_json(work / SETTINGS_JSON, settings)
+    accelerator.wait_for_everyone()
+
+    # ---- model, optimizer, schedule
+    torch.manual_seed(seed)
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step = 0
+    ckpt = latest_checkpoint(work / CHECKPOINTS)
+    if ckpt is not None:
+        step = _load_checkpoint(ckpt, model, optimizer, scheduler, accelerator)
+        accelerator.print(f"train: resuming from {ckpt} (step {step}/{steps})")
+
+    vocab_size = len(tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    bar = tqdm(total=steps, initial=step, desc="train", unit="step", disable=not (progress and accelerator.is_main_process))
+    schedule: dict[int, list[list[int]]] = {}
+    ema = None
+    while step < steps:
+        stats_acc = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
+        for micro in range(grad_accum):
+            g = step * grad_accum + micro  # global micro-batch number
+            epoch, b = divmod(g, per_epoch)
+            if epoch not in schedule:
+                schedule = {epoch: _batches(len(windows), global_batch, seed, epoch, shuffle)}
+            mine = schedule[epoch][b][accelerator.process_index :: world] or schedule[epoch][b][:1]
+            ws = [windows[i] for i in mine]
+            ids, attn, score = window_batch(tokens_t, ws, pad_id)
+            ids, attn, score = ids.to(accelerator.device), attn.to(accelerator.device), score.to(accelerator.device)
+            knn_ids = knn_probs = None
+            if knn is not None:
+                knn_ids, knn_probs = (t.to(accelerator.device) for t in knn_batch(knn, ws))
+            sync = micro == grad_accum - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    logits = model(input_ids=ids, attention_mask=attn).logits
+                loss, st = memdec_loss(logits, ids, score, knn_ids, knn_probs, beta, vocab_size)
+                accelerator.backward(loss / grad_accum)
+            stats_acc["loss"] += float(loss.detach()) / grad_accum
+            stats_acc["ce"] += st["ce"] / grad_accum
+            stats_acc["kl"] += st.get("kl", 0.0) / grad_accum
+        if max_grad_norm and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        ema = stats_acc["loss"] if ema is None else 0.9 * ema + 0.1 * stats_acc["loss"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if step % save_every == 0 and step < steps:
+            _save_checkpoint(work / CHECKPOINTS, step, model, optimizer, scheduler, accelerator, {"loss": ema})
+        if callback is not None:
+            callback(step, dict(stats_acc, step=step, lr=scheduler.get_last_lr()[0]))
+    bar.close()
+
+    # ---- the output folder: HF model + tokenizer + memdec.json, renamed into place when whole
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        final.save_pretrained(str(work))
+        tok.save_pretrained(str(work))
+        meta = {
+            "format_version": 1,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+            "datastore": ({"path": str(datastore), "targets": str(targets) if targets else None, **ds_manifest}
+                          if ds_manifest is not None else None),
+            "training": {**settings, "final_loss": ema},
+            "lmbda": lmbda,
+        }
+        write_json(work / MEMDEC_JSON, json.loads(json.dumps(meta, default=str)))
+        shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)
+        (work / SETTINGS_JSON).unlink(missing_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    accelerator.wait_for_everyone()
+    return out

@@ -1,0 +1,210 @@
+"""memdec.train: the sparse KL + CE loss against dense float64 references, training, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memdec.formats import partial_dir
+from memdec.train import knn_batch, latest_checkpoint, memdec_loss, train
+
+
+def _random_case(seed: int = 0, b: int = 3, length: int = 7, vocab: int = 11, support: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, length, vocab, generator=g, dtype=torch.float64) * 3
+    ids = torch.randint(0, vocab, (b, length), generator=g)
+    score = torch.rand(b, length, generator=g) > 0.3
+    score[:, 0] = False
+    n = int(score[:, 1:].sum())
+    lens = torch.randint(1, support + 1, (n,), generator=g)
+    knn_ids = torch.zeros(n, support, dtype=torch.long)
+    knn_probs = torch.zeros(n, support, dtype=torch.float64)
+    for r in range(n):
+        knn_ids[r, : lens[r]] = torch.randperm(vocab, generator=g)[: lens[r]]
+        w = torch.rand(int(lens[r]), generator=g, dtype=torch.float64) + 0.05
+        knn_probs[r, : lens[r]] = w / w.sum()
+    return logits, ids, score, knn_ids, knn_probs
+
+
+def _dense_reference(logits, ids, score, knn_ids, knn_probs, beta):
+    """Independent float64 computation: explicit loops, dense p_knn over the vocabulary."""
+    logits = logits.double()
+    vocab = logits.shape[-1]
+    kls, ces = [], []
+    r = 0
+    for b in range(ids.shape[0]):
+        for j in range(1, ids.shape[1]):
+            if not score[b, j]:
+                continue
+            logq = torch.log_softmax(logits[b, j - 1], dim=-1)
+            p = torch.zeros(vocab, dtype=torch.float64)
+            for i, pr in zip(knn_ids[r].tolist(), knn_probs[r].double().tolist(), strict=True):
+                p[i] += pr
+            nz = p > 0
+            kls.append(float((p[nz] * (p[nz].log() - logq[nz])).sum()))
+            ces.append(float(-logq[ids[b, j]]))
+            r += 1
+    return beta * np.mean(kls) + (1 - beta) * np.mean(ces), np.mean(kls), np.mean(ces)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_sparse_kl_matches_dense_float64(beta):
+    logits, ids, score, knn_ids, knn_probs = _random_case(seed=int(beta * 10))
+    loss, stats = memdec_loss(logits.float(), ids, score, knn_ids, knn_probs.float(), beta)
+    want, kl, ce = _dense_reference(logits, ids, score, knn_ids, knn_probs, beta)
+    assert loss.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert stats["ce"] == pytest.approx(ce, rel=1e-5)
+    if beta > 0:
+        assert stats["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6)
+
+
+def test_kl_is_zero_when_model_equals_targets():
+    logits, ids, score, knn_ids, knn_probs = _random_case(seed=5, vocab=6)
+    sel = score[:, 1:]
+    pred = torch.log_softmax(logits[:, :-1][sel], -1)
+    full_ids = torch.arange(6).expand(pred.shape[0], 6)
+    loss, stats = memdec_loss(logits, ids, score, full_ids, pred.exp(), beta=1.0)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_beta_zero_equals_torch_cross_entropy():
+    logits, ids, score, _, _ = _random_case(seed=3)
+    loss, _ = memdec_loss(logits.float(), ids, score, beta=0.0)
+    sel = score[:, 1:]
+    want = torch.nn.functional.cross_entropy(logits[:, :-1][sel].float(), ids[:, 1:][sel])
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_padded_vocabulary_is_cut_to_the_tokenizer():
+    logits, ids, score, knn_ids, knn_probs = _random_case(seed=4, vocab=9)
+    padded = torch.cat([logits, torch.full((*logits.shape[:2], 3), 50.0, dtype=logits.dtype)], dim=-1)
+    a, _ = memdec_loss(padded, ids, score, knn_ids, knn_probs, 0.5, vocab_size=9)
+    b, _ = memdec_loss(logits, ids, score, knn_ids, knn_probs, 0.5)
+    assert a.item() == pytest.approx(b.item(), rel=1e-9)
+
+
+def test_knn_batch_packs_csr_rows_in_position_order():
+    from memdec.data import Window
+
+    class FakeTargets:  # CSR rows per the targets contract: row r <-> target position r + 1
+        offsets = np.array([0, 1, 3, 4, 6, 7], dtype=np.int64)
+        ids = np.array([5, 1, 2, 7, 3, 4, 9], dtype=np.int32)
+        probs = np.array([1, 0.25, 0.75, 1, 0.5, 0.5, 1], dtype=np.float16)
+
+        def rows(self, start, stop):
+            o = self.offsets[start : stop + 1]
+            return o, self.ids[o[0] : o[-1]], self.probs[o[0] : o[-1]]
+
+    ids, probs = knn_batch(FakeTargets(), [Window(0, 3, 1), Window(2, 6, 3)])  # positions 1,2 then 3,4,5
+    assert ids.tolist() == [[5, 0], [1, 2], [7, 0], [3, 4], [9, 0]]
+    assert probs.tolist() == [[1, 0], [0.25, 0.75], [1, 0], [0.5, 0.5], [1, 0]]
+
+
+# ------------------------------------------------------------------------------------ training runs
+
+
+@pytest.fixture(scope="module")
+def domain_file(tmp_path_factory, texts):
+    path = tmp_path_factory.mktemp("corpus") / "domain.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts["domain"]), encoding="utf-8")
+    return path
+
+
+def _mean_ce(model_dir, texts, window=32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memdec.data import tokenize
+    from memdec.scoring import token_logprobs
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return -token_logprobs(model, tokenize(texts, tok, progress=False), window).mean()
+
+
+def test_plain_finetuning_lowers_loss_and_writes_hf_dir(tiny, texts, tmp_path):
+    out = train(tiny["memory"], tmp_path / "dapt", texts=texts["domain"], beta=0.0, window=32, steps=15,
+                batch_size=4, lr=3e-3, save_every=5, progress=False)
+    assert _mean_ce(out, texts["domain"]) < _mean_ce(tiny["memory"], texts["domain"]) - 0.1
+    meta = json.loads((out / "memdec.json").read_text())
+    assert meta["format_version"] == 1 and meta["datastore"] is None and meta["training"]["steps"] == 15
+    assert not partial_dir(out).exists() and not (out / "checkpoints").exists()
+    with pytest.raises(FileExistsError, match="already there"):
+        train(tiny["memory"], out, texts=texts["domain"], beta=0.0, window=32, steps=1)
+
+
+def test_lora_adapter_is_saved(tiny, texts, tmp_path):
+    from peft import LoraConfig
+
+    out = train(tiny["memory"], tmp_path / "lora", texts=texts["domain"], beta=0.0, window=32, steps=2,
+                batch_size=2, peft_config=LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True),
+                progress=False)
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+
+
+KILLED_RUN = """
+import os, signal, sys
+from memdec.train import train
+def die(step, stats):
+    if step == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+train(sys.argv[1], sys.argv[2], corpus=sys.argv[3], beta=0.0, window=24, steps=8, batch_size=2,
+      lr=3e-3, save_every=2, seed=7, progress=False, callback=die)
+"""
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny, domain_file, tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(corpus=str(domain_file), beta=0.0, window=24, steps=8, batch_size=2, lr=3e-3, save_every=2, seed=7,
+              progress=False)
+    ref = train(tiny["memory"], tmp_path / "ref", **kw)
+    out = tmp_path / "resumed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_RUN), tiny["memory"], str(out), str(domain_file)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not out.exists()
+    assert latest_checkpoint(partial_dir(out) / "checkpoints").name == "step_0000004"
+    steps_seen = []
+    train(tiny["memory"], out, callback=lambda s, st: steps_seen.append(s), **kw)
+    assert steps_seen == [5, 6, 7, 8]
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_window_longer_than_model_positions(tiny, texts, tmp_path):
+    with pytest.raises(ValueError, match=r"init model .*window 300 is longer than its context length 256"):
+        train(tiny["memory"], tmp_path / "x", texts=texts["domain"], beta=0.0, window=300, steps=1)
+
+
+def test_bad_arguments(tiny, texts, tmp_path):
+    with pytest.raises(ValueError, match="needs a datastore"):
+        train(tiny["memory"], tmp_path / "x", texts=texts["domain"], beta=0.5)
+    with pytest.raises(ValueError, match="exactly one of"):
+        train(tiny["memory"], tmp_path / "x", beta=0.0)
+    with pytest.raises(ValueError, match="beta must be in"):
+        train(tiny["memory"], tmp_path / "x", texts=texts["domain"], beta=1.5)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        train(tiny["memory"], tmp_path / "x", texts=["tiny text"], beta=0.0, window=64)
+
+
+def test_changed_settings_do_not_resume_silently(tiny, texts, tmp_path):
+    out = tmp_path / "x"
+    partial_dir(out).mkdir()
+    (partial_dir(out) / "train_settings.json").write_text(json.dumps({"lr": 1.0}))
+    with pytest.raises(ValueError, match=r"unfinished run with other settings \(.*lr"):
+        train(tiny["memory"], out, texts=texts["domain"], beta=0.0, window=32, steps=1)
+    assert Path(partial_dir(out)).exists()
