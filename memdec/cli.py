@@ -65,9 +65,73 @@ def _add_train(sub) -> None:
     p.set_defaults(func=run)
 
 
+# ---- dapt, lora (baselines/dapt.py, baselines/lora.py) ----
+
+
+def _baseline_train_args(p) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", help="domain corpus: a file, folder or glob of .txt/.jsonl/.json/.parquet, or hf:NAME[:CONFIG]")
+    src.add_argument("--datastore", help="train on a datastore's token stream and window (the pipeline's windows)")
+    p.add_argument("--model", required=True, help="base model: HF dir or hub id")
+    p.add_argument("--out", required=True, help="output folder (written as OUT.partial, resumed after a kill)")
+    p.add_argument("--window", type=int, help="tokens per window (default: the datastore's, else min(context, 1024))")
+    p.add_argument("--stride", type=int, help="window stride (default: the window)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs passes)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per step per process")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and an unfinished run with other settings)")
+
+
+def _baseline_train_kwargs(args) -> dict:
+    return dict(model=args.model, out=args.out, corpus=args.corpus, datastore=args.datastore, window=args.window,
+                stride=args.stride, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+                grad_accum=args.grad_accum, save_every=args.save_every, seed=args.seed,
+                mixed_precision=args.mixed_precision, overwrite=args.overwrite)
+
+
+def _add_dapt(sub) -> None:
+    p = sub.add_parser("dapt", help="DAPT baseline: full fine-tuning of the base model on the domain corpus")
+    _baseline_train_args(p)
+    p.add_argument("--lr", type=float, default=5e-5)
+
+    def run(args):
+        from baselines.dapt import dapt
+
+        out = dapt(lr=args.lr, **_baseline_train_kwargs(args))
+        print(f"dapt: wrote {out}; evaluate with: memdec-eval --model hf --model_args pretrained={out}")
+
+    p.set_defaults(func=run)
+
+
+def _add_lora(sub) -> None:
+    p = sub.add_parser("lora", help="LoRA baseline: a peft LoRA adapter trained on the domain corpus")
+    _baseline_train_args(p)
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    rank.add_argument("--match-params", metavar="MEMDEC_DIR",
+                      help="pick the rank whose trainable parameter count is closest to this Memory Decoder's")
+    p.add_argument("--target-modules", nargs="+", help="layer names to adapt (default: peft's for the architecture)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=2e-4)
+
+    def run(args):
+        from baselines.lora import lora
+
+        out = lora(rank=args.rank, match_params=args.match_params, target_modules=args.target_modules,
+                   alpha=args.alpha, dropout=args.dropout, lr=args.lr, **_baseline_train_kwargs(args))
+        print(f"lora: wrote {out}; evaluate with: memdec-eval --model hf --model_args pretrained={args.model},peft={out}")
+
+    p.set_defaults(func=run)
+
+
 # ---- end of blocks ----
 
-REGISTER = [_add_demo, _add_train]
+REGISTER = [_add_demo, _add_train, _add_dapt, _add_lora]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,37 @@
+"""DAPT baseline (domain-adaptive pre-training): full fine-tuning of the base model on the domain corpus.
+
+    memdec dapt --model BASE --corpus PATH --out DIR
+    memdec-eval --model hf --model_args pretrained=DIR --tasks ...
+
+Training is `memdec.train.train` with beta = 0: plain next-token CE over the same sliding windows as
+the pipeline (`--datastore DIR` trains on a datastore's token stream with its window), accelerate,
+bf16 on a GPU that has it, checkpoints in DIR.partial and resume on rerun.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from memdec.formats import write_json
+
+BASELINE_JSON = "baseline.json"
+
+
+def dapt(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    corpus: str | None = None,
+    datastore: str | os.PathLike | None = None,
+    lr: float = 5e-5,
+    **train_kwargs,
+) -> Path:
+    """Fine-tune all weights of `model` on `corpus` (or a datastore's tokens); returns `out`.
+
+    Other keywords go to `memdec.train.train` (window, stride, steps, epochs, batch_size, ...).
+    """
+    from memdec.train import train
+
+    path = train(init=model, out=out, corpus=corpus, datastore=datastore, beta=0.0, lr=lr, **train_kwargs)
+    write_json(Path(path) / BASELINE_JSON, {"method": "dapt", "base": str(model)})
+    return Path(path)
