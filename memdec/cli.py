@@ -129,9 +129,89 @@ def _add_lora(sub) -> None:
     p.set_defaults(func=run)
 
 
+# ---- datastore, index, targets (memdec/datastore.py, memdec/search.py, memdec/targets.py) ----
+
+
+def _add_datastore(sub) -> None:
+    p = sub.add_parser("datastore", help="build a kNN datastore (keys = base model hidden states, values = next tokens)")
+    p.add_argument("--model", required=True, help="base model: HF dir or hub id")
+    p.add_argument("--corpus", required=True, help="a file, folder or glob of .txt/.jsonl/.json/.parquet, or hf:NAME[:CONFIG]")
+    p.add_argument("--out", required=True, help="output folder (written as OUT.partial, resumed after a kill)")
+    p.add_argument("--split", help="hub dataset split (default train)")
+    p.add_argument("--text-column", help="field/column holding the text (default text)")
+    p.add_argument("--max-docs", type=int, help="use only the first N documents")
+    p.add_argument("--revision", help="model revision on the hub")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument("--stride", type=int, help="window stride (default: the window)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available; accelerate's under accelerate launch)")
+    p.add_argument("--shard-rows", type=int, help="rows per shard file (default: about 1 GiB of keys)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and an unfinished run with other settings)")
+
+    def run(args):
+        from memdec.data import CorpusSpec
+        from memdec.datastore import build_datastore
+
+        spec = CorpusSpec.from_arg(args.corpus, split=args.split, text_column=args.text_column, max_docs=args.max_docs)
+        out = build_datastore(args.model, spec, args.out, window=args.window, stride=args.stride,
+                              batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                              shard_rows=args.shard_rows, revision=args.revision, overwrite=args.overwrite)
+        print(out)
+
+    p.set_defaults(func=run)
+
+
+def _add_index(sub) -> None:
+    p = sub.add_parser("index", help="build and save a search index over a datastore's keys (DATASTORE/index-BACKEND)")
+    p.add_argument("--datastore", required=True, help="datastore folder (memdec datastore)")
+    p.add_argument("--backend", default="torch", choices=["torch", "faiss-flat", "faiss-ivfpq"],
+                   help="torch: exact, chunked matmul (nothing to build); faiss-flat: exact; faiss-ivfpq: approximate")
+    p.add_argument("--out", help="index folder (default DATASTORE/index-BACKEND)")
+    p.add_argument("--nlist", type=int, help="IVF-PQ: number of lists (default 4 sqrt(n))")
+    p.add_argument("--m", type=int, help="IVF-PQ: code size = sub-quantizers, must divide the key dim (default <= 64)")
+    p.add_argument("--nprobe", type=int, default=32, help="IVF-PQ: lists visited per query (default 32)")
+    p.add_argument("--train-size", type=int, default=1 << 18, help="IVF-PQ: random keys to train on")
+    p.add_argument("--device", help="cuda to build on the GPU (faiss-gpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index")
+
+    def run(args):
+        from memdec.search import build_index
+
+        index = build_index(args.datastore, args.backend, out=args.out, nlist=args.nlist, m=args.m,
+                            nprobe=args.nprobe, train_size=args.train_size, device=args.device,
+                            overwrite=args.overwrite)
+        print(index.path)
+
+    p.set_defaults(func=run)
+
+
+def _add_targets(sub) -> None:
+    p = sub.add_parser("targets", help="sparse kNN target distributions for every datastore row")
+    p.add_argument("--datastore", required=True, help="datastore folder (memdec datastore)")
+    p.add_argument("--k", type=int, default=1024, help="neighbours per row, its own row excluded (default 1024)")
+    p.add_argument("--temperature", type=float, default=16.0, help="softmax(-distance / T) (default 16)")
+    p.add_argument("--backend", default="torch", choices=["torch", "faiss-flat", "faiss-ivfpq"],
+                   help="search backend (a missing faiss index is built and saved)")
+    p.add_argument("--out", help="output folder (default DATASTORE/targets-kK-tT)")
+    p.add_argument("--batch-size", type=int, help="queries per search (default 1024 on GPU, 256 on CPU)")
+    p.add_argument("--device", help="cpu, cuda (default: cuda if available; accelerate's under accelerate launch)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and an unfinished run with other settings)")
+
+    def run(args):
+        from memdec.targets import build_targets
+
+        out = build_targets(args.datastore, out=args.out, k=args.k, temperature=args.temperature,
+                            backend=args.backend, batch_size=args.batch_size, device=args.device,
+                            overwrite=args.overwrite)
+        print(out)
+
+    p.set_defaults(func=run)
+
+
 # ---- end of blocks ----
 
-REGISTER = [_add_demo, _add_train, _add_dapt, _add_lora]
+REGISTER = [_add_demo, _add_train, _add_dapt, _add_lora, _add_datastore, _add_index, _add_targets]
 
 
 def build_parser() -> argparse.ArgumentParser:
