@@ -1,0 +1,338 @@
+"""lm-eval results JSON files → one long-form DataFrame (one row per run × task × metric).
+
+A run is labelled from the results' own config, never from folder names (lm-eval writes base and
++MemDec runs of one base model into the same folder):
+
+- `method` — an explicit `method=` in `--metadata` (lm-eval copies it into every task's
+  `configs[task].metadata`) or in `model_args` wins; it may be a key of METHODS ("memdec", "knnlm",
+  "rag", "dapt", "lora", "base") or any label of your own. Otherwise it is inferred from the model
+  class: `memdec` → +MemDec, `knnlm` → +kNN-LM, `incontext_rag` → +In-Context RAG; a run with
+  `peft=` → +LoRA; a run whose `pretrained` is a local folder holding the `baseline.json` that
+  `memdec dapt` writes ({"method": "dapt", "base": ...}) → +DAPT; any other run → base.
+- `base` — the base model's short name (last path component): an explicit `base=` in `--metadata`
+  wins; else the "base" of the DAPT folder's baseline.json; else `pretrained`. The folder must exist
+  where the report is made; elsewhere pass `--metadata '{"method": "dapt", "base": "gpt2"}'`.
+
+Files considered below each folder: `results*.json` and lm-eval's `NAME_<date>.json`
+(`--output_path NAME.json`); per-sample `samples_*.jsonl` files are ignored. A file that is not an
+lm-eval results file (truncated, another tool's) is skipped with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# method key -> row label, in the order rows appear in tables
+METHODS = {
+    "base": "base",
+    "rag": "+In-Context RAG",
+    "knnlm": "+kNN-LM",
+    "dapt": "+DAPT",
+    "lora": "+LoRA",
+    "memdec": "+MemDec",
+}
+METHOD_ALIASES = {
+    "incontext_rag": "rag", "in-context rag": "rag", "in_context_rag": "rag", "+in-context rag": "rag",
+    "knn-lm": "knnlm", "knn_lm": "knnlm", "+knn-lm": "knnlm",
+    "+dapt": "dapt", "peft": "lora", "+lora": "lora", "memory_decoder": "memdec", "+memdec": "memdec",
+}
+MODEL_METHODS = {"memdec": "memdec", "knnlm": "knnlm", "incontext_rag": "rag"}
+HF_MODELS = {"hf", "hf-auto", "huggingface", "hf-multimodal"}
+# model_args that tell two runs of one method and base apart (shown in the row label when they differ)
+VARIANT_ARGS = ("memory", "lmbda", "datastore", "k", "temperature", "peft", "corpus", "retriever", "n_docs")
+
+RESULTS_NAME = re.compile(r"^results.*\.json$|_\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(\.\d+)?\.json$")
+
+COLUMNS = [
+    "file", "model", "method", "base", "label", "memory", "lmbda", "datastore", "peft", "corpus", "k",
+    "temperature", "n_params", "task", "metric", "filter", "value", "stderr", "higher_is_better",
+    "window", "stride", "n_samples", "limit", "date",
+]
+
+
+class SkippedFileWarning(UserWarning):
+    """A file or folder given to the report could not be used (the message names it)."""
+
+
+def _skip(path: Path | str, why: str) -> None:
+    warnings.warn(f"{path}: skipped, {why}", SkippedFileWarning, stacklevel=3)
+
+
+def find_results_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """lm-eval results files below the given folders (a file given directly is taken as is)."""
+    found: dict[Path, None] = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            found[p.resolve()] = None
+        elif p.is_dir():
+            files = sorted(f for f in p.rglob("*.json") if f.is_file() and RESULTS_NAME.search(f.name))
+            if not files:
+                _skip(p, "no lm-eval results files (results_*.json) below it")
+            for f in files:
+                found[f.resolve()] = None
+        else:
+            _skip(p, "no such file or folder")
+    return list(found)
+
+
+def _parse_args(model_args: Any) -> dict[str, Any]:
+    if isinstance(model_args, dict):
+        return dict(model_args)
+    if isinstance(model_args, str):
+        from lm_eval.utils import simple_parse_args_string
+
+        return simple_parse_args_string(model_args)
+    return {}
+
+
+def short_name(model: Any) -> str:
+    """'Qwen/Qwen2.5-0.5B' → 'Qwen2.5-0.5B'; '/models/gpt2-xl/' → 'gpt2-xl'."""
+    return str(model).rstrip("/\\").replace("\\", "/").split("/")[-1] if model else ""
+
+
+def _dapt_marker(pretrained: Any) -> dict | None:
+    """The DAPT marker of a local model folder (`baseline.json` with method "dapt", written by `memdec dapt`)."""
+    if not pretrained or not os.path.isdir(str(pretrained)):
+        return None
+    f = Path(str(pretrained)) / "baseline.json"
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and str(data.get("method", "")).lower() == "dapt" else None
+
+
+def _method_key(value: Any) -> str:
+    v = str(value).strip()
+    low = v.lower()
+    if low in METHODS:
+        return low
+    return METHOD_ALIASES.get(low, v)
+
+
+def describe_run(res: dict[str, Any]) -> dict[str, Any]:
+    """Run-level fields (model, method, base, memory, lmbda, ...) from a results dict's own config."""
+    cfg = res.get("config") or {}
+    args = _parse_args(cfg.get("model_args"))
+    meta: dict[str, Any] = {}
+    for task_cfg in (res.get("configs") or {}).values():
+        if isinstance(task_cfg, dict) and isinstance(task_cfg.get("metadata"), dict):
+            meta = task_cfg["metadata"]
+            break
+    model = str(cfg.get("model", ""))
+    pretrained = args.get("pretrained", cfg.get("model_name", ""))
+    explicit = meta.get("method", args.get("method"))
+    marker = None
+    if explicit is not None:
+        method = _method_key(explicit)
+    elif model.lower() in MODEL_METHODS:
+        method = MODEL_METHODS[model.lower()]
+    elif args.get("peft"):
+        method = "lora"
+    elif (marker := _dapt_marker(pretrained)) is not None:
+        method = "dapt"
+    else:
+        method = "base"
+    if method == "dapt" and marker is None:
+        marker = _dapt_marker(pretrained)
+    base = meta.get("base", args.get("base"))
+    if base is None and marker is not None:
+        base = marker.get("base")
+    if base is None:
+        base = pretrained
+    n_params = cfg.get("model_num_parameters")
+    return {
+        "model": model,
+        "method": method,
+        "base": short_name(base),
+        "memory": args.get("memory"),
+        # the lmbda a mixing model used: its model_args, else what it reported in config (get_model_info)
+        "lmbda": _num(args.get("lmbda", args.get("lambda", cfg.get("lmbda")))),
+        "datastore": args.get("datastore"),
+        "peft": args.get("peft"),
+        "corpus": args.get("corpus"),
+        "k": _num(args.get("k")),
+        "temperature": _num(args.get("temperature")),
+        "retriever": args.get("retriever"),
+        "n_docs": _num(args.get("n_docs")),
+        "n_params": n_params if isinstance(n_params, int | float) and n_params > 0 else None,
+        "limit": cfg.get("limit"),
+        "date": res.get("date"),
+        "_args": args,
+        "_meta": meta,
+        "_max_length": res.get("max_length"),
+    }
+
+
+def _num(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _window_stride(run: dict[str, Any], task_cfg: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Window and stride of a perplexity task: model_args, then the task's metadata, then max_length."""
+    meta = task_cfg.get("metadata") if isinstance(task_cfg.get("metadata"), dict) else {}
+    for source in (run["_args"], meta, task_cfg):
+        if source.get("window") is not None:
+            window = _num(source.get("window"))
+            return window, _num(source.get("stride", window))
+    if task_cfg.get("output_type") == "loglikelihood_rolling" and "class" not in task_cfg:
+        # lm-eval's own rolling windows: max_length tokens, no overlap beyond one token of context
+        length = _num(run["_args"].get("max_length", run["_max_length"]))
+        return length, length
+    return None, None
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The parsed lm-eval results file, or None (with a SkippedFileWarning naming it)."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+    except json.JSONDecodeError as e:
+        _skip(path, f"not valid JSON, truncated? ({e.msg} at line {e.lineno})")
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        _skip(path, f"unreadable ({e})")
+        return None
+    if not isinstance(res, dict) or not isinstance(res.get("results"), dict):
+        _skip(path, "not an lm-eval results file (no 'results' table)")
+        return None
+    cfg = res.get("config")
+    if not isinstance(cfg, dict) or "model" not in cfg:
+        _skip(path, "not an lm-eval results file (no 'config' with the model)")
+        return None
+    return res
+
+
+def run_rows(res: dict[str, Any], file: str = "") -> list[dict[str, Any]]:
+    """Long-form rows (one per task × metric × filter) of one parsed results dict."""
+    run = describe_run(res)
+    hib_all = res.get("higher_is_better") or {}
+    n_samples = res.get("n-samples") or {}
+    rows = []
+    for task, metrics in res["results"].items():
+        if not isinstance(metrics, dict):
+            continue
+        task_cfg = (res.get("configs") or {}).get(task) or {}
+        window, stride = _window_stride(run, task_cfg)
+        hib = hib_all.get(task) or {}
+        for key, value in metrics.items():
+            if "," not in key or "_stderr," in key:
+                continue
+            metric, _, filt = key.rpartition(",")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            rows.append({
+                **{k: v for k, v in run.items() if not k.startswith("_")},
+                "file": file,
+                "task": task,
+                "metric": metric,
+                "filter": filt,
+                "value": float(value),
+                "stderr": float(stderr) if isinstance(stderr, int | float) and not isinstance(stderr, bool) else None,
+                "higher_is_better": hib.get(metric),
+                "window": window,
+                "stride": stride,
+                "n_samples": (n_samples.get(task) or {}).get("effective"),
+            })
+    return rows
+
+
+def _fmt_arg(name: str, value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and name in ("k", "n_docs"):
+        value = int(value)
+    if name in ("memory", "datastore", "peft", "corpus"):
+        value = short_name(value)
+    return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+
+
+def add_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """Fill `label`: the method's row label, plus the arguments that tell its runs on one base apart."""
+    df = df.copy()
+    labels = df["method"].map(lambda m: METHODS.get(m, m))
+    for _key, part in df.groupby(["method", "base"], dropna=False, sort=False):
+        varying = [a for a in VARIANT_ARGS if a in part and part[a].astype(str).nunique(dropna=False) > 1]
+        if not varying:
+            continue
+        for idx, row in part.iterrows():
+            extra = ", ".join(_fmt_arg(a, row[a]) for a in varying if row[a] is not None and row[a] == row[a])
+            labels.at[idx] = f"{labels.at[idx]} ({extra})" if extra else labels.at[idx]
+    df["label"] = labels
+    return df
+
+
+def load_results(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> pd.DataFrame:
+    """All lm-eval results below `paths` as a long-form DataFrame (columns: COLUMNS).
+
+    Unusable files are skipped with a SkippedFileWarning naming each; an empty frame means none
+    was found. Runs repeated with identical numbers (the same file found twice, a re-run) count once.
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    rows: list[dict[str, Any]] = []
+    for f in find_results_files(paths):
+        res = read_results(f)
+        if res is None:
+            continue
+        got = run_rows(res, str(f))
+        if not got:
+            _skip(f, "no numeric metrics in its 'results'")
+        rows.extend(got)
+    df = pd.DataFrame(rows)
+    for col in COLUMNS + ["retriever", "n_docs"]:
+        if col not in df:
+            df[col] = None
+    if df.empty:
+        return df[COLUMNS]
+    df = add_labels(df)
+    return df[COLUMNS].reset_index(drop=True)
+
+
+def find_conflicts(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose (base, label, task, metric, filter) appear with different values in several files."""
+    key = ["base", "label", "task", "metric", "filter"]
+    if df.empty:
+        return df.iloc[0:0]
+
+    def differs(values: pd.Series) -> bool:
+        v = values.dropna().tolist()
+        return any(not math.isclose(a, v[0], rel_tol=1e-9, abs_tol=1e-12) for a in v[1:])
+
+    bad = df.groupby(key, dropna=False)["value"].transform(differs).astype(bool)
+    return df[bad].sort_values(key + ["file"]).reset_index(drop=True)
+
+
+def dedupe(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (base, label, task, metric, filter); conflicting values become NaN (see find_conflicts)."""
+    key = ["base", "label", "task", "metric", "filter"]
+    if df.empty:
+        return df
+    conflicts = find_conflicts(df)
+    out = df.drop_duplicates(key, keep="first").copy()
+    if not conflicts.empty:
+        bad = set(map(tuple, conflicts[key].astype(str).values))
+        mask = out[key].astype(str).apply(tuple, axis=1).isin(bad)
+        out.loc[mask, "value"] = float("nan")
+        out.loc[mask, "stderr"] = float("nan")
+    return out.reset_index(drop=True)
+
+
+def iter_tasks(df: pd.DataFrame) -> Iterable[str]:
+    """Task names present, in order of appearance."""
+    return list(dict.fromkeys(df["task"].tolist())) if not df.empty else []
