@@ -1,0 +1,344 @@
+"""memdec's lm-eval tasks: local/hub data, sliding-window perplexity and kNN-Prompt zero-shot scoring.
+
+- `load_task_data`: every task's `custom_dataset`. Task T reads `DIR/T.jsonl` (or `.json`, `.parquet`)
+  when a data directory is given (`--metadata '{"data_dir": DIR}'` or the `MEMDEC_DATA_DIR` environment
+  variable), otherwise its confirmed hub dataset; a task without one needs the local file.
+- `SlidingPerplexityTask`: token-level perplexity over the documents concatenated into one token stream
+  (memdec.data.tokenize: EOS between documents), windows of `window` tokens every `stride` tokens
+  (memdec.data.sliding_windows), each window scoring only its new tokens; plus word perplexity and
+  bits per byte. Its requests are of the type `memdec_window_loglikelihood`, which this module adds to
+  lm-eval's `TemplateLM` (so `--model hf`, `--model memdec` and every HFLM subclass answer it): the
+  model tokenizes with its own tokenizer and passes each window to `_loglikelihood_tokens` as exact
+  token ids (context = the window's old tokens, continuation = its new ones).
+- `DCPMITask`: kNN-Prompt's zero-shot classification (Shi et al., 2022): a prompt per input, fuzzy
+  verbalizers (several label words per label), plain accuracy (label probabilities = sum of its words'
+  probabilities) and domain-conditional PMI accuracy (kNN-Prompt's score.py: a label's score is the sum
+  over its words of log p(word | input) - log p(word | domain premise); the premise is its own request).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from lm_eval.api.instance import Instance
+from lm_eval.api.metrics import bits_per_byte, mean, weighted_perplexity
+from lm_eval.api.model import CacheHook, TemplateLM
+from lm_eval.api.task import ConfigurableTask
+
+DATA_DIR_ENV = "MEMDEC_DATA_DIR"
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+REQUEST_TYPE = "memdec_window_loglikelihood"
+
+
+# ---------------------------------------------------------------- data
+
+
+def _local_file(task: str, data_dir: str) -> str:
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"{task}: data dir {data_dir}: no such folder")
+    for suffix in DATA_SUFFIXES:
+        path = os.path.join(data_dir, task + suffix)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{task}: data dir {data_dir} has no {task}.jsonl, {task}.json or {task}.parquet")
+
+
+def _read_records(task: str, path: str) -> list[dict]:
+    if path.endswith(".parquet"):
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{task}: {path}: not valid JSON ({e.msg})") from None
+            rows = rows if isinstance(rows, list) else [rows]
+        else:
+            rows = []
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{task}: {path}, line {i}: not valid JSON ({e.msg})") from None
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{task}: {path}, record {i}: not a JSON object")
+    return rows
+
+
+def check_records(task: str, source: str, rows: Sequence[dict], fields: Sequence[str],
+                  label_field: str | None = None, n_labels: int | None = None) -> None:
+    """Raise a one-line error naming task, source and field for a missing field or an unknown label."""
+    if not rows:
+        raise ValueError(f"{task}: {source}: no records")
+    for i, row in enumerate(rows, 1):
+        for field in fields:
+            if field not in row or row[field] is None:
+                raise ValueError(f"{task}: {source}, record {i}: no field {field!r}")
+        if label_field is not None and n_labels is not None:
+            label = row[label_field]
+            if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < n_labels:
+                raise ValueError(f"{task}: {source}, record {i}: field {label_field!r} has unknown label "
+                                 f"{label!r} (expected an integer 0..{n_labels - 1})")
+
+
+def load_task_data(
+    memdec_task: str,
+    fields: Sequence[str],
+    hub_path: str | None = None,
+    hub_name: str | None = None,
+    hub_split: str | None = None,
+    hub_rename: dict[str, str] | None = None,
+    label_column: str | None = None,
+    n_labels: int | None = None,
+    data_dir: str | None = None,
+    **_: Any,
+):
+    """The task's evaluation documents as a DatasetDict {"test": ...}: local file first, else the hub.
+
+    lm-eval calls this with the task's `dataset_kwargs` and its metadata (which carries `data_dir`
+    from `--metadata`, plus the model arguments: those are ignored).
+    """
+    import datasets
+
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    if data_dir:
+        path = _local_file(memdec_task, os.path.expanduser(str(data_dir)))
+        rows = _read_records(memdec_task, path)
+        check_records(memdec_task, path, rows, fields, label_column, n_labels)
+        ds = datasets.Dataset.from_list([{k: row[k] for k in fields} for row in rows])
+    elif hub_path is None:
+        raise ValueError(
+            f"{memdec_task}: no confirmed hub dataset for this task; give local data: "
+            f"--metadata '{{\"data_dir\": DIR}}' or {DATA_DIR_ENV}=DIR with DIR/{memdec_task}.jsonl "
+            f"(fields: {', '.join(fields)})")
+    else:
+        ds = datasets.load_dataset(hub_path, hub_name, split=hub_split)
+        if hub_rename:
+            ds = ds.rename_columns(hub_rename)
+        source = f"hf:{hub_path}" + (f"/{hub_name}" if hub_name else "") + f"[{hub_split}]"
+        missing = [f for f in fields if f not in ds.column_names]
+        if missing:
+            raise ValueError(f"{memdec_task}: {source}: no field {missing[0]!r} (has {ds.column_names})")
+        ds = ds.select_columns(list(fields))
+        if label_column is not None:
+            check_records(memdec_task, source, [{label_column: v} for v in ds[label_column]], [label_column],
+                          label_column, n_labels)
+    return datasets.DatasetDict({"test": ds})
+
+
+# ---------------------------------------------------------------- sliding-window perplexity
+
+
+def _doc_ends(texts: Sequence[str], tokenizer) -> np.ndarray:
+    """Exclusive end position of each document's tokens in memdec.data.tokenize's stream."""
+    from memdec.data import tokenize
+
+    lengths = np.array([len(tokenize([t], tokenizer, progress=False)) for t in texts], dtype=np.int64)
+    sep = 1 if tokenizer.eos_token_id is not None else 0
+    return np.cumsum(lengths + sep) - sep
+
+
+def window_loglikelihood(lm: TemplateLM, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, int]]:
+    """Answer `memdec_window_loglikelihood` requests: args (text, window, stride), one per document.
+
+    The documents of one task (in doc_id order) form one token stream (memdec.data.tokenize with the
+    model's tokenizer); each window of memdec.data.sliding_windows is scored through the model's
+    `_loglikelihood_tokens` with token-exact context and continuation. A window's log-likelihood and
+    token count go to the document holding its last token, so per-document entries sum to the exact
+    stream totals (only those corpus-level sums are meaningful). Returns (log-likelihood, n_tokens).
+    """
+    from memdec.data import sliding_windows, tokenize
+
+    groups: dict[tuple, dict[int, tuple[int, str]]] = defaultdict(dict)
+    for i, req in enumerate(requests):
+        text, window, stride = req.args
+        groups[(req.task_name, int(window), int(stride))].setdefault(req.doc_id, (i, text))
+    out: list[tuple[float, int] | None] = [None] * len(requests)
+    by_key = {(req.task_name, int(req.args[1]), int(req.args[2]), req.doc_id): i for i, req in enumerate(requests)}
+    for (task, window, stride), docs in groups.items():
+        doc_ids = sorted(docs)
+        texts = [docs[d][1] for d in doc_ids]
+        max_len = getattr(lm, "max_length", None)
+        if max_len is not None and window - 1 > max_len:
+            raise ValueError(f"{task}: window {window} needs {window - 1} input tokens, more than the model's "
+                             f"max_length {max_len}; set --metadata '{{\"window\": N, \"stride\": M}}'")
+        tokens = tokenize(texts, lm.tokenizer, progress=False)
+        if len(tokens) < 2:
+            raise ValueError(f"{task}: the documents have {len(tokens)} token(s); perplexity needs at least 2")
+        ends = _doc_ends(texts, lm.tokenizer)
+        if int(ends[-1]) != len(tokens):
+            raise ValueError(f"{task}: document token counts do not add up to the stream length")
+        windows = sliding_windows(len(tokens), window, stride)
+        ids = tokens.tolist()
+        reqs = [((f"{task}:window:{w.start}", ""), ids[w.start:w.score_start], ids[w.score_start:w.end])
+                for w in windows]
+        hook, lm.cache_hook = getattr(lm, "cache_hook", None), CacheHook(None)  # window scores are not cached
+        try:
+            scores = lm._loglikelihood_tokens(reqs, disable_tqdm=disable_tqdm)
+        finally:
+            lm.cache_hook = hook
+        ll = np.zeros(len(doc_ids))
+        n = np.zeros(len(doc_ids), dtype=np.int64)
+        for w, (logprob, _) in zip(windows, scores, strict=True):
+            k = int(np.searchsorted(ends, w.end - 1, side="right"))  # document holding the window's last token
+            k = min(k, len(doc_ids) - 1)
+            ll[k] += logprob
+            n[k] += w.n_scored
+        for k, d in enumerate(doc_ids):
+            out[by_key[(task, window, stride, d)]] = (float(ll[k]), int(n[k]))
+    for i, req in enumerate(requests):  # repeated requests share their document's answer
+        if out[i] is None:
+            j = by_key[(req.task_name, int(req.args[1]), int(req.args[2]), req.doc_id)]
+            out[i] = out[j]
+    return out  # type: ignore[return-value]
+
+
+if not hasattr(TemplateLM, REQUEST_TYPE):
+    setattr(TemplateLM, REQUEST_TYPE, window_loglikelihood)
+
+
+def _count_words(text: str) -> int:
+    return len(re.split(r"\s+", text.strip())) if text.strip() else 0
+
+
+class SlidingPerplexityTask(ConfigurableTask):
+    """Token perplexity (sliding windows), word perplexity and bits per byte of a corpus's "text" field.
+
+    Window and stride come from the task metadata (`window`, `stride`; defaults 1024 and 512, the
+    paper's setting), settable with `--metadata '{"window": 2048, "stride": 1024}'`.
+    """
+
+    def __init__(self, config: dict | None = None, **kwargs) -> None:
+        config = {k: v for k, v in (config or {}).items() if k != "class"}
+        super().__init__(config=config, **kwargs)
+        meta = self.config.metadata or {}
+        self.window = int(meta.get("window", 1024))
+        self.stride = int(meta.get("stride", self.window // 2))
+        if self.window < 2 or not 1 <= self.stride <= self.window:
+            raise ValueError(f"{self.config.task}: window must be >= 2 and stride in [1, window]; got window "
+                             f"{self.window}, stride {self.stride}")
+        self.OUTPUT_TYPE = REQUEST_TYPE  # the request type lm-eval dispatches (and pads across ranks)
+
+    def doc_to_text(self, doc, doc_to_text=None) -> str:
+        return ""
+
+    def doc_to_target(self, doc, doc_to_target=None) -> str:
+        return doc["text"]
+
+    def fewshot_context(self, doc, num_fewshot, *args, **kwargs) -> str:
+        if num_fewshot:
+            raise ValueError(f"{self.config.task}: perplexity tasks take no few-shot examples")
+        return ""
+
+    def construct_requests(self, doc: dict, ctx: str, **kwargs) -> Instance:
+        for key in ("apply_chat_template", "chat_template"):
+            kwargs.pop(key, None)
+        return Instance(request_type=REQUEST_TYPE, doc=doc, arguments=(doc["text"], self.window, self.stride),
+                        idx=0, **kwargs)
+
+    def process_results(self, doc: dict, results) -> dict:
+        loglikelihood, n_tokens = results[0]
+        text = doc["text"]
+        return {
+            "token_perplexity": (loglikelihood, n_tokens),
+            "word_perplexity": (loglikelihood, _count_words(text)),
+            "bits_per_byte": (loglikelihood, len(text.encode("utf-8"))),
+        }
+
+    def aggregation(self) -> dict:
+        return {"token_perplexity": weighted_perplexity, "word_perplexity": weighted_perplexity,
+                "bits_per_byte": bits_per_byte}
+
+    def higher_is_better(self) -> dict:
+        return {"token_perplexity": False, "word_perplexity": False, "bits_per_byte": False}
+
+
+# ---------------------------------------------------------------- kNN-Prompt zero-shot classification
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    m = max(values)
+    return m + math.log(sum(math.exp(v - m) for v in values))
+
+
+def dcpmi_predictions(cond: Sequence[Sequence[float]], domain: Sequence[Sequence[float]]) -> tuple[int, int]:
+    """(plain, DC-PMI) predicted labels from per-label lists of word log-probabilities.
+
+    plain: argmax over labels of log sum_w p(w | input); DC-PMI (kNN-Prompt's score.py): argmax of
+    sum_w [log p(w | input) - log p(w | domain premise)]. Ties go to the lower label.
+    """
+    plain = [_logsumexp(words) for words in cond]
+    pmi = [sum(c - d for c, d in zip(cw, dw, strict=True)) for cw, dw in zip(cond, domain, strict=True)]
+    return int(np.argmax(plain)), int(np.argmax(pmi))
+
+
+class DCPMITask(ConfigurableTask):
+    """kNN-Prompt zero-shot classification: fuzzy verbalizers, plain and domain-conditional PMI accuracy.
+
+    Task metadata: `prompt` (a Python format string over the document's fields), `domain_premise`, `label_words` (one list of label words per label, each with its leading space;
+    the first is the label's name) and `label_field`.
+    """
+
+    def __init__(self, config: dict | None = None, **kwargs) -> None:
+        meta = (config or {}).get("metadata") or {}
+        task = (config or {}).get("task", "task")
+        for key in ("prompt", "domain_premise", "label_words", "label_field"):
+            if key not in meta:
+                raise ValueError(f"{task}: metadata has no {key!r}")
+        words = meta["label_words"]
+        if not (isinstance(words, list) and len(words) >= 2
+                and all(isinstance(w, list) and w and all(isinstance(x, str) and x for x in w) for w in words)):
+            raise ValueError(f"{task}: metadata 'label_words' must be a list of >= 2 non-empty lists of words")
+        self.template = str(meta["prompt"])
+        self.domain_premise = str(meta["domain_premise"])
+        self.label_words: list[list[str]] = [list(w) for w in words]
+        self.label_field = str(meta["label_field"])
+        config = {k: v for k, v in (config or {}).items() if k != "class"}
+        config["dataset_kwargs"] = {**(config.get("dataset_kwargs") or {}),
+                                    "label_column": self.label_field, "n_labels": len(self.label_words)}
+        super().__init__(config=config, **kwargs)
+
+    def doc_to_text(self, doc, doc_to_text=None) -> str:
+        return self.template.format(**doc)
+
+    def doc_to_target(self, doc, doc_to_target=None) -> int:
+        return int(doc[self.label_field])
+
+    def construct_requests(self, doc: dict, ctx: str, **kwargs) -> list[Instance]:
+        for key in ("apply_chat_template", "chat_template"):
+            kwargs.pop(key, None)
+        flat = [w for words in self.label_words for w in words]
+        args = [(ctx, w) for w in flat] + [(self.domain_premise, w) for w in flat]
+        return [Instance(request_type="loglikelihood", doc=doc, arguments=a, idx=i, **kwargs)
+                for i, a in enumerate(args)]
+
+    def _split(self, values: Sequence[float]) -> list[list[float]]:
+        out, i = [], 0
+        for words in self.label_words:
+            out.append(list(values[i:i + len(words)]))
+            i += len(words)
+        return out
+
+    def process_results(self, doc: dict, results) -> dict:
+        lls = [r[0] for r in results]
+        half = len(lls) // 2
+        plain, pmi = dcpmi_predictions(self._split(lls[:half]), self._split(lls[half:]))
+        gold = self.doc_to_target(doc)
+        return {"acc": float(plain == gold), "acc_dcpmi": float(pmi == gold)}
+
+    def aggregation(self) -> dict:
+        return {"acc": mean, "acc_dcpmi": mean}
+
+    def higher_is_better(self) -> dict:
+        return {"acc": True, "acc_dcpmi": True}
