@@ -132,25 +132,34 @@ def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype
     return names[dtype]
 
 
-def load_model(model_or_path, tokenizer=None, revision: str | None = None, dtype=None, device=None):
-    """(model, tokenizer, model id) from a local dir / hub id, or from a model object plus its tokenizer."""
+def load_tokenizer(model_or_path, tokenizer=None, revision: str | None = None):
+    """The tokenizer given, else the one saved with the model dir / hub id."""
+    if tokenizer is not None:
+        return tokenizer
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise ValueError("build_datastore: pass tokenizer= together with a model object")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_or_path), revision=revision)
+    except OSError as e:
+        raise FileNotFoundError(f"model {model_or_path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def load_model(model_or_path, revision: str | None = None, dtype=None, device=None):
+    """(model in eval mode on `device`, model id) from a local dir / hub id, or a model object."""
     if isinstance(model_or_path, (str, os.PathLike)):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         name = str(model_or_path)
         try:
-            tok = tokenizer or AutoTokenizer.from_pretrained(name, revision=revision)
             model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
         except OSError as e:
             raise FileNotFoundError(f"model {name}: cannot load ({str(e).splitlines()[0]})") from None
     else:
-        model, tok = model_or_path, tokenizer
-        if tok is None:
-            raise ValueError("build_datastore: pass tokenizer= together with a model object")
+        model = model_or_path if dtype is None else model_or_path.to(dtype)
         name = getattr(model.config, "name_or_path", "") or type(model).__name__
-        if dtype is not None:
-            model = model.to(dtype)
-    return model.to(device).eval(), tok, name
+    return model.to(device).eval(), name
 
 
 # ---- writer ----
@@ -318,12 +327,13 @@ def build_datastore(
     dist = dist_state()
     device = resolve_device(device, dist)
     torch_dtype = _dtype(dtype, device)
-    model, tok, name = load_model(model_or_path, tokenizer, revision, torch_dtype, device)
-    layer, dim = key_layer(model), key_dim(model)
+    tok = load_tokenizer(model_or_path, tokenizer, revision)
     tokens, corpus_desc, what = corpus_tokens(corpus, tok, progress and dist.is_main)
     check_min_tokens(len(tokens), window, what)
     windows = sliding_windows(len(tokens), window, stride)
     stride = window if stride is None else stride
+    model, name = load_model(model_or_path, revision, torch_dtype, device)
+    layer, dim = key_layer(model), key_dim(model)
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_pos is not None and window > max_pos:
         raise ValueError(f"window {window} is longer than model {name}'s {max_pos} positions")

@@ -68,10 +68,12 @@ class TorchIndex:
         query_batch: int | None = None,
         resident: bool | None = None,
         margin: int | None = None,
+        half: bool | None = None,
     ):
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.cuda = self.device.type == "cuda"
+        self.half = self.cuda if half is None else half  # float16 candidates + exact float32 re-ranking
         self.datastore = keys if isinstance(keys, Datastore) else None
         if self.datastore is None:
             keys = torch.as_tensor(keys)
@@ -100,7 +102,7 @@ class TorchIndex:
 
     @property
     def _key_dtype(self) -> torch.dtype:
-        return torch.float16 if self.cuda else torch.float32
+        return torch.float16 if self.half else torch.float32
 
     def _host_chunk(self, start: int, stop: int) -> torch.Tensor:
         if self._mem is not None:
@@ -138,8 +140,9 @@ class TorchIndex:
         return torch.cat(out_d).to(dev), torch.cat(out_i).to(dev)
 
     def _search_batch(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        approx = self.cuda  # float16 candidates, exact float32 re-ranking
-        ksel = min(self.n, k + (self.margin if self.margin is not None else max(16, k // 16)) if approx else k)
+        approx = self.half
+        margin = (self.margin if self.margin is not None else max(16, k // 16)) if approx else 0
+        ksel = min(self.n, k + margin)
         if approx:
             scale = max(1.0, float(q.norm(dim=1).max()) * self._max_norm / 3.0e4)
             qm = (q / scale).half()

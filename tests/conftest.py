@@ -53,3 +53,17 @@ def tiny(tmp_path_factory, texts):
     other = train_tokenizer(texts["domain"], vocab_size=300, name="other-bpe")
     paths["other_tok_model"] = save_model(tiny_model(other, "gpt2", seed=4), other, root / "other")
     return paths
+
+
+# ---- datastore fixtures (memdec/datastore.py; used by test_datastore, test_search, test_targets) ----
+
+DATASTORE_ARGS = {"window": 64, "stride": 48, "batch_size": 3, "shard_rows": 2500, "device": "cpu", "progress": False}
+
+
+@pytest.fixture(scope="session")
+def tiny_datastore(tiny, texts, tmp_path_factory) -> str:
+    """A datastore of the tiny GPT-2 `base` over the domain documents (window 64, stride 48, ~8k rows, 4 shards)."""
+    from memdec.datastore import build_datastore
+
+    out = tmp_path_factory.mktemp("ds") / "domain"
+    return str(build_datastore(tiny["base"], texts["domain"], out, **DATASTORE_ARGS))
