@@ -209,9 +209,85 @@ def _add_targets(sub) -> None:
     p.set_defaults(func=run)
 
 
+# ---- pipeline (memdec/pipeline.py) ----
+
+
+def _add_pipeline(sub) -> None:
+    p = sub.add_parser("pipeline", help="corpus -> datastore -> index -> targets -> Memory Decoder from one YAML config")
+    p.add_argument("config", help="pipeline YAML (example: memdec/configs/gpt2_wikitext103.yaml)")
+
+    def run(args):
+        from memdec.pipeline import run_pipeline
+
+        result = run_pipeline(args.config)
+        print(result["paths"]["train"])
+
+    p.set_defaults(func=run)
+
+
+# ---- report, tune-lambda (reports/report.py, memdec/tune.py) ----
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="markdown tables, a long-form CSV and plots from lm-eval results folders")
+    p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="folders searched for lm-eval results_*.json")
+    p.add_argument("--out", required=True, help="output name: writes OUT.md, OUT.csv and OUT_*.png")
+
+    def run(args):
+        import warnings
+
+        from reports.report import write_report
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                written = write_report(args.runs, args.out)
+            finally:
+                for w in caught:
+                    if issubclass(w.category, UserWarning):
+                        print(f"memdec report: warning: {w.message}", file=sys.stderr)
+        for path in written.values():
+            print(path)
+
+    p.set_defaults(func=run)
+
+
+def _add_tune_lambda(sub) -> None:
+    p = sub.add_parser("tune-lambda", help="the mixing weight lmbda with the lowest validation perplexity")
+    p.add_argument("--base", required=True, help="base model (hub name or folder)")
+    p.add_argument("--memory", required=True, help="memory decoder folder (or hub name)")
+    p.add_argument("--data", required=True, help="validation text: a local file/folder or hf:NAME[:CONFIG]")
+    p.add_argument("--split", default=None, help="hub split (default: train)")
+    p.add_argument("--text-column", default=None, help="text field (default: text)")
+    p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
+    p.add_argument("--window", type=int, default=None, help="window (default: min(1024, context length))")
+    p.add_argument("--stride", type=int, default=None, help="stride (default: window / 2)")
+    p.add_argument("--grid", default="0:1:0.05", help="START:STOP:STEP (STOP included) or a,b,c (default 0:1:0.05)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--plot", default=None, metavar="PNG", help="also save the curve as a PNG")
+    p.add_argument("--write", action="store_true", help="store the best lmbda in MEMORY/memdec.json")
+
+    def run(args):
+        from memdec.tune import tune_lambda
+
+        r = tune_lambda(args.base, args.memory, args.data, window=args.window, stride=args.stride, grid=args.grid,
+                        batch_size=args.batch_size, write=args.write, plot=args.plot, device=args.device,
+                        dtype=args.dtype, split=args.split, text_column=args.text_column, max_docs=args.max_docs)
+        print(f"{r.n_tokens} tokens of {r.data}, window {r.window}, stride {r.stride}")
+        print(r.table())
+        print(f"best lmbda {r.best_lmbda:g}: perplexity {r.best_perplexity:.4f}")
+        if r.written:
+            print(f"wrote lmbda {r.best_lmbda:g} into {r.written}")
+
+    p.set_defaults(func=run)
+
+
 # ---- end of blocks ----
 
-REGISTER = [_add_demo, _add_train, _add_dapt, _add_lora, _add_datastore, _add_index, _add_targets]
+REGISTER = [_add_demo, _add_train, _add_dapt, _add_lora, _add_datastore, _add_index, _add_targets, _add_pipeline,
+            _add_report, _add_tune_lambda]
 
 
 def build_parser() -> argparse.ArgumentParser:

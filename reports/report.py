@@ -54,7 +54,7 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     where = ", ".join(str(p) for p in paths)
     if df.empty:
-        raise ValueError(f"no lm-eval results found in {where}" + (f" ({len(skipped)} files skipped)" if skipped else ""))
+        raise ValueError(f"no lm-eval results found in {where}" + (" (see the warnings above)" if skipped else ""))
     tables = build_tables(df)
     if not tables:
         tasks = ", ".join(dict.fromkeys(df["task"]))

@@ -1,0 +1,196 @@
+"""`memdec tune-lambda`: the mixing weight lmbda that minimises validation perplexity.
+
+Each model scores the validation tokens once (memdec.scoring.token_logprobs over the shared sliding
+windows); the perplexity of every lmbda on the grid then comes from those cached per-token numbers
+through memdec.mixing.mix_logprobs, with no further forward passes. With `write`, the best value
+becomes the "lmbda" of the memory decoder's memdec.json (its other fields are kept).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memdec.formats import FORMAT_VERSION, read_json, write_json
+from memdec.mixing import check_lmbda, check_same_tokenizer, mix_logprobs, tokenizer_fingerprint
+from memdec.scoring import max_positions, perplexity, token_logprobs
+
+MEMDEC_JSON = "memdec.json"
+DEFAULT_WINDOW = 1024
+
+
+@dataclass
+class TuneResult:
+    """The perplexity at each lmbda of the grid, and the best one."""
+
+    grid: list[float]
+    perplexities: list[float]
+    best_lmbda: float
+    best_perplexity: float
+    n_tokens: int
+    window: int
+    stride: int
+    data: str
+    written: str | None = field(default=None)
+
+    def table(self) -> str:
+        """The curve as a plain-text table, the best row marked."""
+        lines = ["  lmbda  perplexity"]
+        for lm, ppl in zip(self.grid, self.perplexities, strict=True):
+            mark = "  <- best" if lm == self.best_lmbda else ""
+            lines.append(f"  {lm:5.3f}  {ppl:10.4f}{mark}")
+        return "\n".join(lines)
+
+
+def parse_grid(spec: str | list[float]) -> list[float]:
+    """lmbda values from 'START:STOP:STEP' (STOP included) or 'a,b,c'; each checked to lie in [0, 1]."""
+    if isinstance(spec, list | tuple):
+        values = [check_lmbda(v, "grid value") for v in spec]
+    elif ":" in str(spec):
+        parts = str(spec).split(":")
+        if len(parts) != 3:
+            raise ValueError(f"grid {spec!r}: expected START:STOP:STEP, e.g. 0:1:0.05")
+        try:
+            start, stop, step = (float(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"grid {spec!r}: START, STOP and STEP must be numbers") from None
+        if not step > 0 or stop < start:
+            raise ValueError(f"grid {spec!r}: needs STEP > 0 and STOP >= START")
+        n = int(math.floor((stop - start) / step + 1e-9)) + 1
+        values = [check_lmbda(round(start + i * step, 10), "grid value") for i in range(n)]
+    else:
+        try:
+            values = [check_lmbda(float(v), "grid value") for v in str(spec).split(",") if v.strip()]
+        except ValueError as e:
+            raise ValueError(f"grid {spec!r}: {e}") from None
+    if not values:
+        raise ValueError(f"grid {spec!r}: no lmbda values")
+    return sorted(set(values))
+
+
+def curve(base_logp: np.ndarray, memory_logp: np.ndarray, grid: list[float]) -> list[float]:
+    """Perplexity of the mixture at each lmbda, from the two models' per-token log-probs (float64)."""
+    base = torch.as_tensor(np.asarray(base_logp, dtype=np.float64))
+    mem = torch.as_tensor(np.asarray(memory_logp, dtype=np.float64))
+    if base.shape != mem.shape:
+        raise ValueError(f"log-prob arrays differ in length: base {tuple(base.shape)}, memory {tuple(mem.shape)}")
+    return [perplexity(mix_logprobs(base, mem, lm).numpy()) for lm in grid]
+
+
+def _load(path: str, what: str, device: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+    except OSError as e:
+        raise FileNotFoundError(f"{what} model {path}: cannot load ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def _tokenizer(path: str, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except OSError as e:
+        raise FileNotFoundError(f"{what} tokenizer {path}: cannot load ({str(e).splitlines()[0]})") from None
+
+
+def write_lmbda(memory: str | os.PathLike, lmbda: float, tokenizer=None, tuning: dict | None = None) -> Path:
+    """Set "lmbda" in MEMORY/memdec.json (atomically), keeping its other fields; create it if absent."""
+    folder = Path(memory)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"memory {memory}: not a local folder, cannot write its {MEMDEC_JSON}")
+    path = folder / MEMDEC_JSON
+    data = read_json(path) if path.exists() else {"format_version": FORMAT_VERSION}
+    if "tokenizer_fingerprint" not in data and tokenizer is not None:
+        data["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
+    data["lmbda"] = check_lmbda(lmbda)
+    if tuning is not None:
+        data["lmbda_tuning"] = tuning
+    write_json(path, data)
+    return path
+
+
+def tune_lambda(
+    base: str,
+    memory: str,
+    data: str,
+    window: int | None = None,
+    stride: int | None = None,
+    grid: str | list[float] = "0:1:0.05",
+    batch_size: int = 8,
+    write: bool = False,
+    plot: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    split: str | None = None,
+    text_column: str | None = None,
+    max_docs: int | None = None,
+    progress: bool = True,
+) -> TuneResult:
+    """Score `data` once with each model, then return the perplexity curve over `grid` and its best lmbda.
+
+    `data` is a local file/folder or `hf:NAME[:CONFIG]`; window defaults to the shorter context of
+    the two models (at most 1024), stride to half the window. With `write`, stores the best lmbda
+    in MEMORY/memdec.json; with `plot`, saves the curve as a PNG there.
+    """
+    from memdec.data import CorpusSpec, check_min_tokens, load_texts, tokenize
+
+    values = parse_grid(grid)
+    if write and not Path(memory).is_dir():
+        raise FileNotFoundError(f"memory {memory}: not a local folder, cannot write its {MEMDEC_JSON}")
+    tok = _tokenizer(base, "base")
+    check_same_tokenizer(tok, _tokenizer(memory, "memory"), "base", "memory")
+    spec = CorpusSpec.from_arg(data, split=split, text_column=text_column, max_docs=max_docs)
+    tokens = tokenize(load_texts(spec), tok, progress=progress)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base_model = _load(base, "base", device, dtype)
+    memory_model = _load(memory, "memory", device, dtype)
+    limits = [x for x in (max_positions(base_model), max_positions(memory_model)) if x]
+    window = int(window or min([DEFAULT_WINDOW, *limits]))
+    stride = int(stride or max(1, window // 2))
+    check_min_tokens(len(tokens), window, f"data {spec.describe()}")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    kw = dict(window=window, stride=stride, batch_size=batch_size, vocab_size=len(tok), pad_id=pad, progress=progress)
+    base_lp = token_logprobs(base_model, tokens, **kw)
+    del base_model
+    memory_lp = token_logprobs(memory_model, tokens, **kw)
+    del memory_model
+    ppls = curve(base_lp, memory_lp, values)
+    best = int(np.argmin(ppls))
+    result = TuneResult(grid=values, perplexities=ppls, best_lmbda=values[best], best_perplexity=ppls[best],
+                        n_tokens=int(len(base_lp)), window=window, stride=stride, data=spec.describe())
+    if write:
+        tuning = {k: v for k, v in asdict(result).items() if k != "written"}
+        tuning["base"] = str(base)
+        result.written = str(write_lmbda(memory, result.best_lmbda, tok, tuning))
+    if plot:
+        plot_curve(result, plot)
+    return result
+
+
+def plot_curve(result: TuneResult, path: str | os.PathLike) -> Path:
+    """PNG of perplexity against lmbda, the best point marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(result.grid, result.perplexities, marker=".")
+    ax.plot([result.best_lmbda], [result.best_perplexity], marker="*", markersize=14, linestyle="none",
+            label=f"best lmbda {result.best_lmbda:g}: {result.best_perplexity:.3f}")
+    ax.set_xlabel("lmbda (weight of the memory decoder)")
+    ax.set_ylabel("token perplexity")
+    ax.set_title(f"{result.data}, window {result.window} / stride {result.stride}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    return Path(path)
