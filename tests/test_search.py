@@ -1,0 +1,108 @@
+"""Search backends: exact torch search equals float64 brute force; faiss Flat agrees; IVF-PQ is refined."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from memdec.datastore import Datastore
+from memdec.formats import FormatError
+from memdec.search import TorchIndex, build_index, exact_distances, load_index, open_index
+
+
+def brute_force(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 squared L2 distances to all keys, the k smallest, nearest first."""
+    k64, q64 = keys.astype(np.float64), queries.astype(np.float64)
+    d = (q64**2).sum(1)[:, None] - 2 * q64 @ k64.T + (k64**2).sum(1)[None, :]
+    ids = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, ids, 1), ids
+
+
+@pytest.fixture(scope="module")
+def random_keys() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    keys = (rng.standard_normal((3000, 24)) * 3).astype(np.float16)
+    queries = (rng.standard_normal((70, 24)) * 3).astype(np.float16)
+    return keys, queries
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_torch_search_equals_brute_force(random_keys, half):
+    keys, queries = random_keys
+    ref_d, ref_i = brute_force(keys, queries, 40)
+    # chunks that do not divide n and small query batches exercise the per-chunk top-k merge
+    index = TorchIndex(torch.from_numpy(keys), device="cpu", chunk_rows=700, query_batch=16, half=half)
+    d, i = index.search(torch.from_numpy(queries).float(), 40)
+    assert d.dtype == torch.float32 and i.dtype == torch.int64 and d.shape == (70, 40)
+    assert np.array_equal(i.numpy(), ref_i)
+    np.testing.assert_allclose(d.numpy(), ref_d, rtol=1e-5, atol=1e-3)
+
+
+def test_torch_search_over_a_datastore(tiny_datastore):
+    ds = Datastore.open(tiny_datastore)
+    keys = ds.keys()
+    queries = keys[::97]
+    ref_d, ref_i = brute_force(keys, queries, 20)
+    index = TorchIndex(ds, device="cpu", chunk_rows=1500)
+    d, i = index.search(torch.from_numpy(queries).float(), 20)
+    assert np.array_equal(i.numpy(), ref_i)
+    np.testing.assert_allclose(d.numpy(), ref_d, rtol=1e-5, atol=1e-2)
+    assert np.array_equal(i[:, 0].numpy(), np.arange(0, ds.n, 97))  # a stored key finds itself first
+    with pytest.raises(ValueError, match=f"k = {ds.n + 1}: must be between 1 and the number of keys"):
+        index.search(torch.from_numpy(queries).float(), ds.n + 1)
+
+
+def test_faiss_flat_agrees_with_torch(tiny_datastore, tmp_path):
+    ds = Datastore.open(shutil.copytree(tiny_datastore, tmp_path / "ds"))
+    queries = torch.from_numpy(ds.keys(100, 400)).float()
+    td, ti = open_index(ds, "torch").search(queries, 30)
+    flat = build_index(ds, "faiss-flat", progress=False)
+    assert flat.path == ds.path / "index-faiss-flat" and (flat.path / "index.faiss").exists()
+    assert json.loads((flat.path / "manifest.json").read_text())["kind"] == "index"
+    fd, fi = flat.search(queries, 30)
+    assert np.array_equal(fi.numpy(), ti.numpy())
+    np.testing.assert_allclose(fd.numpy(), td.numpy(), rtol=1e-4, atol=1e-2)
+    again = load_index(flat.path)  # reads the faiss file and the datastore recorded in its manifest
+    assert np.array_equal(again.search(queries, 30)[1].numpy(), ti.numpy())
+    with pytest.raises(FileExistsError, match="index-faiss-flat: already exists"):
+        build_index(ds, "faiss-flat", progress=False)
+
+
+def test_ivfpq_refined_distances_are_exact(tiny_datastore, tmp_path):
+    ds = Datastore.open(shutil.copytree(tiny_datastore, tmp_path / "ds"))
+    queries = torch.from_numpy(ds.keys(1000, 1200)).float()
+    ivf = build_index(ds, "faiss-ivfpq", nlist=16, m=8, nprobe=16, train_size=3000, progress=False)
+    assert ivf.refine
+    d, i = ivf.search(queries, 25)
+    exact = exact_distances(queries, i, ds)
+    np.testing.assert_allclose(d.numpy(), exact.numpy(), rtol=1e-6)
+    assert torch.all(d[:, 1:] >= d[:, :-1])
+    _, ref_i = brute_force(ds.keys(), queries.numpy(), 25)
+    recall = np.mean([len(set(a) & set(b)) / 25 for a, b in zip(i.numpy(), ref_i, strict=True)])
+    assert recall > 0.5
+    manifest = json.loads((ivf.path / "manifest.json").read_text())
+    assert manifest["params"]["nlist"] == 16 and manifest["params"]["nprobe"] == 16
+    raw = load_index(ivf.path, refine=False)
+    d_raw, _ = raw.search(queries, 25)
+    assert not np.allclose(d_raw.numpy(), d.numpy())  # PQ distances are approximate
+
+
+def test_index_of_another_datastore_is_rejected(tiny, texts, tiny_datastore, tmp_path):
+    from conftest import DATASTORE_ARGS
+
+    from memdec.datastore import build_datastore
+
+    ds = Datastore.open(shutil.copytree(tiny_datastore, tmp_path / "ds"))
+    flat = build_index(ds, "faiss-flat", progress=False)
+    other = build_datastore(tiny["base"], texts["domain"][:5], tmp_path / "other", **DATASTORE_ARGS)
+    with pytest.raises(FormatError, match=r"index-faiss-flat: index built for a datastore with n_entries = \d+, "
+                                          r"datastore .*other has \d+"):
+        load_index(flat.path, datastore=other)
+    with pytest.raises(ValueError, match="backend 'annoy'"):
+        build_index(ds, "annoy")
+    with pytest.raises(ValueError, match="m = 5 must divide the key dimension 64"):
+        build_index(ds, "faiss-ivfpq", m=5, progress=False)
