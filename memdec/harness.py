@@ -1,0 +1,284 @@
+"""lm-eval models that mix a base LM with something else, and `memdec-eval` (lm-eval's CLI, our models registered).
+
+`MixtureLM` is lm-eval's HF model (HFLM: batching, batch_size=auto, max_length, dtype, device,
+parallelize, `accelerate launch`) whose next-token log-probs are
+
+    mix_logprobs(base_logp, self.other_logprobs(input_ids, attention_mask), lmbda)
+
+mixed once, in `_model_call`, so loglikelihood, loglikelihood_rolling and batch-size detection all
+see the mixture (HFLM's log_softmax of the returned log-probs is a no-op up to rounding). A subclass
+(the `memdec` model below, the kNN-LM baseline) only implements `other_logprobs`; generation runs
+memdec.joint's decode loop on the mixture (a subclass may give a faster `_generation_step`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from memdec.joint import (
+    MemoryDecoder,
+    check_context,
+    check_memory_tokenizer,
+    default_lmbda,
+    generate_tokens,
+    load_causal_lm,
+    load_tokenizer,
+    model_logprobs,
+    read_memdec_json,
+    resolve_model_path,
+)
+from memdec.mixing import TokenizerMismatchError, check_lmbda, mix_logprobs
+
+__all__ = ["MixtureLM", "MemDecLM", "register_models", "cli_main", "tasks_dir"]
+
+
+def _check_model_args(args: dict[str, Any]) -> None:
+    if "device" in args:
+        raise ValueError(f"device={args['device']} inside --model_args: pass it as --device {args['device']} instead")
+
+
+class MixtureLM(HFLM):
+    """HFLM whose distribution is lmbda * p_other + (1 - lmbda) * p_base; subclasses define `other_logprobs`."""
+
+    def __init__(self, pretrained: Any, lmbda: float = 0.5, **kwargs: Any) -> None:
+        self._lmbda = check_lmbda(lmbda)
+        super().__init__(pretrained=pretrained, **kwargs)
+        if self.backend != "causal":
+            raise ValueError(f"{type(self).__name__}: {pretrained} is not a causal LM (only causal bases can be mixed)")
+
+    # lm-eval builds models through these two: refuse device= in --model_args (it would shadow --device)
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None):
+        _check_model_args(arg_dict)
+        return super().create_from_arg_obj(arg_dict, additional_config)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        _check_model_args(simple_parse_args_string(arg_string))
+        return super().create_from_arg_string(arg_string, additional_config)
+
+    @property
+    def lmbda(self) -> float:
+        """Weight of the other distribution in the mixture, in [0, 1]."""
+        return self._lmbda
+
+    @lmbda.setter
+    def lmbda(self, value: float) -> None:
+        self._lmbda = check_lmbda(value)
+        self._lmbda_changed()
+
+    def _lmbda_changed(self) -> None:
+        """Hook for subclasses that keep a copy of lmbda."""
+
+    @property
+    def mix_vocab_size(self) -> int:
+        """Length of the tokenizer: the last dimension of every mixed distribution."""
+        return len(self.tokenizer)
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                              enabled=self.mixed_precision_dtype is not None)
+
+    def other_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token log-probs (B, T, mix_vocab_size) of the distribution mixed with the base.
+
+        `attention_mask` (1 = real token) is None for right-padded batches and marks left padding in
+        generation; positions then count real tokens only (memdec.joint.position_ids_from_mask).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement other_logprobs")
+
+    def base_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The base model's float32 next-token log-probs (B, T, mix_vocab_size)."""
+        with torch.no_grad(), self._autocast():
+            return model_logprobs(self.model, input_ids, attention_mask, self.mix_vocab_size)
+
+    def mixed_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log(lmbda * p_other + (1 - lmbda) * p_base), (B, T, mix_vocab_size), float32."""
+        base = self.base_logprobs(input_ids, attention_mask)
+        with torch.no_grad(), self._autocast():
+            other = self.other_logprobs(input_ids, attention_mask)
+        return mix_logprobs(base, other.to(base.device), self.lmbda)
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is not None:
+            raise ValueError(f"{type(self).__name__}: encoder-decoder models cannot be mixed")
+        return self.mixed_logprobs(inps)
+
+    # -- generation --
+
+    def _generation_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any):
+        """Mixed log-probs of the next token (B, V); this generic version recomputes the whole prefix."""
+        return self.mixed_logprobs(input_ids, attention_mask)[:, -1, :], state
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, stopping_criteria,
+                  **kwargs: Any) -> torch.Tensor:
+        return generate_tokens(self._generation_step, input_ids, attention_mask, None,
+                               getattr(self.model, "generation_config", None), stopping_criteria, self.tokenizer,
+                               **kwargs)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
+                        **generation_kwargs: Any) -> torch.Tensor:
+        from lm_eval.models.utils_hf import stop_sequences_criteria
+
+        # lm-eval's conventions (as HFLM): temperature 0 or unset means greedy
+        generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
+        if generation_kwargs["temperature"] == 0.0 and generation_kwargs.get("do_sample") is None:
+            generation_kwargs["do_sample"] = False
+        if generation_kwargs.get("do_sample") is False and generation_kwargs["temperature"] == 0.0:
+            generation_kwargs.pop("temperature")
+        attention_mask = generation_kwargs.pop("attention_mask", None)
+        stopping = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
+        with self._autocast():
+            return self._generate(context, attention_mask, stopping, max_length=max_length,
+                                  pad_token_id=self.tokenizer.pad_token_id, **generation_kwargs)
+
+    def get_model_info(self) -> dict:
+        """HFLM's info plus the mixture's lmbda (lm-eval writes it into the results JSON's config)."""
+        info = super().get_model_info()
+        info.update(lmbda=self.lmbda, mixture=type(self).__name__)
+        return info
+
+
+def _base_tokenizer(pretrained: Any, kwargs: dict[str, Any]):
+    tok = kwargs.get("tokenizer")
+    if tok is not None and not isinstance(tok, str):
+        return tok
+    name = tok or (pretrained if isinstance(pretrained, str) else getattr(pretrained, "name_or_path", None))
+    if not name:
+        raise ValueError("memdec: cannot tell the base tokenizer; pass tokenizer=... in --model_args")
+    revision = kwargs.get("revision") if tok is None else None
+    return load_tokenizer(name, "base", revision, bool(kwargs.get("trust_remote_code", False)))
+
+
+@register_model("memdec")
+class MemDecLM(MixtureLM):
+    """`--model memdec --model_args pretrained=BASE,memory=MEMDEC[,lmbda=...,mem_temperature=...]`."""
+
+    def __init__(self, pretrained: Any, memory: str | None = None, memory_revision: str | None = None,
+                 lmbda: float | None = None, mem_temperature: float = 1.0, **kwargs: Any) -> None:
+        if not memory:
+            raise ValueError("memdec: give the Memory Decoder as memory=PATH_OR_ID in --model_args")
+        if lmbda is not None:
+            check_lmbda(lmbda)
+        if not float(mem_temperature) > 0:
+            raise ValueError(f"mem_temperature must be > 0, got {mem_temperature}")
+        memory = resolve_model_path(str(memory), "memory")
+        memory_revision = None if memory_revision is None else str(memory_revision)
+        lmbda = default_lmbda(read_memdec_json(memory, memory_revision)) if lmbda is None else lmbda
+        trust = bool(kwargs.get("trust_remote_code", False))
+        # before any weights are loaded: the two tokenizers must agree
+        check_memory_tokenizer(_base_tokenizer(pretrained, kwargs), memory, memory_revision, trust)
+        super().__init__(pretrained, lmbda=lmbda, **kwargs)
+        mem_model = load_causal_lm(memory, "memory", memory_revision, self.model.dtype, self.device, trust)
+        check_context(mem_model, self.max_length, f"memory {memory}",
+                      f" (max_length {self.max_length}); pass a smaller max_length in --model_args")
+        self.joint = MemoryDecoder(self.model, mem_model, self.tokenizer, self.lmbda, mem_temperature, memory,
+                                   memory_revision)
+
+    def _lmbda_changed(self) -> None:
+        if hasattr(self, "joint"):
+            self.joint.lmbda = self.lmbda
+
+    def other_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.joint.memory_logprobs(input_ids, attention_mask)
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, stopping_criteria,
+                  **kwargs: Any) -> torch.Tensor:
+        # the joint model's decode loop: one KV cache per model
+        return self.joint.generate(input_ids, attention_mask, stopping_criteria=stopping_criteria, **kwargs)
+
+    def get_model_info(self) -> dict:
+        """Adds the memory model, its revision, size and mem_temperature."""
+        info = super().get_model_info()
+        mem = self.joint.memory
+        info.update(memory=self.joint.memory_name, memory_revision=self.joint.memory_revision,
+                    mem_temperature=self.joint.mem_temperature, memory_num_parameters=mem.num_parameters(),
+                    memory_dtype=str(mem.dtype))
+        return info
+
+
+# ---- registration and the command line ----
+
+
+def register_models() -> None:
+    """Register memdec's lm-eval models (importing this module does) and every baseline's."""
+    import baselines
+
+    try:
+        baselines.register_all()
+    except ModuleNotFoundError as e:  # a baseline not written yet must not break `--model memdec`
+        if not (e.name or "").startswith("baselines."):
+            raise
+        warnings.warn(f"baseline module {e.name} is missing; some baselines are not registered", stacklevel=2)
+
+
+def tasks_dir() -> str:
+    """This project's lm-eval task folder (lm_eval_tasks/)."""
+    import lm_eval_tasks
+
+    return str(Path(lm_eval_tasks.__file__).resolve().parent)
+
+
+def _add_task_path(args) -> None:
+    """Put lm_eval_tasks/ on the task path, before the user's --include_path (theirs wins on a name clash)."""
+    if not hasattr(args, "include_path"):
+        return
+    user = args.include_path
+    if user is None and getattr(args, "config", None):
+        from lm_eval.config.evaluate_config import EvaluatorConfig
+
+        user = EvaluatorConfig.load_yaml_config(args.config).get("include_path")
+    paths = [tasks_dir()]
+    if user:
+        paths += list(user) if isinstance(user, (list, tuple)) else [user]
+    args.include_path = paths
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().strip("'\"") or type(e).__name__
+    return " ".join(text.split())
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """`memdec-eval`: lm-eval's command line with memdec's models and lm_eval_tasks/ available.
+
+    Bad input ends with a one-line `memdec-eval: error: ...` and exit status 2 (set MEMDEC_DEBUG=1
+    for the traceback).
+    """
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging()
+    parser = HarnessCLI()
+    saved, sys.argv = sys.argv, ["memdec-eval", *argv]
+    try:
+        args = parser.parse_args()
+    finally:
+        sys.argv = saved
+    try:
+        register_models()
+        _add_task_path(args)
+        parser.execute(args)
+    except (ValueError, FileNotFoundError, TokenizerMismatchError) as e:
+        if os.environ.get("MEMDEC_DEBUG"):
+            raise
+        print(f"memdec-eval: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

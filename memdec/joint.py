@@ -1,0 +1,458 @@
+"""A base LM and a Memory Decoder run side by side: mixed log-probs, perplexity and generation.
+
+    log p = logaddexp(log(lmbda) + log p_mem, log(1 - lmbda) + log p_base)      (memdec.mixing)
+
+The memory's logits may be divided by `mem_temperature` before its softmax. Both models see the same
+token ids; their vocabularies are aligned to the tokenizer's length (memdec.mixing.align_vocab), so a
+memory serves every base that shares its tokenizer whatever the padded embedding size.
+
+Generation keeps one KV cache per model. One decode loop (`generate_tokens`) serves every mixture:
+it asks a `step(input_ids, attention_mask, state) -> (next-token log-probs (B, V), state)` for the
+mixture's distribution, applies transformers' logits processors and picks greedily or by sampling.
+`MemoryDecoder._model_step` runs one model for one step; a faster variant (CUDA streams, static
+caches) replaces `_step` or `_model_step` only.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from memdec.mixing import check_lmbda, check_same_tokenizer, log_softmax, mix_logprobs
+from memdec.scoring import max_positions, perplexity, token_logprobs
+
+MEMDEC_JSON = "memdec.json"
+DEFAULT_LMBDA = 0.5
+
+# Generation settings this decoder honours; anything else set away from its default is refused.
+_GEN_DEFAULTS: dict[str, Any] = {
+    "max_length": 20, "min_length": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+    "min_p": None, "repetition_penalty": 1.0, "num_beams": 1, "num_return_sequences": 1,
+    "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
+}
+_UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "return_dict_in_generate": False,
+                "output_scores": False, "output_logits": False}
+
+
+# ---- loading ----
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model_path(name: str, what: str) -> str:
+    """`name` as given if it is a local folder or could be a hub id; else a one-line FileNotFoundError."""
+    name = str(name)
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    if os.path.exists(name):
+        raise FileNotFoundError(f"{what} {name}: not a model folder")
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise FileNotFoundError(f"{what} {name}: no such folder")
+    return name
+
+
+def read_memdec_json(memory: str, revision: str | None = None) -> dict[str, Any]:
+    """The memory's `memdec.json` (format in memdec/train.py), or {} if it has none."""
+    from transformers.utils import cached_file
+
+    from memdec.formats import read_json
+
+    try:
+        path = cached_file(memory, MEMDEC_JSON, revision=revision, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        path = None
+    return read_json(path) if path else {}
+
+
+def default_lmbda(info: dict[str, Any]) -> float:
+    """The lmbda a memory suggests in its memdec.json, else DEFAULT_LMBDA."""
+    value = info.get("lmbda")
+    return check_lmbda(value, f"{MEMDEC_JSON} lmbda") if value is not None else DEFAULT_LMBDA
+
+
+def load_tokenizer(name: str, what: str, revision: str | None = None, trust_remote_code: bool = False):
+    """AutoTokenizer.from_pretrained with a one-line error naming `what` when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"{what} {name}: cannot load its tokenizer ({first})") from None
+
+
+def check_memory_tokenizer(base_tokenizer, memory: str, memory_revision: str | None = None,
+                           trust_remote_code: bool = False) -> None:
+    """Refuse (TokenizerMismatchError, one line naming both) a memory whose tokenizer differs from the base's."""
+    from memdec.mixing import check_fingerprint
+
+    try:
+        mem_tok = load_tokenizer(memory, "memory", memory_revision, trust_remote_code)
+    except FileNotFoundError:
+        fingerprint = read_memdec_json(memory, memory_revision).get("tokenizer_fingerprint")
+        if not fingerprint:
+            raise
+        check_fingerprint(base_tokenizer, fingerprint, f"memory {memory}")
+        return
+    check_same_tokenizer(base_tokenizer, mem_tok, "base", "memory")
+
+
+def check_context(model, length: int, what: str, hint: str = "") -> None:
+    """Raise a one-line error if `model` cannot take `length` tokens of context (stating its limit)."""
+    limit = max_positions(model)
+    if limit is not None and length > limit:
+        raise ValueError(f"{what}: context length {limit} is shorter than the {length} tokens requested{hint}")
+
+
+def load_causal_lm(name: str, what: str, revision: str | None = None, dtype: Any = "auto",
+                   device: str | torch.device | None = None, trust_remote_code: bool = False):
+    """AutoModelForCausalLM.from_pretrained (eval mode, on `device`), one-line error if it cannot be loaded."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"{what} {name}: cannot load the model ({first})") from None
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+# ---- forward passes ----
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (left padding allowed); padded slots get position 1, as HF does."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+@torch.no_grad()
+def model_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Float32 next-token log-probs (B, T, vocab_size) of a causal LM (left padding allowed)."""
+    device = model.device
+    kwargs: dict[str, Any] = {"input_ids": input_ids.to(device)}
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        kwargs.update(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+    return log_softmax(model(**kwargs).logits, vocab_size, temperature)
+
+
+@functools.cache
+def _cache_kwarg(model_class: type) -> str:
+    """The KV-cache argument of a model's forward: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+# ---- the decode loop ----
+
+Step = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+def resolve_generation_config(model_config, generation_config=None, **kwargs):
+    """HF's precedence: kwargs > `generation_config` > the model's generation_config > global defaults.
+
+    Unknown kwargs and settings this decoder does not implement (beam search, several sequences per
+    prompt, dict outputs) raise a one-line ValueError.
+    """
+    from transformers import GenerationConfig
+
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    unused = config.update(**kwargs)
+    unused.pop("use_cache", None)
+    if unused:
+        raise ValueError(f"generate: unknown argument(s) {', '.join(sorted(unused))}")
+    layers = [model_config.to_dict() if model_config is not None else {}, _GEN_DEFAULTS]
+    for source in layers:
+        for key, value in source.items():
+            if hasattr(config, key) and getattr(config, key) is None and value is not None:
+                setattr(config, key, value)
+    for key, ok in _UNSUPPORTED.items():
+        value = getattr(config, key, ok)
+        if value not in (None, ok):
+            raise ValueError(f"generate: {key}={value} is not supported (greedy decoding or sampling only)")
+    return config
+
+
+def eos_ids(config) -> list[int]:
+    """The generation config's end-of-sequence ids as a list."""
+    eos = config.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def logits_processors(config, prompt_length: int):
+    """transformers' processors/warpers for `config`: penalties and minimum lengths, then sampling warpers."""
+    from transformers import (
+        LogitsProcessorList,
+        MinLengthLogitsProcessor,
+        MinNewTokensLengthLogitsProcessor,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    eos = eos_ids(config)
+    if config.repetition_penalty not in (None, 1.0):
+        procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if eos and config.min_length:
+        procs.append(MinLengthLogitsProcessor(config.min_length, eos))
+    if eos and config.min_new_tokens:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            procs.append(TopKLogitsWarper(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            procs.append(TopPLogitsWarper(config.top_p))
+        if config.min_p:
+            procs.append(MinPLogitsWarper(config.min_p))
+    return procs
+
+
+@torch.no_grad()
+def generate_tokens(
+    step: Step,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    generation_config=None,
+    model_generation_config=None,
+    stopping_criteria: Sequence | None = None,
+    tokenizer=None,
+    context_limit: int | None = None,
+    **kwargs,
+) -> torch.LongTensor:
+    """Prompt + generated ids (B, L + new), like HF `generate` for a decoder-only model.
+
+    `step(ids, mask, state) -> (log-probs (B, V) of the next token, state)` gives the mixture's
+    distribution after the whole sequence `ids`; `state` starts as None. Greedy or sampling
+    (temperature, top-k, top-p, min-p), repetition penalty, min length, EOS / pad ids, stop strings
+    (`stop_strings` with a `tokenizer`) and extra StoppingCriteria are honoured. Finished rows are
+    filled with the pad id. `context_limit` refuses a total length no model can take.
+    """
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    config = resolve_generation_config(model_generation_config, generation_config, **kwargs)
+    if input_ids.dim() != 2:
+        raise ValueError(f"generate: input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    batch, prompt_len = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(input_ids.device).long()
+    max_length = prompt_len + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+    if context_limit is not None and max_length > context_limit:
+        raise ValueError(f"generate: {max_length} tokens (prompt {prompt_len} + new) exceed the context length "
+                         f"{context_limit} of the joint model")
+    eos = eos_ids(config)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    procs = logits_processors(config, prompt_len)
+    stops = StoppingCriteriaList(list(stopping_criteria or []))
+    if config.stop_strings:
+        if tokenizer is None:
+            raise ValueError("generate: stop_strings needs the tokenizer")
+        stops.append(StopStringCriteria(tokenizer, config.stop_strings))
+    eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
+
+    ids, mask, state = input_ids, attention_mask, None
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    while ids.shape[1] < max_length and bool(unfinished.any()):
+        logp, state = step(ids, mask, state)
+        scores = procs(ids, logp.float())
+        if config.do_sample:
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            nxt = scores.argmax(dim=-1)
+        nxt = torch.where(unfinished, nxt.to(ids.device), torch.full_like(nxt, pad, device=ids.device))
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        if len(eos_t):
+            unfinished &= ~torch.isin(nxt, eos_t)
+        if len(stops):
+            done = stops(ids, scores)
+            unfinished &= ~torch.as_tensor(done, device=ids.device).expand(batch).bool()
+    return ids
+
+
+# ---- the joint model ----
+
+
+@dataclass
+class _Caches:
+    """Decode state of the joint model: one KV cache per model and how many tokens they hold."""
+
+    seen: int = 0
+    caches: dict[str, Any] = field(default_factory=dict)
+
+
+class MemoryDecoder:
+    """A base causal LM mixed with a Memory Decoder: p = lmbda * p_mem + (1 - lmbda) * p_base."""
+
+    def __init__(self, base, memory, tokenizer, lmbda: float = DEFAULT_LMBDA, mem_temperature: float = 1.0,
+                 memory_name: str | None = None, memory_revision: str | None = None) -> None:
+        self.base = base.eval()
+        self.memory = memory.eval()
+        self.tokenizer = tokenizer
+        self.lmbda = check_lmbda(lmbda)
+        if not float(mem_temperature) > 0:
+            raise ValueError(f"mem_temperature must be > 0, got {mem_temperature}")
+        self.mem_temperature = float(mem_temperature)
+        self.memory_name = memory_name or getattr(memory, "name_or_path", None)
+        self.memory_revision = memory_revision
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str,
+        memory: str,
+        lmbda: float | None = None,
+        mem_temperature: float = 1.0,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        memory_revision: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> MemoryDecoder:
+        """Load base and memory (local folders or hub ids); lmbda defaults to the memory's memdec.json, else 0.5.
+
+        Tokenizers are compared before any weights are loaded; the memory gets the base's device and dtype.
+        """
+        if lmbda is not None:
+            check_lmbda(lmbda)
+        base = resolve_model_path(base, "base")
+        memory = resolve_model_path(memory, "memory")
+        info = read_memdec_json(memory, memory_revision)
+        lmbda = default_lmbda(info) if lmbda is None else lmbda
+        tokenizer = load_tokenizer(base, "base", revision, trust_remote_code)
+        check_memory_tokenizer(tokenizer, memory, memory_revision, trust_remote_code)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        base_model = load_causal_lm(base, "base", revision, dtype, device, trust_remote_code)
+        mem_model = load_causal_lm(memory, "memory", memory_revision, base_model.dtype, base_model.device,
+                                   trust_remote_code)
+        return cls(base_model, mem_model, tokenizer, lmbda, mem_temperature, memory, memory_revision)
+
+    # -- properties --
+
+    @property
+    def vocab_size(self) -> int:
+        """Length of the shared tokenizer: the size of every distribution this model returns."""
+        return len(self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest context both models accept (None if neither config says)."""
+        limits = [m for m in (max_positions(self.base), max_positions(self.memory)) if m is not None]
+        return min(limits) if limits else None
+
+    # -- full-sequence log-probs --
+
+    def base_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The base's float32 next-token log-probs (B, T, V)."""
+        return model_logprobs(self.base, input_ids, attention_mask, self.vocab_size)
+
+    def memory_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The memory's float32 next-token log-probs (B, T, V), after `mem_temperature`."""
+        out = model_logprobs(self.memory, input_ids, attention_mask, self.vocab_size, self.mem_temperature)
+        return out.to(self.device)
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mixed float32 next-token log-probs (B, T, len(tokenizer)); left padding allowed."""
+        return mix_logprobs(self.base_logprobs(input_ids, attention_mask),
+                            self.memory_logprobs(input_ids, attention_mask), self.lmbda)
+
+    # -- perplexity --
+
+    def perplexity(self, texts: Sequence[str], window: int = 1024, stride: int = 512, batch_size: int = 8,
+                   progress: bool = False) -> dict[str, float]:
+        """Token-level perplexity of the documents (concatenated with EOS between) under sliding windows.
+
+        Returns {'perplexity', 'nll' (mean per token), 'tokens', 'base_perplexity', 'memory_perplexity'}.
+        """
+        from memdec.data import tokenize
+
+        if isinstance(texts, str):
+            texts = [texts]
+        check_context(self.base, window, "base model", " (lower window)")
+        check_context(self.memory, window, f"memory {self.memory_name}", " (lower window)")
+        tokens = tokenize(texts, self.tokenizer, progress=progress)
+        if len(tokens) < 2:
+            raise ValueError(f"perplexity: the texts hold {len(tokens)} token(s); at least 2 are needed")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        common = dict(window=window, stride=stride, batch_size=batch_size, vocab_size=self.vocab_size, pad_id=pad,
+                      progress=progress)
+        base = token_logprobs(self.base, tokens, **common)
+        mem = token_logprobs(self.memory, tokens, temperature=self.mem_temperature, **common)
+        mixed = mix_logprobs(torch.from_numpy(base), torch.from_numpy(mem), self.lmbda).numpy()
+        return {"perplexity": perplexity(mixed), "nll": float(-np.mean(mixed)), "tokens": int(mixed.size),
+                "base_perplexity": perplexity(base), "memory_perplexity": perplexity(mem)}
+
+    # -- generation --
+
+    def _model_step(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One forward of one model over the new tokens with its KV cache: (last-position logits (B, V'), cache)."""
+        device = model.device
+        name = _cache_kwarg(type(model))
+        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1, **{name: cache})
+        return out.logits[:, -1, :], getattr(out, name)
+
+    def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: _Caches | None):
+        """Mixed next-token log-probs (B, V) after `input_ids`, feeding each model only what its cache lacks."""
+        state = state or _Caches()
+        new = slice(state.seen, input_ids.shape[1])
+        positions = position_ids_from_mask(attention_mask)[:, new]
+        base_logits, state.caches["base"] = self._model_step(
+            self.base, input_ids[:, new], attention_mask, positions, state.caches.get("base"))
+        mem_logits, state.caches["memory"] = self._model_step(
+            self.memory, input_ids[:, new], attention_mask, positions, state.caches.get("memory"))
+        state.seen = input_ids.shape[1]
+        base_lp = log_softmax(base_logits, self.vocab_size)
+        mem_lp = log_softmax(mem_logits, self.vocab_size, self.mem_temperature).to(base_lp.device)
+        return mix_logprobs(base_lp, mem_lp, self.lmbda), state
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, stopping_criteria: Sequence | None = None, **kwargs) -> torch.LongTensor:
+        """Like HF `generate` (greedy or sampling) on the mixture; returns prompt + new token ids.
+
+        Settings: a GenerationConfig and/or kwargs (max_new_tokens, max_length, do_sample, temperature,
+        top_k, top_p, min_p, repetition_penalty, min_new_tokens, eos_token_id, pad_token_id,
+        stop_strings); unset ones come from the base's generation_config. Batches are left-padded
+        (pass attention_mask).
+        """
+        if input_ids is None:
+            raise ValueError("generate: give input_ids (e.g. tokenizer(texts, return_tensors='pt', padding=True))")
+        input_ids = input_ids.to(self.device)
+        if kwargs.get("pad_token_id") is None and self.tokenizer.pad_token_id is not None:
+            if generation_config is None or generation_config.pad_token_id is None:
+                kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        return generate_tokens(self._step, input_ids, attention_mask, generation_config,
+                               getattr(self.base, "generation_config", None), stopping_criteria, self.tokenizer,
+                               self.max_length, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"MemoryDecoder(base={getattr(self.base, 'name_or_path', '?')!r}, memory={self.memory_name!r}, "
+                f"lmbda={self.lmbda}, mem_temperature={self.mem_temperature})")
+
