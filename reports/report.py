@@ -20,6 +20,10 @@ from reports.tables import (
 )
 
 
+class ConflictWarning(UserWarning):
+    """Duplicate runs disagree (the report lists them)."""
+
+
 def build_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Title → table for every layout the results can fill (empty layouts are left out)."""
     tables: dict[str, pd.DataFrame] = {}
@@ -68,6 +72,9 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict
         lines += [f"## {title}", "", to_markdown(table)]
     conflicts = find_conflicts(df)
     if not conflicts.empty:
+        n = len(conflicts.drop_duplicates(["base", "label", "task", "metric", "filter"]))
+        warnings.warn(f"{n} results differ between duplicate runs (same method, base model, task and metric); "
+                      f"listed under 'Conflicting duplicates' in {out.name}.md", ConflictWarning, stacklevel=2)
         lines += ["## Conflicting duplicates", "",
                   "The same method, base model, task and metric with different values; their cells read "
                   "'conflict'. Rerun or remove one of the files.", "",

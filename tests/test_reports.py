@@ -13,6 +13,7 @@ import pytest
 import reports
 from memdec.cli import main
 from reports.load import SkippedFileWarning
+from reports.report import ConflictWarning
 
 DATA = Path(__file__).parent / "data"
 RESULTS = DATA / "results"
@@ -165,7 +166,8 @@ def test_conflicting_duplicates_reported(tmp_path):
     t = reports.domain_table(df)
     assert math.isnan(t.at[("gpt2", "base"), "Bio"]) and t.at[("gpt2", "base"), "Fin"] == 20.0
     assert md_rows(reports.to_markdown(t))[1][2] == "conflict"
-    out = reports.write_report([runs], tmp_path / "rep" / "r")
+    with pytest.warns(ConflictWarning, match="1 results differ"):
+        out = reports.write_report([runs], tmp_path / "rep" / "r")
     md = out["md"].read_text()
     assert "## Conflicting duplicates" in md and str(bad.resolve()) in md
 
