@@ -284,10 +284,34 @@ def _add_tune_lambda(sub) -> None:
     p.set_defaults(func=run)
 
 
+# ---- bench (memdec/bench.py) ----
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="inference speed: base vs +MemDec / +kNN-LM / +In-Context RAG (random weights)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where to run (default: cuda)")
+    p.add_argument("--small", action="store_true", help="tiny shapes and lengths (a quick CPU run)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="model dtype (default: bf16, fp32 with --small)")
+    p.add_argument("--base", default="qwen2.5-1.5b", help="base architecture in memdec/configs/arch")
+    p.add_argument("--memory", default="qwen2.5-0.5b", help="memory decoder architecture in memdec/configs/arch")
+    p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile / CUDA graphs (plain torch)")
+    p.add_argument("--skip-knn", action="store_true", help="leave out the kNN-LM rows")
+
+    def run(args):
+        from memdec.bench import bench
+
+        bench(device=args.device, small=args.small, dtype=args.dtype, base=args.base, memory=args.memory,
+              out=args.out, compile=not args.no_compile, skip_knn=args.skip_knn)
+
+    p.set_defaults(func=run)
+
+
 # ---- end of blocks ----
 
 REGISTER = [_add_demo, _add_train, _add_dapt, _add_lora, _add_datastore, _add_index, _add_targets, _add_pipeline,
-            _add_report, _add_tune_lambda]
+            _add_report, _add_tune_lambda, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

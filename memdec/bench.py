@@ -1,0 +1,659 @@
+"""`memdec bench`: inference speed of a base LM alone, with a Memory Decoder, a kNN-LM and In-Context RAG.
+
+Models are random-weight copies of real architectures built from the configs in memdec/configs/arch
+(no downloads); `--small` shrinks them (layers, width, vocabulary, lengths) so the whole run takes
+seconds on a CPU. Everything compared is measured in one process on one device:
+
+- scoring: the log-prob of every next token of (batch, length) random token ids, as lm-eval's
+  `loglikelihood_rolling` asks for it: for the base, what lm-eval's `hf` model computes (logits,
+  log_softmax, argmax for is_greedy, gather); for the Memory Decoder, the plain mixture (float32
+  (B, T, V) log-probs of both models, mixed and re-normalised) and the fast path (memdec.fast);
+- decoding at batch 1: per-token latency of greedy and sampled decoding, from the time to generate
+  N new tokens minus the time to generate 1 (so the prompt's prefill is left out);
+- peak GPU memory of each measurement (torch.cuda.max_memory_allocated).
+
+The kNN-LM searches random float16 keys (memdec.search.TorchIndex, exact, on the device) with the
+base's last-MLP input as the query; In-Context RAG is estimated from its forward passes alone (a
+lower bound: BM25 retrieval on the CPU is left out). Results: bench.json, bench.md (table) and
+bench.png (bar chart, if matplotlib is installed) in --out.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memdec import fast
+from memdec.mixing import align_vocab, mix_logprobs
+
+ARCH_DIR = Path(__file__).parent / "configs" / "arch"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SMALL = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 512}
+
+
+@dataclass
+class BenchSettings:
+    """What `memdec bench` measures; the defaults are the GPU run's, `small()` the CPU test's."""
+
+    device: str = "cuda"
+    dtype: str = "bf16"
+    base: str = "qwen2.5-1.5b"
+    memory: str = "qwen2.5-0.5b"
+    small: bool = False
+    lmbda: float = 0.5
+    score_shapes: list[tuple[int, int]] = field(default_factory=lambda: [(8, 1024), (1, 1024)])
+    prompt_len: int = 128
+    new_tokens: int = 64
+    knn_sizes: list[int] = field(default_factory=lambda: [1_000_000, 10_000_000])
+    knn_k: int = 1024
+    knn_temperature: float = 1.0
+    rag_stride: int = 4
+    rag_doc_tokens: int = 256
+    rag_blocks: int = 8
+    warmup: int = 2
+    repeats: int = 5
+    decode_repeats: int = 3
+    compile: bool = True
+    seed: int = 0
+
+    @classmethod
+    def small_cpu(cls, **overrides) -> BenchSettings:
+        s = cls(device="cpu", dtype="fp32", small=True, score_shapes=[(4, 64), (1, 64)], prompt_len=16,
+                new_tokens=8, knn_sizes=[1000, 10000], knn_k=16, rag_doc_tokens=16, rag_blocks=2, warmup=1,
+                repeats=2, decode_repeats=1, compile=False)
+        for k, v in overrides.items():
+            setattr(s, k, v)
+        return s
+
+
+# ---- models ----
+
+
+def arch_names() -> list[str]:
+    """Architectures shipped in memdec/configs/arch."""
+    return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+
+
+def arch_config(name: str, small: bool = False):
+    """A transformers config for architecture `name` (memdec/configs/arch/NAME.json), shrunk if `small`."""
+    from transformers import AutoConfig
+
+    path = ARCH_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"bench: unknown architecture {name!r} (known: {', '.join(arch_names())})")
+    fields = json.loads(path.read_text())
+    fields.pop("architectures", None)
+    fields.pop("torch_dtype", None)
+    if small:
+        s = SMALL
+        if fields["model_type"] == "gpt2":
+            fields.update(n_layer=s["layers"], n_embd=s["hidden"], n_head=s["heads"], n_positions=1024, n_ctx=1024)
+        else:
+            fields.update(num_hidden_layers=s["layers"], hidden_size=s["hidden"], intermediate_size=2 * s["hidden"],
+                          num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                          max_window_layers=s["layers"])
+        fields["vocab_size"] = s["vocab"]
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in fields:
+                fields[key] = s["vocab"] - 1
+    for key in ("attn_pdrop", "embd_pdrop", "resid_pdrop", "attention_dropout"):
+        if key in fields:
+            fields[key] = 0.0
+    return AutoConfig.for_model(**fields)
+
+
+def build_model(name: str, small: bool, dtype: torch.dtype, device: torch.device, seed: int):
+    """A random-weight causal LM of architecture `name` on `device` in `dtype`, eval mode."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config = arch_config(name, small)
+    torch.manual_seed(seed)
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, **{key: dtype})
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- timing ----
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of `fn()` in milliseconds after `warmup` calls (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class PeakMemory:
+    """Peak GPU memory (MiB) allocated inside the block; None off the GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.mib = device, None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+
+
+# ---- what is measured ----
+
+
+@torch.no_grad()
+def score_base_hf(base, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """What lm-eval's `hf` model does for a rolling window: log_softmax (logits' dtype), argmax, gather."""
+    logits = base(ids[:, :-1]).logits[..., :vocab]
+    logp = torch.log_softmax(logits, dim=-1)
+    greedy = logp.argmax(-1)
+    lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return lp.float().sum() + (greedy == ids[:, 1:]).sum()
+
+
+@torch.no_grad()
+def score_memdec_plain(base, memory, ids: torch.Tensor, vocab: int, lmbda: float) -> torch.Tensor:
+    """The plain mixture: float32 (B, T, V) log-probs of both, mixed, re-normalised as HFLM does, argmax."""
+    x = ids[:, :-1]
+    b = torch.log_softmax(align_vocab(base(x).logits, vocab).float(), dim=-1)
+    m = torch.log_softmax(align_vocab(memory(x).logits, vocab).float(), dim=-1)
+    logp = torch.log_softmax(mix_logprobs(b, m, lmbda), dim=-1)
+    greedy = logp.argmax(-1)
+    lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return lp.sum() + (greedy == ids[:, 1:]).sum()
+
+
+@torch.no_grad()
+def score_memdec_fast(base, memory, ids: torch.Tensor, vocab: int, lmbda: float) -> torch.Tensor:
+    """The fast path of the `memdec` lm-eval model for rolling windows (memdec.fast.score_tokens)."""
+    lp, _ = fast.score_tokens(base, lambda i, a, k: fast.lm_logits(memory, i, a, k), ids[:, :-1], ids[:, 1:],
+                              lmbda, vocab)
+    return lp.sum()
+
+
+class KNN:
+    """kNN-LM over random keys: distances -> softmax(-d / T) over the k neighbours' values, mixed per token."""
+
+    def __init__(self, base, n_keys: int, k: int, temperature: float, vocab: int, device: torch.device,
+                 seed: int) -> None:
+        from memdec.keys import capture_keys, key_dim
+
+        self.base, self.k, self.temperature, self.vocab = base, k, temperature, vocab
+        self.capture_keys = capture_keys
+        dim = key_dim(base)
+        g = torch.Generator(device=device).manual_seed(seed)
+        keys = torch.empty((n_keys, dim), dtype=torch.float16, device=device)
+        for s in range(0, n_keys, 1 << 20):  # chunked, so no float32 copy of all keys exists
+            part = keys[s : s + (1 << 20)]
+            part.copy_(torch.randn(part.shape, generator=g, device=device))
+        self.values = torch.randint(0, vocab, (n_keys,), generator=g, device=device)
+        self.index = self._index(keys, device)
+
+    @staticmethod
+    def _index(keys: torch.Tensor, device: torch.device):
+        from memdec.search import TorchIndex
+
+        # keys already live on the device in float16: search them in place (no resident copy)
+        return TorchIndex(keys, device=device, resident=False, half=device.type == "cuda")
+
+    def knn_logprob(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p_kNN(target) per query (float32)."""
+        d, i = self.index.search(queries.float(), self.k)
+        w = torch.log_softmax(-d / self.temperature, dim=-1)
+        hit = self.values[i] == targets[:, None]
+        return torch.logsumexp(w.masked_fill(~hit, float("-inf")), dim=-1)
+
+    def knn_logprobs_full(self, queries: torch.Tensor) -> torch.Tensor:
+        """log p_kNN over the vocabulary (n, V), for decoding."""
+        d, i = self.index.search(queries.float(), self.k)
+        p = torch.softmax(-d / self.temperature, dim=-1)
+        out = torch.zeros(queries.shape[0], self.vocab, device=queries.device)
+        out.scatter_add_(1, self.values[i], p)
+        return out.log()
+
+    @torch.no_grad()
+    def score(self, ids: torch.Tensor, lmbda: float) -> torch.Tensor:
+        x, t = ids[:, :-1], ids[:, 1:]
+        with self.capture_keys(self.base) as cap:
+            logits = self.base(x).logits
+        keys = cap.keys.reshape(-1, cap.keys.shape[-1])
+        base_lp = fast.target_logprobs(logits, t, self.vocab).reshape(-1)
+        knn_lp = self.knn_logprob(keys, t.reshape(-1))
+        return mix_logprobs(base_lp, knn_lp, lmbda).sum()
+
+
+def _generate_hf(model, ids: torch.Tensor, n: int, sample: bool, static: bool) -> torch.Tensor:
+    kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": n, "min_new_tokens": n,
+                              "pad_token_id": model.config.eos_token_id}
+    if sample:
+        kwargs.update(top_k=0, top_p=1.0, temperature=1.0)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+
+def _sampler(lp: torch.Tensor, _ids: torch.Tensor) -> torch.Tensor:
+    return torch.multinomial(torch.softmax(lp, dim=-1), 1).squeeze(1)
+
+
+@torch.no_grad()
+def _knn_generate(knn: KNN, ids: torch.Tensor, n: int, lmbda: float, sample: bool) -> torch.Tensor:
+    """kNN-LM decoding with a dynamic KV cache: one search per new token."""
+    from transformers import DynamicCache
+
+    name = fast.cache_kwarg(knn.base)
+    cache = DynamicCache()
+    out, x = ids, ids
+    for _ in range(n):
+        with knn.capture_keys(knn.base) as cap:
+            res = knn.base(input_ids=x, use_cache=True, logits_to_keep=1, **{name: cache})
+        cache = getattr(res, name, None) or getattr(res, "past_key_values", cache)
+        base_lp = torch.log_softmax(align_vocab(res.logits[:, -1], knn.vocab).float(), dim=-1)
+        lp = mix_logprobs(base_lp, knn.knn_logprobs_full(cap.keys[:, -1]), lmbda)
+        nxt = _sampler(lp, out) if sample else lp.argmax(-1)
+        out = torch.cat([out, nxt[:, None]], 1)
+        x = nxt[:, None]
+    return out
+
+
+def _rag_generate(base, ids: torch.Tensor, n: int, sample: bool, stride: int, doc: torch.Tensor) -> torch.Tensor:
+    """In-Context RAG's decoding pattern: every `stride` tokens a new document before the context, a new generate."""
+    made = ids
+    while made.shape[1] - ids.shape[1] < n:
+        k = min(stride, n - (made.shape[1] - ids.shape[1]))
+        inp = torch.cat([doc, made], 1)
+        out = _generate_hf(base, inp, k, sample, static=False)
+        made = torch.cat([made, out[:, inp.shape[1] :]], 1)
+    return made
+
+
+def per_token_ms(gen: Callable[[int], Any], n: int, device: torch.device, warmup: int, repeats: int) -> float:
+    """Decode latency per token: (time for n new tokens - time for 1) / (n - 1)."""
+    t_n = time_ms(lambda: gen(n), device, warmup, repeats)
+    t_1 = time_ms(lambda: gen(1), device, warmup, repeats)
+    return (t_n - t_1) / max(1, n - 1)
+
+
+# ---- the run ----
+
+
+@dataclass
+class Row:
+    """One method's numbers; None where not measured."""
+
+    method: str
+    note: str = ""
+    score: dict[str, float | None] = field(default_factory=dict)  # "BxT" -> ms
+    score_mib: dict[str, float | None] = field(default_factory=dict)
+    greedy_ms: float | None = None
+    sampled_ms: float | None = None
+    decode_mib: float | None = None
+    error: str | None = None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device name, library versions, date (UTC) and host, for the report."""
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {"device": str(device), "device_name": name, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "host": platform.node()}
+
+
+def _err(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:200]
+
+
+def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
+              progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Run every measurement of `settings`; write bench.json / bench.md / bench.png to `out`; the results."""
+    say = progress or (lambda _m: None)
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("bench: --device cuda but torch sees no GPU (use --device cpu --small)")
+    if settings.dtype not in DTYPES:
+        raise ValueError(f"bench: unknown dtype {settings.dtype!r} (use {', '.join(DTYPES)})")
+    dtype = DTYPES[settings.dtype]
+    if not settings.compile:
+        os.environ["MEMDEC_COMPILE"] = "0"
+    env = environment(device)
+    say(f"bench on {env['device_name']} (torch {env['torch']}, transformers {env['transformers']})")
+    base = build_model(settings.base, settings.small, dtype, device, settings.seed)
+    memory = build_model(settings.memory, settings.small, dtype, device, settings.seed + 1)
+    vocab = min(base.config.vocab_size, memory.config.vocab_size)
+    if base.config.vocab_size != memory.config.vocab_size:
+        say(f"note: vocabularies differ ({base.config.vocab_size} vs {memory.config.vocab_size}); using {vocab}")
+    g = torch.Generator(device="cpu").manual_seed(settings.seed)
+    lmbda = settings.lmbda
+    rows: list[Row] = []
+
+    def measure(row: Row, what: str, fn: Callable[[], float]) -> float | None:
+        try:
+            return fn()
+        except Exception as e:  # record and go on: one failing method must not lose the others
+            row.error = (row.error + "; " if row.error else "") + f"{what}: {_err(e)}"
+            say(f"  {row.method} {what}: failed ({_err(e)})")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    def scoring(row: Row, fn: Callable[[torch.Tensor], Any]) -> None:
+        for b, t in settings.score_shapes:
+            key = f"{b}x{t}"
+            ids = torch.randint(0, vocab, (b, t + 1), generator=g).to(device)
+            with PeakMemory(device) as pm:
+                row.score[key] = measure(row, f"score {key}",
+                                         lambda ids=ids: time_ms(lambda: fn(ids), device, settings.warmup,
+                                                                 settings.repeats))
+            row.score_mib[key] = pm.mib
+            say(f"  {row.method} score {key}: {row.score[key]} ms")
+
+    prompt = torch.randint(0, vocab, (1, settings.prompt_len), generator=g).to(device)
+    n = settings.new_tokens
+
+    def decoding(row: Row, gen: Callable[[int, bool], Any]) -> None:
+        torch.manual_seed(settings.seed)
+        with PeakMemory(device) as pm:
+            row.greedy_ms = measure(row, "greedy", lambda: per_token_ms(lambda k: gen(k, False), n, device,
+                                                                         1, settings.decode_repeats))
+            row.sampled_ms = measure(row, "sampled", lambda: per_token_ms(lambda k: gen(k, True), n, device,
+                                                                           1, settings.decode_repeats))
+        row.decode_mib = pm.mib
+        say(f"  {row.method} decode: greedy {row.greedy_ms} ms/token, sampled {row.sampled_ms} ms/token")
+
+    # base alone
+    r = Row("base", "scoring as lm-eval `hf`; decoding: HF generate, dynamic cache, eager")
+    rows.append(r)
+    scoring(r, lambda ids: score_base_hf(base, ids, vocab))
+    decoding(r, lambda k, s: _generate_hf(base, prompt, k, s, static=False))
+
+    r = Row("base (HF static cache)", "HF generate, cache_implementation='static' (compiled on CUDA)")
+    rows.append(r)
+    decoding(r, lambda k, s: _generate_hf(base, prompt, k, s, static=True))
+
+    single = {}
+
+    def graphed_single(k: int, s: bool) -> torch.Tensor:
+        if "dec" not in single:
+            single["dec"] = fast.GraphedDecoder([base], 1, settings.prompt_len + n + 8,
+                                                use_compile=settings.compile and device.type == "cuda")
+        return fast.greedy_mixture_decode(single["dec"], prompt, k, lmbda, vocab, sample=_sampler if s else None)
+
+    r = Row("base (memdec graphed)", "memdec.fast.GraphedDecoder: static cache, compiled step in a CUDA graph")
+    rows.append(r)
+    decoding(r, graphed_single)
+    single.clear()
+
+    # Memory Decoder
+    from memdec.joint import MemoryDecoder
+
+    class _Tok:  # MemoryDecoder needs only len() and the pad id of a tokenizer here
+        pad_token_id = base.config.eos_token_id
+
+        def __len__(self) -> int:
+            return vocab
+
+    joint = MemoryDecoder(base, memory, _Tok(), lmbda)
+
+    def joint_plain(k: int, s: bool) -> torch.Tensor:
+        kw = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0} if s else {"do_sample": False}
+        gen = getattr(joint, "generate_plain", joint.generate)
+        return gen(prompt, max_new_tokens=k, min_new_tokens=k, **kw)
+
+    r = Row("+MemDec (plain)", "float32 (B,T,V) mixture; MemoryDecoder decode loop, dynamic caches, eager")
+    rows.append(r)
+    scoring(r, lambda ids: score_memdec_plain(base, memory, ids, vocab, lmbda))
+    decoding(r, joint_plain)
+
+    pair = {}
+
+    def graphed_pair(k: int, s: bool) -> torch.Tensor:
+        if "dec" not in pair:
+            pair["dec"] = fast.GraphedDecoder([base, memory], 1, settings.prompt_len + n + 8,
+                                              use_compile=settings.compile and device.type == "cuda")
+        return fast.greedy_mixture_decode(pair["dec"], prompt, k, lmbda, vocab, sample=_sampler if s else None)
+
+    r = Row("+MemDec (fast)", "memdec.fast: fused target log-probs, streams; graphed two-model decode step")
+    rows.append(r)
+    scoring(r, lambda ids: score_memdec_fast(base, memory, ids, vocab, lmbda))
+    decoding(r, graphed_pair)
+    pair.clear()
+    joint = None  # noqa: F841  (its models stay; the memory moves off the GPU below)
+    memory = memory.cpu() if device.type == "cuda" else memory
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # kNN-LM
+    for size in settings.knn_sizes:
+        r = Row(f"+kNN-LM {_count(size)}", f"exact torch search, k={settings.knn_k}, random float16 keys")
+        rows.append(r)
+        try:
+            knn = KNN(base, size, min(settings.knn_k, size), settings.knn_temperature, vocab, device, settings.seed)
+        except Exception as e:
+            r.error = f"setup: {_err(e)}"
+            say(f"  {r.method}: setup failed ({_err(e)})")
+            continue
+        scoring(r, lambda ids, knn=knn: knn.score(ids, lmbda))
+        decoding(r, lambda k, s, knn=knn: _knn_generate(knn, prompt, k, lmbda, s))
+        del knn
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # In-Context RAG (forward passes only)
+    r = Row("+In-Context RAG", f"lower bound: forward passes only (stride {settings.rag_stride}, "
+                               f"{settings.rag_doc_tokens}-token document), retrieval left out; scoring estimated "
+                               f"from {settings.rag_blocks} of its blocks")
+    rows.append(r)
+    doc = torch.randint(0, vocab, (1, settings.rag_doc_tokens), generator=g).to(device)
+    for b, t in settings.score_shapes:
+        key = f"{b}x{t}"
+        ids = torch.randint(0, vocab, (b, t + 1), generator=g).to(device)
+        with PeakMemory(device) as pm:
+            r.score[key] = measure(r, f"score {key}", lambda ids=ids, b=b, t=t: _rag_score_ms(
+                base, ids, doc.expand(b, -1), t, settings, device))
+        r.score_mib[key] = pm.mib
+        say(f"  {r.method} score {key}: {r.score[key]} ms")
+    decoding(r, lambda k, s: _rag_generate(base, prompt, k, s, settings.rag_stride, doc))
+
+    result = {"settings": _jsonable(asdict(settings)), "environment": env,
+              "params": {"base": n_params(base), "memory": n_params(memory)},
+              "rows": [asdict(x) for x in rows]}
+    result["table"] = markdown_table(result)
+    if out is not None:
+        write_outputs(result, out)
+    return result
+
+
+def _rag_score_ms(base, ids: torch.Tensor, doc: torch.Tensor, t: int, s: BenchSettings,
+                  device: torch.device) -> float:
+    """Estimated ms to score t tokens In-Context-RAG style: one forward of doc + context per block of `stride`."""
+    points = list(range(0, t, s.rag_stride))
+    pick = [points[round(j * (len(points) - 1) / max(1, s.rag_blocks - 1))] for j in range(min(s.rag_blocks, len(points)))]
+    keep = s.rag_stride if fast.accepts_logits_to_keep(base) else 0
+
+    def block(p: int) -> None:
+        e = min(p + s.rag_stride, t)
+        x = torch.cat([doc, ids[:, : e]], 1)
+        with torch.no_grad():
+            fast.lm_logits(base, x, None, keep)
+
+    times = [time_ms(lambda p=p: block(p), device, 1 if i == 0 else 0, 1) for i, p in enumerate(pick)]
+    return statistics.mean(times) * len(points)
+
+
+def _count(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else (
+        f"{n // 1000}k" if n % 1000 == 0 else str(n))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# ---- reporting ----
+
+
+def _fmt(x: float | None, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:,.{digits}f}"
+
+
+def _ratio(x: float | None, ref: float | None) -> str:
+    return "n/a" if x is None or not ref else f"{x / ref:.2f}x"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The results as a markdown table: throughput and latency with ratios to the base alone."""
+    rows = result["rows"]
+    shapes = [f"{b}x{t}" for b, t in result["settings"]["score_shapes"]]
+    base = rows[0]
+    dec_bases = [r for r in rows if r["method"].startswith("base")]
+    best_g = min((r["greedy_ms"] for r in dec_bases if r["greedy_ms"]), default=None)
+    best_s = min((r["sampled_ms"] for r in dec_bases if r["sampled_ms"]), default=None)
+    head = ["method"]
+    for sh in shapes:
+        head += [f"score {sh} tok/s", "ratio"]
+    head += ["greedy ms/tok", "ratio", "sampled ms/tok", "ratio", "peak GPU MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"]]
+        for sh in shapes:
+            b, t = (int(v) for v in sh.split("x"))
+            ms = r["score"].get(sh)
+            cells += [_fmt(b * t / (ms / 1e3)) if ms else "n/a", _ratio(ms, base["score"].get(sh))]
+        cells += [_fmt(r["greedy_ms"], 2), _ratio(r["greedy_ms"], best_g), _fmt(r["sampled_ms"], 2),
+                  _ratio(r["sampled_ms"], best_s)]
+        mibs = [m for m in [*r["score_mib"].values(), r["decode_mib"]] if m is not None]
+        cells.append(_fmt(max(mibs)) if mibs else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    env = result["environment"]
+    s = result["settings"]
+    notes = [f"{env['device_name']}, torch {env['torch']}, transformers {env['transformers']}, {env['date']}; "
+             f"random-weight {s['base']} + {s['memory']}{' (small)' if s['small'] else ''}, {s['dtype']}, "
+             f"lmbda {s['lmbda']}.",
+             "Scoring ratios: time / base (lm-eval `hf` computation). Decoding ratios: per-token time / the "
+             f"fastest base row; batch 1, prompt {s['prompt_len']}, {s['new_tokens']} new tokens, "
+             "(t(N) - t(1)) / (N - 1).",
+             ]
+    for r in rows:
+        if r["note"]:
+            notes.append(f"{r['method']}: {r['note']}.")
+        if r["error"]:
+            notes.append(f"{r['method']} errors: {r['error']}")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n"
+
+
+def write_outputs(result: dict[str, Any], out: str | os.PathLike) -> Path:
+    """bench.json, bench.md and (with matplotlib) bench.png in `out`, each written then renamed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("bench.json", json.dumps(result, indent=2) + "\n"), ("bench.md", result["table"])):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    plot(result, out / "bench.png")
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Bar chart of the ratios to the base (scoring and decoding); False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = result["rows"]
+    shapes = [f"{b}x{t}" for b, t in result["settings"]["score_shapes"]]
+    base = rows[0]
+    dec_bases = [r for r in rows if r["method"].startswith("base")]
+    best = {k: min((r[k] for r in dec_bases if r[k]), default=None) for k in ("greedy_ms", "sampled_ms")}
+    series = [(f"score {sh}", [(r["score"].get(sh) or math.nan) / (base["score"].get(sh) or math.nan)
+                               for r in rows]) for sh in shapes]
+    series += [(k.replace("_ms", " decode"), [(r[k] or math.nan) / (best[k] or math.nan) for r in rows])
+               for k in ("greedy_ms", "sampled_ms")]
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
+    width = 0.8 / len(series)
+    for j, (label, vals) in enumerate(series):
+        ax.bar([i + j * width for i in range(len(rows))], vals, width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([r["method"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("time / base (log scale)")
+    env = result["environment"]
+    ax.set_title(f"memdec bench: {env['device_name']}, {env['date']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def bench(device: str = "cuda", small: bool = False, dtype: str | None = None, base: str = "qwen2.5-1.5b",
+          memory: str = "qwen2.5-0.5b", out: str = "runs/bench", compile: bool = True,
+          skip_knn: bool = False) -> dict[str, Any]:
+    """The `memdec bench` command: run with GPU defaults (or `small` CPU ones) and write the files to `out`."""
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"bench: --device must be cuda or cpu, got {device!r}")
+    overrides: dict[str, Any] = {"device": device, "base": base, "memory": memory, "compile": compile}
+    if dtype is not None:
+        overrides["dtype"] = dtype
+    if skip_knn:
+        overrides["knn_sizes"] = []
+    if small:
+        settings = BenchSettings.small_cpu(**overrides)
+    else:
+        settings = BenchSettings(**overrides)
+    result = run_bench(settings, out)
+    print(result["table"])
+    return result

@@ -1,0 +1,402 @@
+"""Fast paths for a base LM mixed with a second model: fused scoring and graphed two-model decoding.
+
+Scoring only needs each target token's mixed log-probability (and, for lm-eval's `is_greedy`, the
+mixture's argmax at continuation positions), so nothing here materialises a (batch, length, vocab)
+float32 mixture: per-position log-normalisers are computed in float32 row chunks (one fused kernel
+per model through torch.compile on CUDA), and the target log-probabilities are mixed per token:
+
+    log p(t) = logaddexp(log(lmbda) + log p_mem(t), log(1 - lmbda) + log p_base(t))
+
+Decoding at batch 1 keeps both models' KV caches static, compiles each forward and captures one
+decode step of both models in a single CUDA graph, the memory's forward on a side stream, so its
+work overlaps with the base's. Everything has a plain torch path (CPU, or where compiling fails)
+that gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from memdec.mixing import align_vocab, check_lmbda, mix_logprobs
+
+log = logging.getLogger(__name__)
+
+#: bytes of float32 rows materialised at once by the plain (uncompiled) path
+CHUNK_BYTES = 256 * 2**20
+
+_COMPILED: dict[str, Any] = {}
+_COMPILE_FAILED: set[str] = set()
+
+
+def compile_enabled(device: torch.device) -> bool:
+    """Whether fused kernels are compiled: on CUDA unless MEMDEC_COMPILE=0."""
+    return device.type == "cuda" and os.environ.get("MEMDEC_COMPILE", "1") != "0"
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+
+
+def _prepared(logits: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    x = align_vocab(logits, vocab_size).float()
+    return x / temperature if temperature != 1.0 else x
+
+
+def _target_logprobs_eager(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                           temperature: float) -> torch.Tensor:
+    x = _prepared(logits, vocab_size, temperature)
+    return x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
+
+
+def _compiled(name: str, fn: Callable) -> Callable | None:
+    if name in _COMPILE_FAILED:
+        return None
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True)
+    return _COMPILED[name]
+
+
+def _call_compiled(name: str, fn: Callable, *args) -> torch.Tensor | None:
+    """fn compiled (CUDA), or None if compiling is off or failed (then the caller runs it eagerly)."""
+    compiled = _compiled(name, fn)
+    if compiled is None:
+        return None
+    try:
+        return compiled(*args)
+    except Exception as e:  # a compiler problem must never break scoring: fall back, once, loudly
+        log.warning("memdec.fast: compiling %s failed (%s: %s); using the plain torch path",
+                    name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        _COMPILE_FAILED.add(name)
+        return None
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """float32 log softmax(logits[..., :vocab_size] / temperature) at `targets`, shape of `targets`.
+
+    Works in float32 row chunks (or one fused compiled kernel on CUDA): a (rows, vocab) float32 copy
+    of all of `logits` is never made. Entries past the logits' width get log-prob -inf.
+    """
+    shape = targets.shape
+    if logits.shape[:-1] != shape:
+        raise ValueError(f"target_logprobs: logits {tuple(logits.shape)} do not match targets {tuple(shape)}")
+    if logits.shape[-1] < vocab_size:  # rare (a model smaller than the tokenizer): plain padded path
+        logits = align_vocab(logits, vocab_size)
+    x, t = _rows(logits), targets.reshape(-1)
+    if x.shape[0] == 0:
+        return torch.zeros(shape, dtype=torch.float32, device=logits.device)
+    if compile_enabled(x.device):
+        out = _call_compiled("target_logprobs", _target_logprobs_eager, x, t, vocab_size, float(temperature))
+        if out is not None:
+            return out.reshape(shape)
+    step = _rows_per_chunk(vocab_size)
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for i in range(0, x.shape[0], step):
+        out[i : i + step] = _target_logprobs_eager(x[i : i + step], t[i : i + step], vocab_size, temperature)
+    return out.reshape(shape)
+
+
+def mixture_target_logprobs(
+    base_logits: torch.Tensor,
+    other_logits: torch.Tensor,
+    targets: torch.Tensor,
+    lmbda: float,
+    vocab_size: int,
+    other_temperature: float = 1.0,
+) -> torch.Tensor:
+    """float32 log(lmbda * p_other(t) + (1 - lmbda) * p_base(t)) for each target t.
+
+    Either input may be logits or log-probabilities (normalising log-probabilities is a no-op);
+    `other_temperature` divides the other model's logits before its softmax.
+    """
+    lmbda = check_lmbda(lmbda)
+    base_lp = target_logprobs(base_logits, targets, vocab_size) if lmbda < 1.0 else None
+    other_lp = target_logprobs(other_logits, targets, vocab_size, other_temperature) if lmbda > 0.0 else None
+    if base_lp is None:
+        return other_lp
+    if other_lp is None:
+        return base_lp
+    return mix_logprobs(base_lp, other_lp, lmbda)
+
+
+def _mixture_rows_eager(base: torch.Tensor, other: torch.Tensor, lmbda: float, vocab_size: int,
+                        other_temperature: float) -> torch.Tensor:
+    b = torch.log_softmax(_prepared(base, vocab_size, 1.0), dim=-1)
+    o = torch.log_softmax(_prepared(other, vocab_size, other_temperature), dim=-1)
+    return mix_logprobs(b, o, lmbda)
+
+
+def mixture_logprobs(
+    base_logits: torch.Tensor,
+    other_logits: torch.Tensor,
+    lmbda: float,
+    vocab_size: int,
+    other_temperature: float = 1.0,
+) -> torch.Tensor:
+    """float32 mixed log-probabilities (..., vocab_size) of the given rows: call it on few rows only."""
+    lmbda = check_lmbda(lmbda)
+    return _mixture_rows_eager(base_logits, other_logits, lmbda, vocab_size, other_temperature)
+
+
+def mixture_argmax(
+    base_logits: torch.Tensor,
+    other_logits: torch.Tensor,
+    lmbda: float,
+    vocab_size: int,
+    other_temperature: float = 1.0,
+) -> torch.Tensor:
+    """int64 argmax over the vocabulary of the mixture, per position, in float32 row chunks."""
+    lmbda = check_lmbda(lmbda)
+    shape = base_logits.shape[:-1]
+    b, o = _rows(base_logits), _rows(other_logits)
+    out = torch.empty(b.shape[0], dtype=torch.long, device=b.device)
+    step = _rows_per_chunk(vocab_size)
+    for i in range(0, b.shape[0], step):
+        out[i : i + step] = _mixture_rows_eager(b[i : i + step], o[i : i + step], lmbda, vocab_size,
+                                                other_temperature).argmax(-1)
+    return out.reshape(shape)
+
+
+# ---- running two models ----
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether `model.forward` takes `logits_to_keep` (computing the LM head on the last positions only)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              keep: int = 0) -> torch.Tensor:
+    """Logits of a causal LM; with keep > 0 only the last `keep` positions (when the model allows it)."""
+    kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
+    if keep and accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = int(keep)
+    logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
+    return logits[:, -keep:] if keep else logits
+
+
+_SIDE_STREAMS: dict[Any, Any] = {}
+
+
+def side_stream(device: torch.device):
+    """One extra CUDA stream per device, reused."""
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
+
+
+def run_concurrently(first: Callable[[], Any], second: Callable[[], torch.Tensor],
+                     device: torch.device) -> tuple[Any, torch.Tensor]:
+    """(first(), second()): on CUDA `second` runs on a side stream, overlapping `first`; else in order.
+
+    `second` must return one tensor; the caller may use both results on its current stream.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return first(), second()
+    main = torch.cuda.current_stream(device)
+    side = side_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        b = second()
+    a = first()
+    main.wait_stream(side)
+    b.record_stream(main)
+    return a, b
+
+
+@torch.no_grad()
+def score_tokens(
+    base,
+    other: Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor],
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    lmbda: float,
+    vocab_size: int,
+    attention_mask: torch.Tensor | None = None,
+    keep: int = 0,
+    other_temperature: float = 1.0,
+    greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mixed log-probs of `targets` (B, keep or T) after `input_ids`, and the mixture's argmax if `greedy`.
+
+    `other(input_ids, attention_mask, keep)` returns the second model's logits (or log-probs) of the
+    same positions; it runs concurrently with the base on CUDA. `targets[:, j]` is the token predicted
+    at the j-th kept position.
+    """
+    b, o = run_concurrently(lambda: lm_logits(base, input_ids, attention_mask, keep),
+                            lambda: other(input_ids, attention_mask, keep), input_ids.device)
+    lp = mixture_target_logprobs(b, o, targets, lmbda, vocab_size, other_temperature)
+    am = mixture_argmax(b, o, lmbda, vocab_size, other_temperature) if greedy else None
+    return lp, am
+
+
+# ---- graphed decoding ----
+
+
+def cache_kwarg(model) -> str:
+    """The forward keyword for a KV cache: `cache` (transformers >= 5.2x) or `past_key_values` (older)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def make_static_cache(model, batch_size: int, max_cache_len: int):
+    """A transformers StaticCache for `model` (handles the constructor of transformers 4.4x and 5.x)."""
+    from transformers import StaticCache
+
+    p = next(model.parameters())
+    return StaticCache(config=model.config, max_cache_len=max_cache_len, max_batch_size=batch_size,
+                       device=p.device, dtype=p.dtype)
+
+
+class GraphedDecoder:
+    """Batch decoding of one or two causal LMs with static KV caches; on CUDA one step is a CUDA graph.
+
+    `prefill(input_ids)` runs the prompt (no padding) and returns each model's last logits;
+    `step(tokens)` feeds one token per row and returns the next logits, as a tuple with one entry per
+    model. On CUDA each model's forward is compiled and both are captured into one graph per decoder,
+    the second model on a side stream; elsewhere the same static-cache calls run eagerly.
+    """
+
+    def __init__(self, models: list, batch_size: int, max_cache_len: int, use_graph: bool | None = None,
+                 use_compile: bool | None = None) -> None:
+        self.models = list(models)
+        self.device = next(self.models[0].parameters()).device
+        on_cuda = self.device.type == "cuda"
+        self.use_graph = on_cuda if use_graph is None else (use_graph and on_cuda)
+        self.use_compile = compile_enabled(self.device) if use_compile is None else use_compile
+        self.batch_size = batch_size
+        self.max_cache_len = max_cache_len
+        self.caches = [make_static_cache(m, batch_size, max_cache_len) for m in self.models]
+        self.forwards = [torch.compile(m.forward, dynamic=False, fullgraph=False) if self.use_compile else m.forward
+                         for m in self.models]
+        self.cache_kw = [cache_kwarg(m) for m in self.models]
+        self.pos = 0
+        self._ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self._cpos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._graph = None
+        self._out: tuple[torch.Tensor, ...] | None = None
+
+    def _forward(self, i: int, ids: torch.Tensor, cpos: torch.Tensor) -> torch.Tensor:
+        kwargs = {self.cache_kw[i]: self.caches[i]}
+        out = self.forwards[i](input_ids=ids, cache_position=cpos,
+                               position_ids=cpos.unsqueeze(0).expand(ids.shape[0], -1), use_cache=True, **kwargs)
+        return out.logits[:, -1]
+
+    def _step_eager(self, ids: torch.Tensor, cpos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(self.models) == 1 or self.device.type != "cuda":
+            return tuple(self._forward(i, ids, cpos) for i in range(len(self.models)))
+        main = torch.cuda.current_stream(self.device)
+        side = side_stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            rest = [self._forward(i, ids, cpos) for i in range(1, len(self.models))]
+        first = self._forward(0, ids, cpos)
+        main.wait_stream(side)
+        return (first, *rest)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Reset the caches, run the prompt (batch, length) through every model; last-position logits."""
+        b, n = input_ids.shape
+        if b != self.batch_size:
+            raise ValueError(f"GraphedDecoder: batch {b} differs from the decoder's batch size {self.batch_size}")
+        if n >= self.max_cache_len:
+            raise ValueError(f"GraphedDecoder: prompt of {n} tokens does not fit the cache of {self.max_cache_len}")
+        for c in self.caches:
+            c.reset()
+        cpos = torch.arange(n, device=self.device)
+        # the prompt runs eagerly (its shape changes from call to call; compiling it would recompile)
+        outs = []
+        for m, c, kw in zip(self.models, self.caches, self.cache_kw, strict=True):
+            kwargs = {kw: c, "logits_to_keep": 1} if accepts_logits_to_keep(m) else {kw: c}
+            outs.append(m(input_ids=input_ids, cache_position=cpos, position_ids=cpos.unsqueeze(0).expand(b, -1),
+                          use_cache=True, **kwargs).logits[:, -1])
+        self.pos = n
+        return tuple(outs)
+
+    def _capture(self) -> None:
+        # warm up (compiles, allocates the caches' buffers) on a side stream, then capture one step
+        warm = torch.cuda.Stream(device=self.device)
+        warm.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(warm):
+            for _ in range(2):
+                self._step_eager(self._ids, self._cpos)
+        torch.cuda.current_stream(self.device).wait_stream(warm)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._step_eager(self._ids, self._cpos)
+        self._graph, self._out = graph, out
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Feed `tokens` (batch,) at the next position; each model's logits (batch, vocab) for the one after."""
+        if self.pos >= self.max_cache_len:
+            raise ValueError(f"GraphedDecoder: the cache of {self.max_cache_len} tokens is full")
+        if not self.use_graph:
+            cpos = torch.tensor([self.pos], device=self.device)
+            out = self._step_eager(tokens.reshape(-1, 1), cpos)
+        else:
+            self._ids.copy_(tokens.reshape(-1, 1))
+            self._cpos.fill_(self.pos)
+            if self._graph is None:
+                # the warm-up steps write this position's keys too; the captured replay rewrites them
+                self._capture()
+            self._graph.replay()
+            out = tuple(t.clone() for t in self._out)
+        self.pos += 1
+        return out
+
+
+def greedy_mixture_decode(
+    decoder: GraphedDecoder,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    lmbda: float,
+    vocab_size: int,
+    eos_token_id: int | None = None,
+    other_temperature: float = 1.0,
+    sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Generate with the mixture of `decoder`'s models (base first): prompt + new tokens, like HF generate.
+
+    Greedy unless `sample(mixed_logprobs (B, V), ids so far) -> tokens (B,)` is given. A single model
+    decodes its own distribution. Rows that produced `eos_token_id` are padded with it afterwards.
+    """
+    out = input_ids
+    logits = decoder.prefill(input_ids)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for i in range(max_new_tokens):
+        if len(logits) == 1:
+            lp = torch.log_softmax(align_vocab(logits[0], vocab_size).float(), dim=-1)
+        else:
+            lp = mixture_logprobs(logits[0], logits[1], lmbda, vocab_size, other_temperature)
+        nxt = sample(lp, out) if sample is not None else lp.argmax(-1)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done |= nxt == eos_token_id
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        if eos_token_id is not None and bool(done.all()):
+            break
+        if i + 1 < max_new_tokens:
+            logits = decoder.step(nxt)
+    return out
+

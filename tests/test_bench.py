@@ -1,0 +1,72 @@
+"""memdec bench: the shipped architecture configs, and a small CPU run writing its files (times not checked)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from memdec import bench
+
+# published parameter counts (tied input/output embeddings counted once)
+PARAMS = {
+    "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-0.5b": 494_032_768,
+    "gpt2": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_arch_configs_have_the_real_sizes(name):
+    from transformers import AutoModelForCausalLM
+
+    cfg = bench.arch_config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    assert bench.n_params(model) == PARAMS[name]
+    assert cfg.vocab_size == (151936 if name.startswith("qwen") else 50257)
+
+
+def test_unknown_arch_is_a_one_line_error():
+    with pytest.raises(ValueError, match="unknown architecture 'llama-9b'.*qwen2.5-1.5b"):
+        bench.arch_config("llama-9b")
+
+
+def test_small_cpu_run_writes_table_json_and_plot(tmp_path, capsys):
+    from memdec.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--device", "cpu", "--small", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "bench.json").read_text())
+    table = (out / "bench.md").read_text()
+    assert printed.rstrip().endswith(table.rstrip())  # the table is printed last
+    methods = [r["method"] for r in result["rows"]]
+    assert methods[:5] == ["base", "base (HF static cache)", "base (memdec graphed)", "+MemDec (plain)",
+                           "+MemDec (fast)"]
+    assert "+kNN-LM 1k" in methods and "+kNN-LM 10k" in methods and methods[-1] == "+In-Context RAG"
+    for r in result["rows"]:
+        assert r["error"] is None, r
+        assert r["greedy_ms"] is not None and r["sampled_ms"] is not None
+    for r in result["rows"]:
+        if not r["method"].startswith("base ("):
+            assert all(v is not None and v > 0 for v in r["score"].values()), r
+    env = result["environment"]
+    assert env["torch"] == torch.__version__ and env["date"] and env["device_name"]
+    assert table.startswith("| method |") and "+MemDec (fast)" in table
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_device_is_a_one_line_error(capsys):
+    from memdec.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "--device", "cuda", "--small", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("memdec bench: error:") and "no GPU" in err and "\n" not in err

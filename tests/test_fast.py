@@ -1,0 +1,181 @@
+"""memdec.fast: the fast scoring and decoding paths give the plain computation's numbers (float64 references)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memdec import fast
+
+
+def _ref_mixture(base_logits, other_logits, lmbda, vocab, other_temperature=1.0):
+    """float64 log(lmbda * softmax(other / T) + (1 - lmbda) * softmax(base)) over the first `vocab` entries."""
+
+    def probs(x, t):
+        x = x.double()
+        if x.shape[-1] < vocab:
+            x = torch.cat([x, x.new_full((*x.shape[:-1], vocab - x.shape[-1]), -math.inf)], -1)
+        return torch.softmax(x[..., :vocab] / t, -1)
+
+    return torch.log(lmbda * probs(other_logits, other_temperature) + (1 - lmbda) * probs(base_logits, 1.0))
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, 40, generator=g) * 4  # padded past the vocabulary of 37
+    other = torch.randn(3, 5, 37, generator=g) * 3
+    targets = torch.randint(0, 37, (3, 5), generator=g)
+    return base, other, targets
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 28, 4 * 37 * 2])  # one chunk / two rows per chunk
+@pytest.mark.parametrize("lmbda,temp", [(0.0, 1.0), (0.3, 1.0), (0.7, 2.5), (1.0, 0.5)])
+def test_mixture_target_logprobs_matches_float64(logits, monkeypatch, chunk_bytes, lmbda, temp):
+    monkeypatch.setattr(fast, "CHUNK_BYTES", chunk_bytes)
+    base, other, targets = logits
+    got = fast.mixture_target_logprobs(base, other, targets, lmbda, 37, other_temperature=temp)
+    ref = _ref_mixture(base, other, lmbda, 37, temp).gather(-1, targets[..., None]).squeeze(-1)
+    assert got.dtype == torch.float32 and got.shape == targets.shape
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_bf16_logits_are_normalised_in_float32(logits):
+    base, other, targets = logits
+    b16, o16 = base.bfloat16(), other.bfloat16()
+    got = fast.mixture_target_logprobs(b16, o16, targets, 0.4, 37)
+    ref = _ref_mixture(b16.double(), o16.double(), 0.4, 37).gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_target_logprobs_of_logprobs_is_identity(logits):
+    base, _, targets = logits
+    lp = torch.log_softmax(base[..., :37].double(), -1)
+    got = fast.target_logprobs(lp.float(), targets, 37)
+    torch.testing.assert_close(got.double(), lp.gather(-1, targets[..., None]).squeeze(-1), atol=1e-5, rtol=0)
+
+
+def test_smaller_model_vocabulary_gets_no_mass():
+    base = torch.randn(2, 6)
+    other = torch.randn(2, 4)  # knows 4 of the 6 tokens
+    t = torch.tensor([5, 1])
+    got = fast.mixture_target_logprobs(base, other, t, 0.5, 6)
+    ref = _ref_mixture(base, other, 0.5, 6).gather(-1, t[:, None]).squeeze(-1)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    assert got[0] == pytest.approx(math.log(0.5) + torch.log_softmax(base[0].double(), -1)[5].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 28, 4 * 37 * 3])
+def test_mixture_argmax_and_rows(logits, monkeypatch, chunk_bytes):
+    monkeypatch.setattr(fast, "CHUNK_BYTES", chunk_bytes)
+    base, other, _ = logits
+    ref = _ref_mixture(base, other, 0.35, 37, 1.5)
+    assert torch.equal(fast.mixture_argmax(base, other, 0.35, 37, 1.5), ref.argmax(-1))
+    torch.testing.assert_close(fast.mixture_logprobs(base, other, 0.35, 37, 1.5).double(), ref, atol=2e-5, rtol=0)
+
+
+def test_bad_shapes_and_lmbda(logits):
+    base, other, targets = logits
+    with pytest.raises(ValueError, match="do not match"):
+        fast.target_logprobs(base, targets[:, :3], 37)
+    with pytest.raises(ValueError, match="lmbda"):
+        fast.mixture_target_logprobs(base, other, targets, 1.5, 37)
+
+
+# ---- with tiny models ----
+
+
+@pytest.fixture(scope="module")
+def models(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny["tok"])
+    load = lambda k: AutoModelForCausalLM.from_pretrained(tiny[k]).eval()  # noqa: E731
+    return {"tok": tok, "base": load("base"), "memory": load("memory"), "base_llama": load("base_llama")}
+
+
+@pytest.mark.parametrize("base_name", ["base", "base_llama"])
+def test_score_tokens_matches_plain_mixture(models, base_name):
+    base, memory, vocab = models[base_name], models["memory"], len(models["tok"])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 20), generator=g)
+    x, t = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad():
+        ref = _ref_mixture(base(x).logits, memory(x).logits, 0.25, vocab, 2.0)
+    other = lambda i, a, k: fast.lm_logits(memory, i, a, k)  # noqa: E731
+    lp, am = fast.score_tokens(base, other, x, t, 0.25, vocab, other_temperature=2.0, greedy=True)
+    torch.testing.assert_close(lp.double(), ref.gather(-1, t[..., None]).squeeze(-1), atol=2e-5, rtol=1e-5)
+    assert torch.equal(am, ref.argmax(-1))
+    # only the last 4 positions (logits_to_keep)
+    lp4, am4 = fast.score_tokens(base, other, x, t[:, -4:], 0.25, vocab, keep=4, other_temperature=2.0, greedy=True)
+    torch.testing.assert_close(lp4, lp[:, -4:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(am4, am[:, -4:])
+
+
+def _reference_decode(base, memory, ids, n, lmbda, vocab, sample_seed=None):
+    """No caches: the whole sequence through both models at every step, float64 mixture."""
+    out = ids
+    gen = torch.Generator().manual_seed(sample_seed) if sample_seed is not None else None
+    for _ in range(n):
+        with torch.no_grad():
+            lp = _ref_mixture(base(out).logits[:, -1], memory(out).logits[:, -1], lmbda, vocab)
+        nxt = torch.multinomial(lp.exp(), 1, generator=gen).squeeze(1) if gen is not None else lp.argmax(-1)
+        out = torch.cat([out, nxt[:, None]], 1)
+    return out
+
+
+@pytest.mark.parametrize("base_name", ["base", "base_llama"])
+def test_graphed_decoder_greedy_matches_uncached_reference(models, base_name):
+    base, memory, vocab = models[base_name], models["memory"], len(models["tok"])
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(2))
+    dec = fast.GraphedDecoder([base, memory], batch_size=2, max_cache_len=40)
+    ref = _reference_decode(base, memory, ids, 12, 0.4, vocab)
+    assert torch.equal(fast.greedy_mixture_decode(dec, ids, 12, 0.4, vocab), ref)
+    # the decoder is reusable: a second prompt of another length resets its caches
+    ids2 = ids[:, :5]
+    assert torch.equal(fast.greedy_mixture_decode(dec, ids2, 6, 0.4, vocab),
+                       _reference_decode(base, memory, ids2, 6, 0.4, vocab))
+
+
+def test_graphed_decoder_sampling_matches_reference(models):
+    base, memory, vocab = models["base"], models["memory"], len(models["tok"])
+    ids = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(7)
+
+    def sample(lp, _ids):
+        return torch.multinomial(lp.double().exp(), 1, generator=gen).squeeze(1)
+
+    dec = fast.GraphedDecoder([base, memory], batch_size=1, max_cache_len=32)
+    got = fast.greedy_mixture_decode(dec, ids, 10, 0.6, vocab, sample=sample)
+    assert torch.equal(got, _reference_decode(base, memory, ids, 10, 0.6, vocab, sample_seed=7))
+
+
+def test_graphed_decoder_limits(models):
+    base, vocab = models["base"], len(models["tok"])
+    dec = fast.GraphedDecoder([base], batch_size=1, max_cache_len=8)
+    with pytest.raises(ValueError, match="batch 2"):
+        dec.prefill(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="does not fit"):
+        dec.prefill(torch.zeros(1, 8, dtype=torch.long))
+    out = fast.greedy_mixture_decode(dec, torch.zeros(1, 3, dtype=torch.long), 5, 0.0, vocab)
+    assert out.shape == (1, 8)
+
+
+def test_eos_stops_and_pads(models):
+    base, memory, vocab = models["base"], models["memory"], len(models["tok"])
+    ids = torch.randint(0, vocab, (1, 5), generator=torch.Generator().manual_seed(4))
+    ref = _reference_decode(base, memory, ids, 6, 0.5, vocab)
+    eos = int(ref[0, 7])  # the third new token
+    dec = fast.GraphedDecoder([base, memory], batch_size=1, max_cache_len=20)
+    got = fast.greedy_mixture_decode(dec, ids, 6, 0.5, vocab, eos_token_id=eos)
+    first = (ref[0, 5:] == eos).nonzero()[0, 0].item()
+    assert torch.equal(got[0], ref[0, : 5 + first + 1])
+
+
+def test_run_concurrently_on_cpu_is_ordered():
+    calls = []
+    a, b = fast.run_concurrently(lambda: calls.append("a") or 1, lambda: calls.append("b") or torch.ones(1),
+                                 torch.device("cpu"))
+    assert calls == ["a", "b"] and a == 1 and torch.equal(b, torch.ones(1))
