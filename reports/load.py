@@ -183,14 +183,17 @@ def _num(value: Any) -> float | None:
         return None
 
 
-def _window_stride(run: dict[str, Any], task_cfg: dict[str, Any]) -> tuple[float | None, float | None]:
-    """Window and stride of a perplexity task: model_args, then the task's metadata, then max_length."""
+def _window_stride(run: dict[str, Any], task_cfg: dict[str, Any], metrics: dict[str, Any]
+                   ) -> tuple[float | None, float | None]:
+    """Window and stride of a perplexity task: model_args, then the task's metadata; for lm-eval's own
+    rolling-window tasks, max_length (memdec's sliding-window tasks record theirs in the metadata)."""
     meta = task_cfg.get("metadata") if isinstance(task_cfg.get("metadata"), dict) else {}
     for source in (run["_args"], meta, task_cfg):
         if source.get("window") is not None:
             window = _num(source.get("window"))
             return window, _num(source.get("stride", window))
-    if task_cfg.get("output_type") == "loglikelihood_rolling" and "class" not in task_cfg:
+    if task_cfg.get("output_type") == "loglikelihood_rolling" and not any(
+            k.startswith("token_perplexity,") for k in metrics):
         # lm-eval's own rolling windows: max_length tokens, no overlap beyond one token of context
         length = _num(run["_args"].get("max_length", run["_max_length"]))
         return length, length
@@ -229,7 +232,7 @@ def run_rows(res: dict[str, Any], file: str = "") -> list[dict[str, Any]]:
         if not isinstance(metrics, dict):
             continue
         task_cfg = (res.get("configs") or {}).get(task) or {}
-        window, stride = _window_stride(run, task_cfg)
+        window, stride = _window_stride(run, task_cfg, metrics)
         hib = hib_all.get(task) or {}
         for key, value in metrics.items():
             if "," not in key or "_stderr," in key:

@@ -128,8 +128,9 @@ def test_zeroshot_tables_exact(df):
     assert rows[2][-1] == "**65.44** (+3.33)"
 
 
-def test_real_lm_eval_file_is_read():
+def test_real_lm_eval_files_are_read():
     df = reports.load_results([DATA / "results_lmeval"])
+    assert df["file"].nunique() == 3
     ppl = df[(df["task"] == "tiny_ppl") & (df["metric"] == "bits_per_byte")].iloc[0]
     assert ppl["value"] == pytest.approx(4.9636759596256965) and ppl["method"] == "base"
     assert ppl["n_params"] == 142080 and ppl["window"] == 256  # lm-eval rolling windows: max_length
@@ -137,6 +138,16 @@ def test_real_lm_eval_file_is_read():
     assert acc["value"] == 0.5 and acc["stderr"] == pytest.approx(0.28867513459481287)
     t = reports.perplexity_table(df, "tiny_ppl")
     assert t.attrs["metric"] == "word_perplexity" and t.at["base", "base"] == pytest.approx(3012511011.7439055)
+    # memdec-eval runs of memdec's own tasks: base and +MemDec of one base model, window 64 / stride 32
+    memdec_file = DATA / "results_lmeval" / "results_2026-11-25T18-38-25.404719.json"
+    raw = json.loads(memdec_file.read_text())
+    t = reports.perplexity_table(df)
+    assert t.attrs["task"] == "memdec_wikitext103" and list(t.index) == ["base", "+MemDec"]
+    assert t.at["+MemDec", "base"] == raw["results"]["memdec_wikitext103"]["token_perplexity,none"]
+    assert t.attrs["windows"] == [(64, 32)] and t.attrs["lmbda"] == {("base", "+MemDec"): 0.3}
+    zs = reports.zeroshot_table(df, "dcpmi")
+    assert zs.at[("base", "+MemDec"), "SST2"] == 100 * raw["results"]["memdec_sst2"]["acc_dcpmi,none"]
+    assert math.isnan(zs.at[("base", "+MemDec"), "MR"]) and math.isnan(zs.at[("base", "+MemDec"), "Avg"])
 
 
 def _copy(src: Path, dst: Path, **edit) -> Path:
