@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,66 @@ def _add_task_path(args) -> None:
     args.include_path = paths
 
 
+def _resolvable(name: str, index: dict, seen: frozenset = frozenset()) -> bool:
+    """True if task/group/tag `name` is fully defined by `index` (a group's members too)."""
+    from lm_eval.tasks._index import Kind
+
+    entry = index.get(name)
+    if entry is None or name in seen:
+        return entry is not None
+    if entry.kind == Kind.TAG:
+        return True
+    if entry.kind != Kind.GROUP:
+        return True
+    members = (entry.cfg or {}).get("task", [])
+    for item in members if isinstance(members, list) else [members]:
+        if isinstance(item, dict):
+            sub = item.get("task") or item.get("group")
+            if not (isinstance(sub, str) and _resolvable(sub, index, seen | {name})) and "dataset_path" not in item \
+                    and "class" not in item:
+                return False
+        elif not _resolvable(str(item), index, seen | {name}):
+            return False
+    return True
+
+
+def _local_tasks_only(tasks: list[str] | None, include_path: list[str]) -> bool:
+    """True if every requested task is defined in `include_path` alone (no lm-eval built-in task needed)."""
+    from lm_eval.tasks._index import TaskIndex
+
+    if not tasks:
+        return False
+    names = [t for task in tasks for t in str(task).split(",") if t]
+    if any(n.endswith(".yaml") or any(c in n for c in "*?[") or os.path.isdir(n) for n in names):
+        return False
+    index = TaskIndex.build([Path(p) for p in include_path])
+    return all(_resolvable(n, index) for n in names)
+
+
+@contextmanager
+def _task_manager_hook(args):
+    """While lm-eval runs: skip indexing its ~15k built-in task files (about 20 s) when the requested
+    tasks all live in lm_eval_tasks/ or --include_path; otherwise leave lm-eval as it is."""
+    import lm_eval.tasks
+
+    paths = getattr(args, "include_path", None)
+    if getattr(args, "command", None) != "run" or not paths or not _local_tasks_only(args.tasks, paths):
+        yield
+        return
+    original = lm_eval.tasks.TaskManager
+
+    class LocalTaskManager(original):
+        def __init__(self, *a, **kw):
+            kw["include_defaults"] = False
+            super().__init__(*a, **kw)
+
+    lm_eval.tasks.TaskManager = LocalTaskManager
+    try:
+        yield
+    finally:
+        lm_eval.tasks.TaskManager = original
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().strip("'\"") or type(e).__name__
     return " ".join(text.split())
@@ -271,7 +332,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     try:
         register_models()
         _add_task_path(args)
-        parser.execute(args)
+        with _task_manager_hook(args):
+            parser.execute(args)
     except (ValueError, FileNotFoundError, TokenizerMismatchError) as e:
         if os.environ.get("MEMDEC_DEBUG"):
             raise
