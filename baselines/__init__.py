@@ -23,6 +23,7 @@ import sys
 from types import ModuleType
 
 BASELINES: dict[str, str] = {
+    "knnlm": "baselines.knnlm",
     "incontext_rag": "baselines.incontext_rag",
     "dapt": "baselines.dapt",
     "lora": "baselines.lora",

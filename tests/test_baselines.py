@@ -99,7 +99,6 @@ def test_register_all_imports_baselines_and_plugins(tmp_path, monkeypatch):
 
 def test_plugin_runs_through_memdec_eval(tmp_path, tiny, texts):
     """A one-file toy baseline named in MEMDEC_PLUGINS is evaluated by `memdec-eval` (a subprocess)."""
-    pytest.importorskip("memdec.harness")
     from transformers import AutoTokenizer
 
     plugin = tmp_path / "toy_plugin.py"

@@ -1,0 +1,176 @@
+"""kNN-LM baseline (Khandelwal et al. 2020) as the lm-eval model `knnlm`.
+
+    memdec-eval --model knnlm \
+        --model_args pretrained=BASE,datastore=DIR,k=1024,lmbda=0.25,temperature=1.0,backend=torch --tasks ...
+
+At every position the base model's key (the input of its last block's MLP, `memdec.keys`, the same
+key the datastore holds) is searched in the datastore's index (`memdec.search`); the k neighbours'
+squared L2 distances d give p_knn = softmax(-d / temperature), scattered onto the neighbours' values
+(next tokens), and mixed with the base model in log space (`memdec.mixing`, via `MixtureLM`):
+p = lmbda * p_knn + (1 - lmbda) * p_base. `recompute_dists=true` replaces the index's (approximate)
+distances with exact ones from the stored keys. Padding positions are never searched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from lm_eval.api.registry import register_model
+
+from memdec.datastore import Datastore
+from memdec.harness import MixtureLM
+from memdec.keys import capture_keys, key_dim
+from memdec.search import BACKENDS, exact_distances, open_index
+
+
+def _as_bool(value) -> bool:
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no", ""):
+            return False
+        raise ValueError(f"knnlm: expected true/false, got {value!r}")
+    return bool(value)
+
+
+class KNNDistribution:
+    """p_knn over a vocabulary from a datastore's index: `logprobs(keys) -> [n, vocab] log p_knn`."""
+
+    def __init__(
+        self,
+        datastore: Datastore | str | os.PathLike,
+        k: int = 1024,
+        temperature: float = 1.0,
+        backend: str = "torch",
+        recompute_dists: bool = False,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.datastore = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
+        self.k = int(k)
+        self.temperature = float(temperature)
+        self.recompute_dists = _as_bool(recompute_dists)
+        if not 1 <= self.k <= self.datastore.n:
+            raise ValueError(f"knnlm: k = {self.k} must be between 1 and the size of datastore "
+                             f"{self.datastore.path} ({self.datastore.n} entries)")
+        if not self.temperature > 0:
+            raise ValueError(f"knnlm: temperature must be > 0, got {temperature}")
+        if backend not in BACKENDS:
+            raise ValueError(f"knnlm: backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        self.index = open_index(self.datastore, backend, device=device)
+        self.values = torch.from_numpy(self.datastore.values.astype("int64"))
+
+    def neighbours(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared L2 distances [n, k] float32, datastore rows [n, k]) of each key."""
+        d, ids = self.index.search(keys.float(), self.k)
+        if self.recompute_dists:
+            d = exact_distances(keys.float(), ids.to(keys.device), self.datastore)
+        return d.float().to(keys.device), ids.to(keys.device)
+
+    def logprobs(self, keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """log p_knn [n, vocab_size] (float32) of each key [n, dim]; tokens no neighbour names get -inf."""
+        d, ids = self.neighbours(keys)
+        weights = torch.softmax(-d / self.temperature, dim=-1)
+        weights = torch.where(ids >= 0, weights, torch.zeros_like(weights))  # faiss pads missing with -1
+        tokens = self.values.to(ids.device)[ids.clamp(min=0)]
+        p = torch.zeros(len(keys), vocab_size, dtype=torch.float32, device=keys.device)
+        p.scatter_add_(1, tokens, weights)
+        return p.log()
+
+
+@register_model("knnlm")
+class KNNLM(MixtureLM):
+    """Base HF causal LM interpolated with a kNN distribution over a memdec datastore."""
+
+    def __init__(
+        self,
+        datastore: str | None = None,
+        k: int = 1024,
+        temperature: float = 1.0,
+        backend: str = "torch",
+        recompute_dists: bool | str = False,
+        **kwargs,
+    ) -> None:
+        if not datastore:
+            raise ValueError("knnlm: give datastore=DIR in --model_args (a folder written by `memdec datastore`)")
+        ds = Datastore.open(datastore)  # one-line FormatError for a missing / incomplete datastore
+        if not 1 <= int(k) <= ds.n:  # checked again by KNNDistribution; here before the base model loads
+            raise ValueError(f"knnlm: k = {k} must be between 1 and the size of datastore {datastore} ({ds.n} entries)")
+        super().__init__(**kwargs)
+        ds.check_tokenizer(self.tokenizer)
+        dim = key_dim(self.model)
+        if dim != ds.dim:
+            raise ValueError(f"knnlm: base model {self.pretrained_name} has keys of dim {dim}, datastore "
+                             f"{datastore} holds keys of dim {ds.dim} (built with {ds.manifest.get('model')})")
+        self.knn = KNNDistribution(ds, k, temperature, backend, recompute_dists, device=self.device)
+        self._captured: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._inputs: dict[int, set[tuple[int, ...]]] | None = None
+
+    @property
+    def pretrained_name(self) -> str:
+        return str(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__)
+
+    # ---- keys: captured during the base model's own forward pass
+
+    def base_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        with capture_keys(self.model) as capture:
+            out = super().base_logprobs(input_ids, attention_mask)
+        self._captured = (input_ids, capture.pop())
+        return out
+
+    def _keys(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        captured, self._captured = self._captured, None
+        if captured is not None and captured[0] is input_ids:
+            return captured[1]
+        with torch.no_grad(), capture_keys(self.model) as capture:  # called without a base forward first
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+            return capture.pop()
+
+    # ---- which positions are real tokens
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        # HFLM right-pads scoring batches with zeros and passes no attention mask; remember each
+        # request's model input (as HFLM cuts it) so that other_logprobs can tell padding apart
+        self._inputs = {}
+        for _, ctx, cont in requests:
+            inp = tuple((list(ctx) + list(cont))[-(self.max_length + 1) :][:-1])
+            self._inputs.setdefault(len(inp), set()).add(inp)
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            self._inputs = None
+
+    def _real_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) bool: True at real tokens. Without a mask, a row's length is the longest request input it
+        starts with whose remainder is all zeros (HFLM's padding); over-counting only costs time."""
+        if attention_mask is not None:
+            return attention_mask.bool()
+        real = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        if not self._inputs:
+            return real
+        for b, row in enumerate(input_ids.tolist()):
+            nonzero = [j for j, t in enumerate(row) if t != 0]
+            shortest = nonzero[-1] + 1 if nonzero else 1
+            for length in range(len(row), shortest - 1, -1):
+                if tuple(row[:length]) in self._inputs.get(length, ()):
+                    real[b, length:] = False
+                    break
+        return real
+
+    def other_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log p_knn (B, T, V): the base key at each real (non-padding) position searched in the datastore."""
+        vocab = self.mix_vocab_size
+        keys = self._keys(input_ids, attention_mask)
+        real = self._real_positions(input_ids, attention_mask).to(keys.device)
+        out = torch.full((*input_ids.shape, vocab), -math.log(vocab), dtype=torch.float32, device=keys.device)
+        if real.any():
+            out[real] = self.knn.logprobs(keys[real], vocab)
+        return out
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info.update(knn_datastore=str(self.knn.datastore.path), knn_k=self.knn.k,
+                    knn_temperature=self.knn.temperature, knn_backend=getattr(self.knn.index, "backend", None),
+                    knn_recompute_dists=self.knn.recompute_dists)
+        return info
