@@ -12,15 +12,16 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from memdec.formats import FORMAT_VERSION, read_json, write_json
+from memdec.joint import MEMDEC_JSON, load_causal_lm, load_tokenizer, resolve_model_path
 from memdec.mixing import check_lmbda, check_same_tokenizer, mix_logprobs, tokenizer_fingerprint
 from memdec.scoring import max_positions, perplexity, token_logprobs
 
-MEMDEC_JSON = "memdec.json"
 DEFAULT_WINDOW = 1024
 
 
@@ -82,26 +83,21 @@ def curve(base_logp: np.ndarray, memory_logp: np.ndarray, grid: list[float]) -> 
     return [perplexity(mix_logprobs(base, mem, lm).numpy()) for lm in grid]
 
 
-def _load(path: str, what: str, device: str, dtype: str):
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
+def _torch_dtype(dtype: str) -> torch.dtype:
+    value = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if value is None:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
-    except OSError as e:
-        raise FileNotFoundError(f"{what} model {path}: cannot load ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval()
+    return value
 
 
-def _tokenizer(path: str, what: str):
-    from transformers import AutoTokenizer
+def _context_length(name: str, what: str) -> int | None:
+    from transformers import AutoConfig
 
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except OSError as e:
-        raise FileNotFoundError(f"{what} tokenizer {path}: cannot load ({str(e).splitlines()[0]})") from None
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{what} {name}: cannot read its config ({str(e).strip().splitlines()[0]})") from None
+    return max_positions(SimpleNamespace(config=config))
 
 
 def write_lmbda(memory: str | os.PathLike, lmbda: float, tokenizer=None, tuning: dict | None = None) -> Path:
@@ -146,25 +142,27 @@ def tune_lambda(
     from memdec.data import CorpusSpec, check_min_tokens, load_texts, tokenize
 
     values = parse_grid(grid)
+    torch_dtype = _torch_dtype(dtype)
+    base, memory = resolve_model_path(base, "base"), resolve_model_path(memory, "memory")
     if write and not Path(memory).is_dir():
         raise FileNotFoundError(f"memory {memory}: not a local folder, cannot write its {MEMDEC_JSON}")
-    tok = _tokenizer(base, "base")
-    check_same_tokenizer(tok, _tokenizer(memory, "memory"), "base", "memory")
+    tok = load_tokenizer(base, "base")
+    check_same_tokenizer(tok, load_tokenizer(memory, "memory"), "base", "memory")
     spec = CorpusSpec.from_arg(data, split=split, text_column=text_column, max_docs=max_docs)
     tokens = tokenize(load_texts(spec), tok, progress=progress)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base_model = _load(base, "base", device, dtype)
-    memory_model = _load(memory, "memory", device, dtype)
-    limits = [x for x in (max_positions(base_model), max_positions(memory_model)) if x]
+    limits = [x for x in (_context_length(base, "base"), _context_length(memory, "memory")) if x]
     window = int(window or min([DEFAULT_WINDOW, *limits]))
     stride = int(stride or max(1, window // 2))
     check_min_tokens(len(tokens), window, f"data {spec.describe()}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     kw = dict(window=window, stride=stride, batch_size=batch_size, vocab_size=len(tok), pad_id=pad, progress=progress)
-    base_lp = token_logprobs(base_model, tokens, **kw)
-    del base_model
-    memory_lp = token_logprobs(memory_model, tokens, **kw)
-    del memory_model
+    logps = []
+    for name, what in ((base, "base"), (memory, "memory")):  # one model in memory at a time
+        model = load_causal_lm(name, what, dtype=torch_dtype, device=device)
+        logps.append(token_logprobs(model, tokens, **kw))
+        del model
+    base_lp, memory_lp = logps
     ppls = curve(base_lp, memory_lp, values)
     best = int(np.argmin(ppls))
     result = TuneResult(grid=values, perplexities=ppls, best_lmbda=values[best], best_perplexity=ppls[best],
