@@ -22,6 +22,7 @@ from lm_eval.api.registry import register_model
 from memdec.datastore import Datastore
 from memdec.harness import MixtureLM
 from memdec.keys import capture_keys, key_dim
+from memdec.mixing import mix_logprobs
 from memdec.search import BACKENDS, exact_distances, open_index
 
 
@@ -167,6 +168,13 @@ class KNNLM(MixtureLM):
         if real.any():
             out[real] = self.knn.logprobs(keys[real], vocab)
         return out
+
+    def _generation_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state):
+        """Mixed log-probs (B, V) of the next token; only the last (always real) position is searched."""
+        base = self.base_logprobs(input_ids, attention_mask)[:, -1, :]
+        keys = self._keys(input_ids, attention_mask)[:, -1, :]
+        other = self.knn.logprobs(keys, self.mix_vocab_size).to(base.device)
+        return mix_logprobs(base, other, self.lmbda), state
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()

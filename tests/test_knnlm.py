@@ -65,6 +65,20 @@ def test_self_datastore_finds_exact_continuation(tiny, datastores, eval_doc, bas
     assert n > 150 and ppl_knn <= 2.0 + 1e-6 and ppl_base > 100  # p >= 0.5 * 1 at every token
 
 
+def test_generation(tiny, datastores, eval_doc, base_lm):
+    """lmbda=0 generates what the base generates; k=1, lmbda=1 over the text itself recites it."""
+    cut = eval_doc.index(" ", 60)
+    req = _instances("generate_until", [(eval_doc[:cut], {"until": ["\n\n"], "max_gen_toks": 12}),
+                                        ("The hacker", {"until": ["."], "max_gen_toks": 8})])
+    assert _knn(tiny, datastores["mixed"], k=4, lmbda=0.0).generate_until(req) == base_lm.generate_until(req)
+    knn = _knn(tiny, datastores["self"], k=1, lmbda=1.0)
+    (text, _) = knn.generate_until(req)
+    expected = knn.tok_decode(knn.tok_encode(eval_doc)[len(knn.tok_encode(eval_doc[:cut])):][:12])
+    assert text == expected and len(text) > 10
+    info = knn.get_model_info()
+    assert info["knn_k"] == 1 and info["lmbda"] == 1.0 and info["knn_datastore"] == datastores["self"]
+
+
 def test_matches_float64_brute_force(tiny, datastores, eval_doc):
     """log p of a few continuation tokens equals a float64 brute-force kNN-LM over all datastore keys."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
