@@ -166,7 +166,7 @@ class InContextRAG(HFLM):
             raise ValueError(f"incontext_rag: stride {self.stride} leaves no room in max_length {self.max_length}")
         self.separator_ids = self.tokenizer.encode(separator, add_special_tokens=False) if separator else []
         # the retrieved document may use what the stride and separator leave of the context window
-        self.doc_budget = min(self.max_doc_tokens, self.max_length - self.stride - len(self.separator_ids) - 1)
+        self.doc_budget = max(0, min(self.max_doc_tokens, self.max_length - self.stride - len(self.separator_ids) - 1))
         chunk = int(chunk_tokens) if chunk_tokens else self.max_doc_tokens
         self.index = (ChunkIndex.build_or_load(str(corpus), self.tokenizer, chunk, cache_dir)
                       if corpus not in (None, "") else None)
@@ -175,7 +175,7 @@ class InContextRAG(HFLM):
 
     def prefixes(self, histories: list[list[int]]) -> list[list[int]]:
         """Retrieved doc + separator to place before each token history ([] where nothing is retrieved)."""
-        if self.index is None:
+        if self.index is None or self.doc_budget == 0:
             return [[] for _ in histories]
         queries = [self.tok_decode(h[-self.query_tokens :]) if h else "" for h in histories]
         docs = self.index.retrieve(queries)
@@ -242,7 +242,7 @@ class InContextRAG(HFLM):
             while len(made) < max_new:
                 n = min(self.stride, max_new - len(made))
                 (prefix,) = self.prefixes([history + made])
-                keep = self.max_length - len(prefix) - n
+                keep = max(1, self.max_length - len(prefix) - n)
                 inputs = torch.tensor([prefix + (history + made)[-keep:]], device=self.device)
                 with torch.no_grad():
                     out = self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),

@@ -74,7 +74,9 @@ class KNNDistribution:
         d, ids = self.neighbours(keys)
         weights = torch.softmax(-d / self.temperature, dim=-1)
         weights = torch.where(ids >= 0, weights, torch.zeros_like(weights))  # faiss pads missing with -1
-        tokens = self.values.to(ids.device)[ids.clamp(min=0)]
+        if self.values.device != ids.device:
+            self.values = self.values.to(ids.device)
+        tokens = self.values[ids.clamp(min=0)]
         p = torch.zeros(len(keys), vocab_size, dtype=torch.float32, device=keys.device)
         p.scatter_add_(1, tokens, weights)
         return p.log()

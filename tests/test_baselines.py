@@ -128,6 +128,40 @@ def test_plugin_runs_through_memdec_eval(tmp_path, tiny, texts):
     assert result["word_perplexity,none"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_readme_example_baseline(tiny, tmp_path, domain_file, monkeypatch, base_lm):
+    """The README's worked example, loaded as a plugin file, mixes the base with the corpus unigram."""
+    import re
+
+    from lm_eval.api.registry import get_model
+    from transformers import AutoTokenizer
+
+    import baselines
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"### Adding a baseline.*?```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "unigram.py").write_text(code)
+    monkeypatch.setenv(baselines.PLUGINS_ENV, str(tmp_path / "unigram.py"))
+    baselines.register_all()
+    cls = get_model("unigram")
+    req = _instances("loglikelihood", [(TEXT_CTX, TEXT_CONT)])
+    lm = cls(pretrained=tiny["base"], corpus=domain_file, lmbda=1.0, device="cpu")
+    # independent: add-one unigram counts over the corpus tokens
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    ids = [i for d in json_texts(domain_file) for i in tok(d, add_special_tokens=False)["input_ids"]]
+    ids += [tok.eos_token_id] * (len(json_texts(domain_file)) - 1)
+    counts = torch.bincount(torch.tensor(ids), minlength=len(tok)).double() + 1
+    cont = tok(TEXT_CTX + TEXT_CONT)["input_ids"][len(tok(TEXT_CTX)["input_ids"]) :]
+    expected = float((counts / counts.sum()).log()[cont].sum())
+    assert lm.loglikelihood(req)[0][0] == pytest.approx(expected, abs=1e-3)
+    lm.lmbda = 0.0
+    assert _close([lm.loglikelihood(req)[0][0]], [base_lm.loglikelihood(req)[0][0]])
+
+
+def json_texts(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
 # ---- In-Context RAG
 
 
