@@ -48,14 +48,16 @@ METHOD_ALIASES = {
 MODEL_METHODS = {"memdec": "memdec", "knnlm": "knnlm", "incontext_rag": "rag"}
 HF_MODELS = {"hf", "hf-auto", "huggingface", "hf-multimodal"}
 # model_args that tell two runs of one method and base apart (shown in the row label when they differ)
-VARIANT_ARGS = ("memory", "lmbda", "datastore", "k", "temperature", "peft", "corpus", "retriever", "n_docs")
+VARIANT_ARGS = ("memory", "lmbda", "datastore", "k", "temperature", "peft", "corpus")  # listed first
+IGNORED_ARGS = {"device", "batch_size", "max_batch_size", "parallelize", "device_map", "trust_remote_code",
+                "method", "base"}
 
 RESULTS_NAME = re.compile(r"^results.*\.json$|_\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(\.\d+)?\.json$")
 
 COLUMNS = [
     "file", "model", "method", "base", "label", "memory", "lmbda", "datastore", "peft", "corpus", "k",
     "temperature", "n_params", "task", "metric", "filter", "value", "stderr", "higher_is_better",
-    "window", "stride", "n_samples", "limit", "date",
+    "window", "stride", "n_samples", "limit", "date", "model_args",
 ]
 
 
@@ -163,8 +165,6 @@ def describe_run(res: dict[str, Any]) -> dict[str, Any]:
         "corpus": args.get("corpus"),
         "k": _num(args.get("k")),
         "temperature": _num(args.get("temperature")),
-        "retriever": args.get("retriever"),
-        "n_docs": _num(args.get("n_docs")),
         "n_params": n_params if isinstance(n_params, int | float) and n_params > 0 else None,
         "limit": cfg.get("limit"),
         "date": res.get("date"),
@@ -244,6 +244,7 @@ def run_rows(res: dict[str, Any], file: str = "") -> list[dict[str, Any]]:
             rows.append({
                 **{k: v for k, v in run.items() if not k.startswith("_")},
                 "file": file,
+                "model_args": json.dumps(run["_args"], sort_keys=True, default=str),
                 "task": task,
                 "metric": metric,
                 "filter": filt,
@@ -258,23 +259,33 @@ def run_rows(res: dict[str, Any], file: str = "") -> list[dict[str, Any]]:
 
 
 def _fmt_arg(name: str, value: Any) -> str:
-    if isinstance(value, float) and value.is_integer() and name in ("k", "n_docs"):
+    if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if name in ("memory", "datastore", "peft", "corpus"):
+    if isinstance(value, str) and ("/" in value or "\\" in value):
         value = short_name(value)
     return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
 
 
 def add_labels(df: pd.DataFrame) -> pd.DataFrame:
-    """Fill `label`: the method's row label, plus the arguments that tell its runs on one base apart."""
+    """Fill `label`: the method's row label, plus the model_args that tell apart its runs on one base
+    model that report the same task (e.g. '+MemDec (lmbda=0.6)'); settings that do not change results
+    (device, batch size) are ignored."""
     df = df.copy()
     labels = df["method"].map(lambda m: METHODS.get(m, m))
     for _key, part in df.groupby(["method", "base"], dropna=False, sort=False):
-        varying = [a for a in VARIANT_ARGS if a in part and part[a].astype(str).nunique(dropna=False) > 1]
-        if not varying:
-            continue
-        for idx, row in part.iterrows():
-            extra = ", ".join(_fmt_arg(a, row[a]) for a in varying if row[a] is not None and row[a] == row[a])
+        runs = {f: json.loads(a) for f, a in zip(part["file"], part["model_args"], strict=True)}
+        tasks = part.groupby("file")["task"].agg(set).to_dict()
+        varying: dict[str, set[str]] = {f: set() for f in runs}
+        for task in set(part["task"]):
+            files = [f for f in runs if task in tasks[f]]
+            keys = {k for f in files for k in runs[f]} - IGNORED_ARGS
+            diff = {k for k in keys if len({str(runs[f].get(k)) for f in files}) > 1}
+            for f in files:
+                varying[f] |= diff
+        order = {k: i for i, k in enumerate(VARIANT_ARGS)}
+        for idx, file in part["file"].items():
+            args, keys = runs[file], sorted(varying[file], key=lambda k: (order.get(k, len(order)), k))
+            extra = ", ".join(_fmt_arg(k, args[k]) for k in keys if args.get(k) is not None)
             labels.at[idx] = f"{labels.at[idx]} ({extra})" if extra else labels.at[idx]
     df["label"] = labels
     return df
@@ -298,7 +309,7 @@ def load_results(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> pd.D
             _skip(f, "no numeric metrics in its 'results'")
         rows.extend(got)
     df = pd.DataFrame(rows)
-    for col in COLUMNS + ["retriever", "n_docs"]:
+    for col in COLUMNS:
         if col not in df:
             df[col] = None
     if df.empty:

@@ -193,6 +193,14 @@ def _best(values: pd.Series, higher: bool | None) -> set:
     return {i for i, x in v.items() if math.isclose(x, target, rel_tol=1e-12, abs_tol=1e-12)}
 
 
+def _base_row(index: pd.Index, grouped: bool):
+    """The row deltas are taken against: 'base', else the only 'base (...)' variant, else None."""
+    label = {i: (i[1] if grouped else i) for i in index}
+    exact = [i for i, lab in label.items() if lab == "base"]
+    variants = [i for i, lab in label.items() if str(lab).startswith("base (")]
+    return exact[0] if exact else variants[0] if len(variants) == 1 else None
+
+
 def to_markdown(table: pd.DataFrame, digits: int = 2, deltas: bool = True) -> str:
     """A table from this module as markdown: best per column in bold (per base model in grouped
     tables), the change against the base row in brackets, a dash for a missing cell, then a line
@@ -206,7 +214,7 @@ def to_markdown(table: pd.DataFrame, digits: int = 2, deltas: bool = True) -> st
     groups = ([(b, table.xs(b, level="base", drop_level=False)) for b in dict.fromkeys(table.index.get_level_values(0))]
               if grouped else [(None, table)])
     for _, block in groups:
-        base_row = next((i for i in block.index if (i[1] if grouped else i) == "base"), None)
+        base_row = _base_row(block.index, grouped)
         for col in table.columns:
             best = _best(block[col], higher)
             for idx, value in block[col].items():

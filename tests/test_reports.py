@@ -209,6 +209,23 @@ def test_variants_lmbda_sweep_and_size_plot(tmp_path):
     assert len(csv) == len(df) and csv.loc[csv["value"] == 14.57, "label"].tolist() == ["+MemDec (lmbda=0.6)"]
 
 
+def test_runs_differing_in_model_args_get_own_rows(tmp_path):
+    runs = tmp_path / "runs"
+    args = {"pretrained": "openai-community/gpt2", "dtype": "bfloat16"}
+    _copy(GPT2_BASE, runs / "results_a.json", config__model_args=args)
+    _copy(GPT2_BASE, runs / "results_b.json", config__model_args={**args, "dtype": "float32", "batch_size": 4},
+          results={"memdec_wikitext103": {"token_perplexity,none": 24.5}})
+    df = reports.load_results([runs])
+    assert reports.find_conflicts(df).empty  # another dtype: another row, not a conflict
+    t = reports.perplexity_table(df)
+    assert t["gpt2"].to_dict() == {"base (dtype=bfloat16)": 24.89, "base (dtype=float32)": 24.5}
+    # batch size does not tell runs apart: different numbers are a conflict
+    _copy(GPT2_BASE, runs / "results_c.json", config__model_args={**args, "batch_size": 64},
+          results={"memdec_wikitext103": {"token_perplexity,none": 24.0}})
+    conflicts = reports.find_conflicts(reports.load_results([runs]))
+    assert sorted(conflicts["value"]) == [24.0, 24.89]
+
+
 def test_dapt_marker_and_folder_names_ignored(tmp_path):
     dapt = tmp_path / "dapt-model"
     dapt.mkdir()
