@@ -6,9 +6,9 @@ int64 datastore rows)`, nearest first, on the queries' device. A saved index liv
 (`faiss.write_index`, no pickle); the torch backend has nothing to build and saves only its manifest.
 
 Exact torch search streams the keys through the device in chunks (or keeps them there when they fit):
-d(q, k) = ||q||^2 - 2 q.k + ||k||^2, top-k per chunk, merged across chunks. On CPU this runs in
-float32. On GPU the matmul runs in float16 (scaled so that q.k cannot overflow) to pick k + margin
-candidates, whose distances are then recomputed exactly in float32 from the keys.
+||k||^2 - 2 q.k per chunk (float32 on CPU; float16 on GPU, scaled so that q.k cannot overflow), top
+k + margin candidates per chunk, merged across chunks; the candidates' distances are then recomputed
+as sum((q - k)^2) in float32 from the keys (no cancellation) and the k nearest returned.
 """
 
 from __future__ import annotations
@@ -51,8 +51,11 @@ def exact_distances(queries: torch.Tensor, ids: torch.Tensor, datastore: Datasto
 
 
 def _sort(d: torch.Tensor, i: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    d, order = d.topk(k, dim=1, largest=False, sorted=True)
-    return d, i.gather(1, order)
+    """The k nearest of each row, nearest first; equal distances ordered by id (deterministic)."""
+    by_id = i.argsort(dim=1, stable=True)
+    d, i = d.gather(1, by_id), i.gather(1, by_id)
+    order = d.argsort(dim=1, stable=True)[:, :k]
+    return d.gather(1, order), i.gather(1, order)
 
 
 class TorchIndex:
@@ -140,10 +143,10 @@ class TorchIndex:
         return torch.cat(out_d).to(dev), torch.cat(out_i).to(dev)
 
     def _search_batch(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        approx = self.half
-        margin = (self.margin if self.margin is not None else max(16, k // 16)) if approx else 0
+        # candidates from ||k||^2 - 2 q.k (float16 on GPU, float32 on CPU), then exact re-ranking
+        margin = self.margin if self.margin is not None else max(16, k // 16)
         ksel = min(self.n, k + margin)
-        if approx:
+        if self.half:
             scale = max(1.0, float(q.norm(dim=1).max()) * self._max_norm / 3.0e4)
             qm = (q / scale).half()
         else:
@@ -162,16 +165,12 @@ class TorchIndex:
                     d, j = d.topk(ksel, dim=1, largest=False, sorted=False)
                     i = i.gather(1, j)
             best_d, best_i = d, i
-        if approx:
-            parts = []
-            step = max(1, (1 << 27) // (ksel * self.dim))
-            for s in range(0, len(q), step):
-                kk = self._gather(best_i[s : s + step]).float()
-                parts.append(((kk - q[s : s + step, None, :]) ** 2).sum(-1))
-            best_d = torch.cat(parts)
-        else:
-            best_d = (best_d + (q**2).sum(1, keepdim=True)).clamp_min_(0.0)
-        return _sort(best_d, best_i, k)
+        parts = []
+        step = max(1, (1 << 26) // (ksel * self.dim))
+        for s in range(0, len(q), step):
+            kk = self._gather(best_i[s : s + step]).float()
+            parts.append(((kk - q[s : s + step, None, :]) ** 2).sum(-1))
+        return _sort(torch.cat(parts), best_i, k)
 
 
 def _faiss():
@@ -218,8 +217,7 @@ class FaissIndex:
         d, i = self.index.search(q, k)
         d, i = torch.from_numpy(d), torch.from_numpy(i).long()
         d[i < 0] = float("inf")
-        if self.refine:
-            d, i = _sort(exact_distances(queries.detach().cpu(), i, self.datastore), i, k)
+        d, i = _sort(exact_distances(queries.detach().cpu(), i, self.datastore) if self.refine else d, i, k)
         return d.to(queries.device), i.to(queries.device)
 
 
