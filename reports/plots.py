@@ -66,8 +66,9 @@ def lmbda_curve(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     rows["series"] = rows.apply(series, axis=1)
     keep = rows.groupby(["task", "series"])["lmbda"].transform("nunique") >= 2
-    out = rows[keep][cols].drop_duplicates(["task", "series", "lmbda"])
-    return out.sort_values(["task", "series", "lmbda"]).reset_index(drop=True)
+    out = rows[keep][cols].drop_duplicates(["task", "series", "lmbda"]).copy()
+    out["_t"] = out["task"].map({t: i for i, t in enumerate(_ppl_tasks(df))})
+    return out.sort_values(["_t", "series", "lmbda"]).drop(columns="_t").reset_index(drop=True)
 
 
 def size_curve(df: pd.DataFrame) -> pd.DataFrame:

@@ -260,11 +260,20 @@ def footnote(table: pd.DataFrame, deltas: bool = True) -> str:
             parts.append("window/stride: not recorded")
     if deltas:
         parts.append("(±x) = change against the base model's own row")
-    lmbda = a.get("lmbda") or {}
+    lmbda = {k: v for k, v in (a.get("lmbda") or {}).items() if "lmbda=" not in k[1]}  # not in the label already
     if lmbda:
-        parts.append("lmbda: " + ", ".join(f"{lab} on {b} {v:g}" for (b, lab), v in sorted(lmbda.items())))
-    elif any("+MemDec" in str(i) or "+kNN-LM" in str(i) for i in table.index):
-        parts.append("lmbda: each model's default (not in model_args)")
+        bases: dict[tuple[str, float], list[str]] = {}
+        for (b, lab), v in lmbda.items():
+            bases.setdefault((lab, v), []).append(b)
+        parts.append("lmbda: " + ", ".join(f"{lab} {v:g} ({', '.join(bs)})" for (lab, v), bs in bases.items()))
+    recorded = set(a.get("lmbda") or {})
+    if not a.get("grouped"):
+        recorded = {lab for _, lab in recorded}
+    unknown = sorted({str(i[1] if isinstance(i, tuple) else i) for i in table.index if i not in recorded
+                      and str(i[1] if isinstance(i, tuple) else i).startswith(("+MemDec", "+kNN-LM"))
+                      and "lmbda=" not in str(i)})
+    if unknown:
+        parts.append(f"lmbda not recorded for {', '.join(unknown)} (the model's default)")
     if kind in ("domain", "zeroshot"):
         parts.append("Avg only over complete rows")
     return "; ".join(parts) + "."

@@ -91,7 +91,7 @@ def test_perplexity_table_exact(df):
     assert cells["+kNN-LM"] == ["15.80 (−9.09)", "–"]  # missing: a dash, never 0
     assert cells["+MemDec"] == ["**14.57** (−10.32)", "**12.34** (−5.95)"]  # best per column in bold
     md = reports.to_markdown(t)
-    assert "window/stride: 1024/512" in md and "+MemDec on gpt2 0.6" in md and "+kNN-LM on gpt2 0.25" in md
+    assert "window/stride: 1024/512" in md and "lmbda: +MemDec 0.6 (gpt2, gpt2-medium), +kNN-LM 0.25 (gpt2)" in md
 
 
 def test_domain_table_exact_and_partial_avg_is_a_dash(df):
@@ -281,3 +281,13 @@ def test_cli_report_no_table_is_one_line_error(tmp_path, capsys, case):
     assert len(errors) == 1 and errors[0].startswith("memdec report: error: no")
     assert err[-1] == errors[0]
     assert not (tmp_path / "r.md").exists()
+
+
+def test_footnote_says_when_lmbda_is_not_recorded(tmp_path):
+    args = {"pretrained": "openai-community/gpt2", "memory": "runs/memdec-gpt2-bio"}  # lmbda from memdec.json
+    f = _copy(GPT2_MEMDEC, tmp_path / "results_a.json", config__model_args=args)
+    md = reports.to_markdown(reports.perplexity_table(reports.load_results([f])))
+    assert "lmbda not recorded for +MemDec (the model's default)" in md
+    _copy(GPT2_MEMDEC, f, config__model_args=args, config__lmbda=0.55)  # what MemDecLM.get_model_info reports
+    md = reports.to_markdown(reports.perplexity_table(reports.load_results([f])))
+    assert "lmbda: +MemDec 0.55 (gpt2)" in md and "not recorded" not in md
