@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -31,6 +32,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.metrics import bits_per_byte, mean, weighted_perplexity
 from lm_eval.api.model import CacheHook, TemplateLM
 from lm_eval.api.task import ConfigurableTask
+
+eval_logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "MEMDEC_DATA_DIR"
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -272,6 +275,15 @@ def _logsumexp(values: Sequence[float]) -> float:
     return m + math.log(sum(math.exp(v - m) for v in values))
 
 
+def single_token_words(label_words: Sequence[Sequence[str]], tokenizer) -> list[list[str]]:
+    """Each label's words that are one token for `tokenizer` (kNN-Prompt's rule); a label's first word
+    (its name) is always kept, scored as a whole continuation if it is longer."""
+    def one_token(word: str) -> bool:
+        return len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1
+
+    return [[words[0]] + [w for w in words[1:] if one_token(w)] for words in label_words]
+
+
 def dcpmi_predictions(cond: Sequence[Sequence[float]], domain: Sequence[Sequence[float]]) -> tuple[int, int]:
     """(plain, DC-PMI) predicted labels from per-label lists of word log-probabilities.
 
@@ -303,6 +315,16 @@ class DCPMITask(ConfigurableTask):
         self.template = str(meta["prompt"])
         self.domain_premise = str(meta["domain_premise"])
         self.label_words: list[list[str]] = [list(w) for w in words]
+        tok_name = meta.get("tokenizer") or meta.get("pretrained")
+        if meta.get("single_token_words", True) and isinstance(tok_name, str):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tok_name, trust_remote_code=bool(meta.get("trust_remote_code")))
+            self.label_words = single_token_words(self.label_words, tokenizer)
+            eval_logger.info("%s: label words kept (single tokens for %s): %s", task, tok_name, self.label_words)
+        elif meta.get("single_token_words", True):
+            eval_logger.warning("%s: no tokenizer in the metadata (tokenizer= or pretrained=); all label words "
+                                "are kept, multi-token ones scored as whole continuations", task)
         self.label_field = str(meta["label_field"])
         config = {k: v for k, v in (config or {}).items() if k != "class"}
         config["dataset_kwargs"] = {**(config.get("dataset_kwargs") or {}),
@@ -314,6 +336,11 @@ class DCPMITask(ConfigurableTask):
 
     def doc_to_target(self, doc, doc_to_target=None) -> int:
         return int(doc[self.label_field])
+
+    def fewshot_context(self, doc, num_fewshot, *args, **kwargs) -> str:
+        if num_fewshot:
+            raise ValueError(f"{self.config.task}: kNN-Prompt scoring is zero-shot (got num_fewshot={num_fewshot})")
+        return super().fewshot_context(doc, num_fewshot, *args, **kwargs)
 
     def construct_requests(self, doc: dict, ctx: str, **kwargs) -> list[Instance]:
         for key in ("apply_chat_template", "chat_template"):

@@ -121,6 +121,23 @@ def test_dcpmi_rule_by_hand():
     assert dcpmi_predictions(cond, dom) == (0, 1)
 
 
+def test_only_single_token_label_words_are_kept(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_tasks.utils import single_token_words
+    from memdec.tiny import train_tokenizer
+
+    tok = train_tokenizer(["true yes no false correct wrong maybe"] * 200, vocab_size=290)
+    words = [[" true", " yes", " accurate"], [" false", " no", " untrue"], [" neither"]]
+    assert len(tok(" yes")["input_ids"]) == 1 and len(tok(" untrue")["input_ids"]) > 1
+    assert single_token_words(words, tok) == [[" true", " yes"], [" false", " no"], [" neither"]]
+    tok.save_pretrained(tmp_path)
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
+                     metadata={"data_dir": str(FIXTURES), "pretrained": str(tmp_path)})
+    task = tm.load(["memdec_cb"])["tasks"]["memdec_cb"]
+    assert task.label_words == [[" true", " yes", " correct"], [" false", " no", " wrong"], [" neither"]]
+
+
 # The kNN-Prompt templates of the table (checked against swj0419/kNN_prompt), written out here
 # so that the YAML configs are checked against them too.
 HAND = {
@@ -291,7 +308,9 @@ def test_every_task_runs_with_memdec_model(memdec_results, hf_results):
 
 def test_memdec_eval_command_runs_the_tasks(tiny, tmp_path, hf_results):
     pytest.importorskip("memdec.harness")
-    meta = json.dumps({"data_dir": str(FIXTURES), "window": WINDOW, "stride": STRIDE})
+    # the command line copies pretrained= into the task metadata, which would keep only single-token label
+    # words (the tiny tokenizer has none); all words are kept here to compare with hf_results
+    meta = json.dumps({"data_dir": str(FIXTURES), "window": WINDOW, "stride": STRIDE, "single_token_words": False})
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from memdec.harness import cli_main; sys.exit(cli_main())", "run",
          "--model", "hf", "--model_args", f"pretrained={tiny['base']},dtype=float64", "--device", "cpu",
