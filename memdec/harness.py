@@ -162,7 +162,6 @@ def _base_tokenizer(pretrained: Any, kwargs: dict[str, Any]):
     return load_tokenizer(name, "base", revision, bool(kwargs.get("trust_remote_code", False)))
 
 
-@register_model("memdec")
 class MemDecLM(MixtureLM):
     """`--model memdec --model_args pretrained=BASE,memory=MEMDEC[,lmbda=...,mem_temperature=...]`."""
 
@@ -207,6 +206,10 @@ class MemDecLM(MixtureLM):
                     mem_temperature=self.joint.mem_temperature, memory_num_parameters=mem.num_parameters(),
                     memory_dtype=str(mem.dtype))
         return info
+
+
+if __name__ != "__main__":  # under `python -m memdec.harness` the imported module registers it (below)
+    register_model("memdec")(MemDecLM)
 
 
 # ---- registration and the command line ----
@@ -342,5 +345,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(cli_main())
+if __name__ == "__main__":  # `python -m memdec.harness` / `accelerate launch -m memdec.harness`
+    from memdec.harness import cli_main as _cli_main
+
+    sys.exit(_cli_main())

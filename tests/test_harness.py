@@ -199,12 +199,11 @@ def test_memdec_eval_errors(tiny, task_dir, short_memory, tmp_path, capsys, extr
     assert not out.exists()
 
 
-def run_memdec_eval(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_memdec_eval(args: list[str], cwd: Path, as_module: bool = False) -> subprocess.CompletedProcess:
+    """The `memdec-eval` console script (pyproject.toml), or `python -m memdec.harness`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    script = shutil.which("memdec-eval")  # the console script pyproject.toml declares
-    cmd = [script] if script else [sys.executable, "-c", "import sys; from memdec.harness import cli_main; "
-                                   "sys.exit(cli_main())"]
-    cmd += args
+    script = None if as_module else shutil.which("memdec-eval")
+    cmd = ([script] if script else [sys.executable, "-m", "memdec.harness"]) + args
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -222,7 +221,7 @@ def test_memdec_eval_command_writes_results(tiny, task_dir, tmp_path):
 
     bad = run_memdec_eval(["--model", "memdec", "--model_args", f"pretrained={tiny['base']},memory={tiny['memory']},"
                            "lmbda=-0.1", "--tasks", "memdec_t_ppl", "--include_path", str(task_dir),
-                           "--output_path", str(tmp_path / "bad")], tmp_path)
+                           "--output_path", str(tmp_path / "bad")], tmp_path, as_module=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == "memdec-eval: error: lmbda must be in [0, 1], got -0.1"
     assert not (tmp_path / "bad").exists()
