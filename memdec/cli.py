@@ -268,13 +268,16 @@ def _add_tune_lambda(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--plot", default=None, metavar="PNG", help="also save the curve as a PNG")
     p.add_argument("--write", action="store_true", help="store the best lmbda in MEMORY/memdec.json")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep each model's per-token log-probs here: a rerun (new grid, after a kill) reuses them")
 
     def run(args):
         from memdec.tune import tune_lambda
 
         r = tune_lambda(args.base, args.memory, args.data, window=args.window, stride=args.stride, grid=args.grid,
                         batch_size=args.batch_size, write=args.write, plot=args.plot, device=args.device,
-                        dtype=args.dtype, split=args.split, text_column=args.text_column, max_docs=args.max_docs)
+                        dtype=args.dtype, split=args.split, text_column=args.text_column, max_docs=args.max_docs,
+                        cache_dir=args.cache)
         print(f"{r.n_tokens} tokens of {r.data}, window {r.window}, stride {r.stride}")
         print(r.table())
         print(f"best lmbda {r.best_lmbda:g}: perplexity {r.best_perplexity:.4f}")

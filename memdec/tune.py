@@ -8,6 +8,8 @@ becomes the "lmbda" of the memory decoder's memdec.json (its other fields are ke
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -17,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from memdec.formats import FORMAT_VERSION, read_json, write_json
+from memdec.formats import FORMAT_VERSION, load_npy, read_json, save_npy, write_json
 from memdec.joint import MEMDEC_JSON, load_causal_lm, load_tokenizer, resolve_model_path
 from memdec.mixing import check_lmbda, check_same_tokenizer, mix_logprobs, tokenizer_fingerprint
 from memdec.scoring import max_positions, perplexity, token_logprobs
@@ -100,6 +102,17 @@ def _context_length(name: str, what: str) -> int | None:
     return max_positions(SimpleNamespace(config=config))
 
 
+def _cache_path(cache_dir: str | os.PathLike, what: str, name: str, tokens: np.ndarray, window: int,
+                stride: int, dtype: str) -> Path:
+    """Cache file of one model's per-token log-probs; the name changes when any input does."""
+    files = sorted(Path(name).glob("*.safetensors")) + sorted(Path(name).glob("*.bin")) if Path(name).is_dir() else []
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = json.dumps({"model": os.path.abspath(name) if Path(name).is_dir() else name, "files": stamp,
+                      "tokens": hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest(),
+                      "window": window, "stride": stride, "dtype": dtype})
+    return Path(cache_dir) / f"{what}_logprobs_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+
+
 def write_lmbda(memory: str | os.PathLike, lmbda: float, tokenizer=None, tuning: dict | None = None) -> Path:
     """Set "lmbda" in MEMORY/memdec.json (atomically), keeping its other fields; create it if absent."""
     folder = Path(memory)
@@ -131,13 +144,16 @@ def tune_lambda(
     split: str | None = None,
     text_column: str | None = None,
     max_docs: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> TuneResult:
     """Score `data` once with each model, then return the perplexity curve over `grid` and its best lmbda.
 
     `data` is a local file/folder or `hf:NAME[:CONFIG]`; window defaults to the shorter context of
     the two models (at most 1024), stride to half the window. With `write`, stores the best lmbda
-    in MEMORY/memdec.json; with `plot`, saves the curve as a PNG there.
+    in MEMORY/memdec.json; with `plot`, saves the curve as a PNG there. With `cache_dir`, each model's
+    per-token log-probs are kept there (.npy, keyed by model files, tokens, window, stride, dtype), so a
+    rerun (another grid, or after a kill) scores only what is missing.
     """
     from memdec.data import CorpusSpec, check_min_tokens, load_texts, tokenize
 
@@ -159,9 +175,16 @@ def tune_lambda(
     kw = dict(window=window, stride=stride, batch_size=batch_size, vocab_size=len(tok), pad_id=pad, progress=progress)
     logps = []
     for name, what in ((base, "base"), (memory, "memory")):  # one model in memory at a time
+        path = _cache_path(cache_dir, what, name, tokens, window, stride, dtype) if cache_dir else None
+        if path is not None and path.exists():
+            logps.append(load_npy(path, mmap=False, shape=(len(tokens) - 1,), dtype=np.float64))
+            continue
         model = load_causal_lm(name, what, dtype=torch_dtype, device=device)
         logps.append(token_logprobs(model, tokens, **kw))
         del model
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_npy(path, logps[-1])
     base_lp, memory_lp = logps
     ppls = curve(base_lp, memory_lp, values)
     best = int(np.argmin(ppls))

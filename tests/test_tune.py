@@ -78,6 +78,17 @@ def test_curve_from_cache_equals_direct_mixture(tiny, val_file, tmp_path, monkey
     assert not list(memory.glob("*.tmp"))
 
 
+def test_cache_reused_on_rerun(tiny, val_file, tmp_path, monkeypatch):
+    kw = dict(window=WINDOW, stride=STRIDE, grid="0:1:0.5", device="cpu", progress=False, cache_dir=tmp_path / "c")
+    first = tune.tune_lambda(tiny["base"], tiny["memory"], str(val_file), **kw)
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 2
+    monkeypatch.setattr(tune, "token_logprobs", lambda *a, **k: pytest.fail("scored again despite the cache"))
+    again = tune.tune_lambda(tiny["base"], tiny["memory"], str(val_file), **{**kw, "grid": "0,0.5,1,0.25"})
+    assert again.perplexities[:1] + again.perplexities[2:] == first.perplexities  # grid sorted: 0, .25, .5, 1
+    with pytest.raises(pytest.fail.Exception, match="scored again"):  # another stride: a new cache entry
+        tune.tune_lambda(tiny["base"], tiny["memory"], str(val_file), **{**kw, "stride": STRIDE + 1})
+
+
 def test_tokenizer_mismatch_before_any_compute(tiny, val_file, monkeypatch):
     monkeypatch.setattr(tune, "token_logprobs", lambda *a, **k: pytest.fail("scored before checking tokenizers"))
     with pytest.raises(TokenizerMismatchError, match="memory tokenizer"):
