@@ -168,8 +168,16 @@ class InContextRAG(HFLM):
         # the retrieved document may use what the stride and separator leave of the context window
         self.doc_budget = max(0, min(self.max_doc_tokens, self.max_length - self.stride - len(self.separator_ids) - 1))
         chunk = int(chunk_tokens) if chunk_tokens else self.max_doc_tokens
-        self.index = (ChunkIndex.build_or_load(str(corpus), self.tokenizer, chunk, cache_dir)
-                      if corpus not in (None, "") else None)
+        self.corpus = None if corpus in (None, "") else str(corpus)
+        self.index = ChunkIndex.build_or_load(self.corpus, self.tokenizer, chunk, cache_dir) if self.corpus else None
+
+    def get_model_info(self) -> dict:
+        """HFLM's info plus the retrieval settings (lm-eval writes them into the results JSON's config)."""
+        info = super().get_model_info()
+        info.update(rag_corpus=self.corpus, rag_stride=self.stride, rag_query_tokens=self.query_tokens,
+                    rag_max_doc_tokens=self.doc_budget, rag_chunks=len(self.index) if self.index else 0,
+                    rag_index=str(self.index.folder) if self.index else None)
+        return info
 
     # ---- retrieval ----
 

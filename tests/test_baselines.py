@@ -225,6 +225,8 @@ def test_rag_index_is_cached(tiny, tmp_path, domain_file, monkeypatch):
     monkeypatch.setattr(bm25s.BM25, "index", lambda *a, **k: pytest.fail("index rebuilt"))
     second = _rag(tiny, tmp_path, corpus=domain_file, chunk_tokens=50)
     assert second.index.folder == first.index.folder and len(second.index) == len(first.index)
+    info = second.get_model_info()
+    assert info["rag_chunks"] == len(second.index) and info["rag_index"] == str(second.index.folder)
     # chunks never cross documents and never hold the EOS separator
     eos = second.tokenizer.eos_token_id
     assert all(eos not in second.index.chunk(i) for i in range(len(second.index)))
