@@ -7,8 +7,10 @@ parallelize, `accelerate launch`) whose next-token log-probs are
 
 mixed once, in `_model_call`, so loglikelihood, loglikelihood_rolling and batch-size detection all
 see the mixture (HFLM's log_softmax of the returned log-probs is a no-op up to rounding). A subclass
-(the `memdec` model below, the kNN-LM baseline) only implements `other_logprobs`; generation runs
-memdec.joint's decode loop on the mixture (a subclass may give a faster `_generation_step`).
+(the `memdec` model below, the kNN-LM baseline) only implements `other_logprobs`; `mixed_logprobs`
+calls `base_logprobs` first and then `other_logprobs` with the same tensors, so a subclass may
+capture the base's hidden states on the way. Generation runs memdec.joint's decode loop on the
+mixture (a subclass may give a faster `_generation_step`).
 """
 
 from __future__ import annotations
@@ -203,9 +205,22 @@ class MemDecLM(MixtureLM):
         info = super().get_model_info()
         mem = self.joint.memory
         info.update(memory=self.joint.memory_name, memory_revision=self.joint.memory_revision,
+                    memory_sha=_hub_sha(self.joint.memory_name, self.joint.memory_revision),
                     mem_temperature=self.joint.mem_temperature, memory_num_parameters=mem.num_parameters(),
                     memory_dtype=str(mem.dtype))
         return info
+
+
+def _hub_sha(name: str | None, revision: str | None) -> str:
+    """The hub commit of a model id ('' for a local folder or when the hub cannot be asked)."""
+    if not name or os.path.isdir(name):
+        return ""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo_id=name, revision=revision).sha or ""
+    except Exception:  # offline, private or unknown: the results JSON just has no sha
+        return ""
 
 
 if __name__ != "__main__":  # under `python -m memdec.harness` the imported module registers it (below)

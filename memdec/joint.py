@@ -374,13 +374,12 @@ class MemoryDecoder:
 
     def memory_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The memory's float32 next-token log-probs (B, T, V), after `mem_temperature`."""
-        out = model_logprobs(self.memory, input_ids, attention_mask, self.vocab_size, self.mem_temperature)
-        return out.to(self.device)
+        return model_logprobs(self.memory, input_ids, attention_mask, self.vocab_size, self.mem_temperature)
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mixed float32 next-token log-probs (B, T, len(tokenizer)); left padding allowed."""
-        return mix_logprobs(self.base_logprobs(input_ids, attention_mask),
-                            self.memory_logprobs(input_ids, attention_mask), self.lmbda)
+        base = self.base_logprobs(input_ids, attention_mask)
+        return mix_logprobs(base, self.memory_logprobs(input_ids, attention_mask).to(base.device), self.lmbda)
 
     # -- perplexity --
 
