@@ -285,6 +285,11 @@ class GraphedDecoder:
         self.batch_size = batch_size
         self.max_cache_len = max_cache_len
         self.caches = [make_static_cache(m, batch_size, max_cache_len) for m in self.models]
+        if self.use_compile:
+            # each (batch, cache size) and HF's own compiled call add entries for the same forward code
+            import torch._dynamo as dynamo
+
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
         self.forwards = [torch.compile(m.forward, dynamic=False, fullgraph=False) if self.use_compile else m.forward
                          for m in self.models]
         self.cache_kw = [cache_kwarg(m) for m in self.models]
