@@ -98,9 +98,34 @@ def test_token_perplexity_matches_hand_sliding_window(hf_results, model64, task)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     assert got["word_perplexity,none"] == pytest.approx(math.exp(-lp.sum() / words), rel=1e-9)
     assert got["bits_per_byte,none"] == pytest.approx(-lp.sum() / n_bytes / math.log(2), rel=1e-9)
+    # the same number as memdec's own sliding-window scoring (memdec.scoring), which every stage shares
+    from memdec.scoring import perplexity, token_logprobs
+
+    assert got["token_perplexity,none"] == pytest.approx(perplexity(token_logprobs(model, tokens, WINDOW, STRIDE)),
+                                                         rel=1e-9)
     # per-document entries carry whole windows and add up to the stream's totals
     samples = hf_results["samples"][task]
     assert sum(s["token_perplexity"][1] for s in samples) == len(tokens) - 1
+
+
+def test_disjoint_windows_keep_one_token_of_context(tiny, model64):
+    from memdec.data import tokenize
+    from memdec.scoring import perplexity, token_logprobs
+
+    model, tok = model64
+    res = evaluate("hf", f"pretrained={tiny['base']},dtype=float64", ["memdec_law_ppl"], window=WINDOW, stride=WINDOW)
+    tokens = tokenize([r["text"] for r in read_fixture("memdec_law_ppl")], tok, progress=False)
+    expected = perplexity(token_logprobs(model, tokens, WINDOW, WINDOW))
+    assert res["results"]["memdec_law_ppl"]["token_perplexity,none"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_bad_window_or_stride_is_an_error():
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
+                     metadata={"data_dir": str(FIXTURES), "window": 64, "stride": 65})
+    with pytest.raises(ValueError, match=r"memdec_law_ppl: window must be >= 2 and stride in \[1, window\]"):
+        tm.load(["memdec_law_ppl"])
 
 
 def test_perplexity_window_longer_than_model_is_an_error(tiny):
