@@ -280,8 +280,7 @@ def _write_shard(model, tokens: np.ndarray, windows: Sequence, shard: Shard, fol
             stop.remove()
     if bool(bad):
         raise ValueError(f"{folder / shard.keys_file}: keys overflow float16 (inf/nan); try --dtype float32")
-    keys.flush()
-    del keys
+    del keys  # unmapped; the page cache writes it out (no fsync: a killed process loses nothing)
     os.replace(tmp_keys, folder / shard.keys_file)
     save_npy(folder / shard.values_file, tokens[shard.row_lo + 1 : shard.row_hi + 1].astype(np.int32))
 

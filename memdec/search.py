@@ -95,7 +95,9 @@ class TorchIndex:
             resident = self.cuda and self.n * self.dim * 2 < 0.5 * torch.cuda.mem_get_info(self.device)[0]
         self.resident = resident
         self._keys: torch.Tensor | None = None
-        if resident:
+        if self._mem is not None and self._mem.device == self.device and self._mem.dtype == self._key_dtype:
+            self._keys = self._mem  # already where and how it is searched: no copy
+        elif resident:
             self._keys = torch.empty((self.n, self.dim), dtype=self._key_dtype, device=self.device)
             for start in range(0, self.n, self.chunk_rows):
                 self._keys[start : start + self.chunk_rows] = self._host_chunk(start, start + self.chunk_rows)
@@ -153,10 +155,8 @@ class TorchIndex:
             scale, qm = 1.0, q
         best_d = best_i = None
         for start, keys in self._chunks():
-            scores = (qm @ keys.T).float()
-            if scale != 1.0:
-                scores *= scale
-            d = self._norms[start : start + len(keys)][None, :] - 2.0 * scores
+            # ||k||^2 - 2 q.k in one float32 pass over the (float16 on GPU) scores
+            d = torch.add(self._norms[start : start + len(keys)][None, :], qm @ keys.T, alpha=-2.0 * scale)
             d, i = d.topk(min(ksel, d.shape[1]), dim=1, largest=False, sorted=False)
             i += start
             if best_d is not None:

@@ -1,0 +1,273 @@
+"""Speed of the training pipeline's stages: datastore build, exact-search kNN targets, training steps.
+
+    python benchmarks/bench_pipeline.py --device cuda --out runs/bench-pipeline           # one GPU
+    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --device cpu --small --out /tmp/bench   # seconds
+
+(a) datastore build throughput (`memdec.datastore.build_datastore`, tokens/s) against a plain forward
+    pass (full model with its LM head, logits left on the device) of the same model over the same
+    windows and batches. The model is GPT-2-small-shaped (12 x 768, vocabulary 50257) with random
+    weights built from a config (no download), in bf16 by default; the corpus is random words of a
+    word-level tokenizer with the model's vocabulary. Tokenization is timed apart and excluded.
+(b) exact-search kNN targets per second: `memdec.search.TorchIndex` over >= 10M random float16 keys
+    of dimension 768 kept on the GPU, k = 1024 (+1 for the query's own row), followed by
+    `memdec.targets.knn_distribution` (self removal, softmax, scatter by token, float16 CSR) --
+    everything `memdec targets` does per query except reading keys from and writing rows to disk.
+(c) training tokens/s of one optimizer step (forward, sparse KL + CE via `memdec.train.memdec_loss`,
+    backward, AdamW) on a GPT-2-small-shaped model with random kNN targets of `--support` entries
+    per position; skipped when memdec.train is not there. Data loading is not included.
+
+Needs only torch, transformers and numpy (no faiss, no network). Runs from a plain checkout.
+Writes bench_pipeline.json and bench_pipeline.md (with the device name and date) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memdec.data import sliding_windows, tokenize, window_batch  # noqa: E402
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over w0 .. w{vocab_size-2} plus <|endoftext|> (EOS = pad)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i + 1 for i in range(vocab_size - 1)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, bos_token=eos, unk_token=eos)
+
+
+def random_docs(n_tokens: int, vocab_size: int, doc_len: int = 2000, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    ids = np.minimum(rng.zipf(1.3, size=n_tokens), vocab_size - 2)
+    return [" ".join(f"w{i}" for i in ids[s : s + doc_len]) for s in range(0, n_tokens, doc_len)]
+
+
+def gpt2(shape: dict, device: torch.device, dtype: torch.dtype):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=shape["vocab"], n_positions=shape["window"], n_embd=shape["dim"],
+                     n_layer=shape["layers"], n_head=shape["heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(cfg).to(device=device, dtype=dtype).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_datastore(args, shape: dict, device: torch.device, dtype: torch.dtype, work: Path) -> dict:
+    from memdec.datastore import build_datastore
+
+    tok = word_tokenizer(shape["vocab"])
+    docs = random_docs(args.tokens, shape["vocab"])
+    t0 = time.perf_counter()
+    tokens = tokenize(docs, tok, progress=False)
+    t_tok = time.perf_counter() - t0
+    model = gpt2(shape, device, dtype)
+    windows = sliding_windows(len(tokens), shape["window"])
+    batches = [windows[i : i + args.batch_size] for i in range(0, len(windows), args.batch_size)]
+
+    def forward(batch):
+        ids, attn, _ = window_batch(tokens, batch)
+        return model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits
+
+    with torch.inference_mode():
+        for batch in batches[:2]:  # warm-up
+            forward(batch)
+        sync(device)
+        t0 = time.perf_counter()
+        for batch in batches:
+            forward(batch)
+        sync(device)
+        t_fwd = time.perf_counter() - t0
+    n_in = sum(w.end - w.start for w in windows)
+
+    build_datastore(model, docs[:2], work / "warmup", window=shape["window"], batch_size=args.batch_size,
+                    dtype=dtype, device=device, tokenizer=tok, progress=False)
+    t0 = time.perf_counter()
+    build_datastore(model, docs, work / "ds", window=shape["window"], batch_size=args.batch_size, dtype=dtype,
+                    device=device, tokenizer=tok, progress=False)
+    sync(device)
+    t_build = time.perf_counter() - t0 - t_tok  # build_datastore tokenizes the corpus again: not counted
+    fwd_tps, build_tps = n_in / t_fwd, n_in / t_build
+    return {"tokens": int(len(tokens)), "window": shape["window"], "batch_size": args.batch_size,
+            "dtype": str(dtype).removeprefix("torch."), "tokenize_s": round(t_tok, 3),
+            "forward_s": round(t_fwd, 3), "build_s": round(t_build, 3),
+            "forward_tokens_per_s": round(fwd_tps), "build_tokens_per_s": round(build_tps),
+            "build_vs_forward": round(build_tps / fwd_tps, 3)}
+
+
+def bench_targets(args, device: torch.device) -> dict:
+    from memdec.search import TorchIndex
+    from memdec.targets import knn_distribution
+
+    n, dim, k = args.keys, args.dim, args.k
+    key_dtype = torch.float16
+    gen = torch.Generator(device=device).manual_seed(0)
+    keys = torch.empty((n, dim), dtype=key_dtype, device=device)
+    for s in range(0, n, 1 << 20):
+        e = min(s + (1 << 20), n)
+        keys[s:e] = torch.randn((e - s, dim), generator=gen, device=device).to(key_dtype)
+    values = torch.randint(0, 50257, (n,), generator=gen, device=device, dtype=torch.int32)
+    sync(device)
+    t0 = time.perf_counter()
+    index = TorchIndex(keys, device=device, query_batch=args.query_batch)
+    sync(device)
+    t_setup = time.perf_counter() - t0
+    rows = torch.randperm(n, generator=gen, device=device)[: args.queries + args.query_batch]
+
+    def step(ids):
+        d, i = index.search(keys[ids], k + 1)
+        return knn_distribution(d, i, ids, values, k, args.temperature)
+
+    step(rows[: args.query_batch])  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    nnz = 0
+    for s in range(args.query_batch, args.query_batch + args.queries, args.query_batch):
+        counts, _, _ = step(rows[s : s + args.query_batch])
+        nnz += int(counts.sum())
+    sync(device)
+    t = time.perf_counter() - t0
+    qps = args.queries / t
+    return {"keys": n, "dim": dim, "k": k, "key_dtype": "float16", "queries": args.queries,
+            "query_batch": args.query_batch, "index_setup_s": round(t_setup, 3), "search_s": round(t, 3),
+            "queries_per_s": round(qps, 1), "mean_support": round(nnz / args.queries, 1),
+            "full_datastore_hours": round(n / qps / 3600, 3), "resident_on_device": bool(index.resident)}
+
+
+def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    try:
+        from memdec.train import memdec_loss
+    except ImportError as e:
+        return {"skipped": f"memdec.train.memdec_loss not available ({e})"}
+    model = gpt2(shape, device, torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b, length, s = args.train_batch, shape["window"], args.support
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, shape["vocab"], (b, length), generator=gen, device=device)
+    score = torch.ones((b, length), dtype=torch.bool, device=device)
+    score[:, 0] = False
+    n = int(score[:, 1:].sum())
+    knn_ids = torch.randint(0, shape["vocab"], (n, s), generator=gen, device=device)
+    knn_probs = torch.softmax(torch.randn((n, s), generator=gen, device=device), -1)
+    autocast = device.type == "cuda" and dtype != torch.float32
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            logits = model(input_ids=ids, use_cache=False).logits
+        loss, _ = memdec_loss(logits, ids, score, knn_ids, knn_probs, beta=0.5)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.train_steps):
+        step()
+    sync(device)
+    t = time.perf_counter() - t0
+    return {"batch": b, "window": length, "support": s, "steps": args.train_steps, "autocast": autocast,
+            "dtype": str(dtype).removeprefix("torch.") if autocast else "float32",
+            "tokens_per_s": round(b * length * args.train_steps / t)}
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# memdec pipeline benchmark ({res['device_name']}, {res['date']})", ""]
+    a, b, c = res["datastore"], res["targets"], res.get("train", {})
+    lines += ["| stage | measure | value |", "|---|---|---|"]
+    lines += [f"| datastore | plain forward, tokens/s | {a['forward_tokens_per_s']:,} |",
+              f"| datastore | build, tokens/s | {a['build_tokens_per_s']:,} |",
+              f"| datastore | build / forward | {a['build_vs_forward']:.1%} |",
+              f"| targets | exact search + distribution, queries/s ({b['keys']:,} keys x {b['dim']}, k={b['k']}) "
+              f"| {b['queries_per_s']:,} |",
+              f"| targets | hours for all {b['keys']:,} rows | {b['full_datastore_hours']} |"]
+    if "tokens_per_s" in c:
+        lines.append(f"| train | tokens/s (batch {c['batch']} x {c['window']}, support {c['support']}) "
+                     f"| {c['tokens_per_s']:,} |")
+    elif c:
+        lines.append(f"| train | skipped | {c.get('skipped', '')} |")
+    lines += ["", f"Model: {res['model']}; torch {res['torch']}; {res['dtype']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run, seconds)")
+    p.add_argument("--out", default="runs/bench-pipeline", help="folder for bench_pipeline.json / .md")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--tokens", type=int, help="datastore corpus tokens (default 2M; --small 20k)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--keys", type=int, help="keys in the search benchmark (default 10M; --small 20k)")
+    p.add_argument("--dim", type=int, help="key dimension (default 768; --small 64)")
+    p.add_argument("--k", type=int, help="neighbours (default 1024; --small 64)")
+    p.add_argument("--queries", type=int, help="timed queries (default 8192; --small 512)")
+    p.add_argument("--query-batch", type=int, help="queries per search call (default 1024; --small 256)")
+    p.add_argument("--temperature", type=float, default=16.0)
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--train-steps", type=int, default=10)
+    p.add_argument("--support", type=int, default=256, help="kNN target entries per position in (c)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["datastore", "targets", "train"])
+    args = p.parse_args(argv)
+    small = args.small
+    shape = ({"vocab": 1000, "dim": 64, "layers": 2, "heads": 4, "window": 128} if small else
+             {"vocab": 50257, "dim": 768, "layers": 12, "heads": 12, "window": 1024})
+    args.tokens = args.tokens or (20_000 if small else 2_000_000)
+    args.keys = args.keys or (20_000 if small else 10_000_000)
+    args.dim = args.dim or (64 if small else 768)
+    args.k = args.k or (64 if small else 1024)
+    args.queries = args.queries or (512 if small else 8192)
+    args.query_batch = args.query_batch or (256 if small else 1024)
+    if small:
+        args.train_batch, args.train_steps = min(args.train_batch, 2), min(args.train_steps, 3)
+        args.support = min(args.support, 32)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    res = {"device": str(device), "device_name": name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
+           "model": f"GPT-2-shaped random weights: {shape['layers']} x {shape['dim']}, vocab {shape['vocab']}, "
+                    f"window {shape['window']}", "small": small}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as work:
+        if "datastore" not in args.skip:
+            res["datastore"] = bench_datastore(args, shape, device, dtype, Path(work))
+            print("datastore:", res["datastore"], flush=True)
+    if "targets" not in args.skip:
+        res["targets"] = bench_targets(args, device)
+        print("targets:", res["targets"], flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "train" not in args.skip:
+        res["train"] = bench_train(args, shape, device, dtype)
+        print("train:", res["train"], flush=True)
+    (out / "bench_pipeline.json").write_text(json.dumps(res, indent=2) + "\n")
+    if "datastore" in res and "targets" in res:
+        md = markdown(res)
+        (out / "bench_pipeline.md").write_text(md)
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
