@@ -66,6 +66,7 @@ class BenchSettings:
     decode_repeats: int = 3
     compile: bool = True
     seed: int = 0
+    budget_s: float = 450.0  # rows not started within this many seconds are skipped (and marked so)
 
     @classmethod
     def small_cpu(cls, **overrides) -> BenchSettings:
@@ -296,9 +297,8 @@ def _knn_generate(knn: KNN, ids: torch.Tensor, n: int, lmbda: float, sample: boo
     cache = DynamicCache()
     out, x = ids, ids
     for _ in range(n):
-        with knn.capture_keys(knn.base) as cap:
+        with knn.capture_keys(knn.base) as cap:  # (the DynamicCache is updated in place)
             res = knn.base(input_ids=x, use_cache=True, logits_to_keep=1, **{name: cache})
-        cache = getattr(res, name, None) or getattr(res, "past_key_values", cache)
         base_lp = torch.log_softmax(align_vocab(res.logits[:, -1], knn.vocab).float(), dim=-1)
         lp = mix_logprobs(base_lp, knn.knn_logprobs_full(cap.keys[:, -1]), lmbda)
         nxt = _sampler(lp, out) if sample else lp.argmax(-1)
@@ -380,7 +380,13 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
     lmbda = settings.lmbda
     rows: list[Row] = []
 
+    t_start = time.perf_counter()
+
     def measure(row: Row, what: str, fn: Callable[[], float]) -> float | None:
+        if time.perf_counter() - t_start > settings.budget_s:
+            if not (row.error or "").endswith("time budget"):
+                row.error = (row.error + "; " if row.error else "") + f"{what} and later skipped: time budget"
+            return None
         try:
             return fn()
         except Exception as e:  # record and go on: one failing method must not lose the others
@@ -660,7 +666,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
 def bench(device: str = "cuda", small: bool = False, dtype: str | None = None, base: str = "qwen2.5-1.5b",
           memory: str = "qwen2.5-0.5b", out: str = "runs/bench", compile: bool = True,
-          skip_knn: bool = False) -> dict[str, Any]:
+          skip_knn: bool = False, budget_s: float | None = None) -> dict[str, Any]:
     """The `memdec bench` command: run with GPU defaults (or `small` CPU ones) and write the files to `out`."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"bench: --device must be cuda or cpu, got {device!r}")
@@ -669,6 +675,10 @@ def bench(device: str = "cuda", small: bool = False, dtype: str | None = None, b
         overrides["dtype"] = dtype
     if skip_knn:
         overrides["knn_sizes"] = []
+    if budget_s is not None:
+        if not budget_s > 0:
+            raise ValueError(f"bench: --budget must be > 0 seconds, got {budget_s}")
+        overrides["budget_s"] = float(budget_s)
     if small:
         settings = BenchSettings.small_cpu(**overrides)
     else:

@@ -301,12 +301,14 @@ def _add_bench(sub) -> None:
     p.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile / CUDA graphs (plain torch)")
     p.add_argument("--skip-knn", action="store_true", help="leave out the kNN-LM rows")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="skip (and mark) measurements not started within this time (default: 450)")
 
     def run(args):
         from memdec.bench import bench
 
         bench(device=args.device, small=args.small, dtype=args.dtype, base=args.base, memory=args.memory,
-              out=args.out, compile=not args.no_compile, skip_knn=args.skip_knn)
+              out=args.out, compile=not args.no_compile, skip_knn=args.skip_knn, budget_s=args.budget)
 
     p.set_defaults(func=run)
 

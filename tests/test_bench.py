@@ -70,3 +70,15 @@ def test_bad_device_is_a_one_line_error(capsys):
     assert main(["bench", "--device", "cuda", "--small", "--out", "unused"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("memdec bench: error:") and "no GPU" in err and "\n" not in err
+
+
+def test_time_budget_skips_and_marks_rows(tmp_path):
+    from memdec.cli import main
+
+    out = tmp_path / "b"
+    assert main(["bench", "--device", "cpu", "--small", "--skip-knn", "--budget", "1e-9", "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert not any(r["method"].startswith("+kNN") for r in result["rows"])
+    for r in result["rows"]:
+        assert r["greedy_ms"] is None and r["error"].endswith("skipped: time budget")
+    assert "skipped: time budget" in (out / "bench.md").read_text()
