@@ -222,17 +222,18 @@ def _check_model(model, tok, init: str, window: int, vocab_from: int | None, wha
     check_window(model, window, f"init model {init}")
 
 
-def _open_targets(targets: str | os.PathLike, ds_manifest: dict, n_tokens: int):
+def _open_targets(targets: str | os.PathLike, ds) -> Any:
+    """Open a targets folder and check it was computed from datastore `ds` (one-line errors)."""
     from memdec.targets import Targets
 
     t = Targets.open(targets)
-    n_rows = int(t.manifest.get("n_rows", n_tokens - 1)) if hasattr(t, "manifest") else n_tokens - 1
-    if n_rows != n_tokens - 1:
-        raise ValueError(f"targets {targets}: {n_rows} rows, but the datastore has {n_tokens - 1} target positions")
-    sub = t.manifest.get("datastore", {}) if hasattr(t, "manifest") else {}
-    fp = sub.get("tokenizer_fingerprint") if isinstance(sub, dict) else None
-    if fp and fp != ds_manifest.get("tokenizer_fingerprint"):
-        raise ValueError(f"targets {targets}: built from a datastore with tokenizer {fp}, not {ds_manifest.get('tokenizer_fingerprint')}")
+    mine, theirs = t.manifest.get("datastore") or {}, ds.describe()
+    for key in ("tokenizer_fingerprint", "n_entries", "dim", "created"):
+        if key in mine and mine[key] != theirs.get(key):
+            raise ValueError(f"targets {targets}: computed from a datastore with {key} = {mine[key]}, "
+                             f"but datastore {ds.path} has {theirs.get(key)}")
+    if int(t.manifest["n_rows"]) != ds.n:
+        raise ValueError(f"targets {targets}: {t.manifest['n_rows']} rows, datastore {ds.path} has {ds.n}")
     return t
 
 
@@ -312,7 +313,7 @@ def train(
         window = int(window or ds_manifest.get("window") or 512)
         source = f"datastore {datastore}"
         if beta > 0:
-            knn = _open_targets(targets, ds_manifest, len(tokens))
+            knn = _open_targets(targets, ds)
     else:
         docs = list(texts) if texts is not None else load_texts(CorpusSpec.from_arg(corpus))
         tokens = tokenize(docs, tok, progress=progress and accelerator.is_main_process)

@@ -208,3 +208,82 @@ def test_changed_settings_do_not_resume_silently(tiny, texts, tmp_path):
     with pytest.raises(ValueError, match=r"unfinished run with other settings \(.*lr"):
         train(tiny["memory"], out, texts=texts["domain"], beta=0.0, window=32, steps=1)
     assert Path(partial_dir(out)).exists()
+
+
+# ------------------------------------------------------------------------- on a datastore's kNN targets
+
+
+@pytest.fixture(scope="module")
+def knn_store(tiny, texts, tmp_path_factory):
+    """A datastore of the tiny base over the domain fixture texts, and its exact kNN targets."""
+    from memdec.datastore import build_datastore
+    from memdec.targets import build_targets
+
+    root = tmp_path_factory.mktemp("knn")
+    ds = build_datastore(tiny["base"], texts["domain"], root / "ds", window=32, progress=False)
+    tg = build_targets(ds, out=root / "targets", k=8, temperature=4.0, progress=False)
+    return {"datastore": ds, "targets": tg, "root": root}
+
+
+def _dataset_loss(model_dir, store, beta=0.5, window=32):
+    """The training objective over every target position of the datastore (no gradient)."""
+    from transformers import AutoModelForCausalLM
+
+    from memdec.data import sliding_windows, window_batch
+    from memdec.datastore import Datastore
+    from memdec.targets import Targets
+
+    ds, tg = Datastore.open(store["datastore"]), Targets.open(store["targets"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total = n = 0.0
+    with torch.no_grad():
+        for w in sliding_windows(len(ds.tokens), window):
+            ids, attn, score = window_batch(np.array(ds.tokens), [w])
+            ki, kp = knn_batch(tg, [w])
+            loss, st = memdec_loss(model(input_ids=ids, attention_mask=attn).logits, ids, score, ki, kp, beta)
+            total += loss.item() * st["positions"]
+            n += st["positions"]
+    return total / n
+
+
+def test_memory_decoder_training_lowers_the_loss(tiny, knn_store, tmp_path):
+    from transformers import AutoTokenizer
+
+    from memdec.mixing import tokenizer_fingerprint
+
+    out = train(tiny["memory"], tmp_path / "md", datastore=knn_store["datastore"], targets=knn_store["targets"],
+                beta=0.5, steps=12, batch_size=4, lr=3e-3, lmbda=0.3, progress=False)
+    assert _dataset_loss(out, knn_store) < _dataset_loss(tiny["memory"], knn_store) - 0.1
+    meta = json.loads((out / "memdec.json").read_text())
+    assert meta["lmbda"] == 0.3 and meta["training"]["beta"] == 0.5
+    assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(AutoTokenizer.from_pretrained(out))
+    assert meta["datastore"]["n_entries"] == meta["datastore"]["n_tokens"] - 1
+    assert meta["datastore"]["tokenizer_fingerprint"] == meta["tokenizer_fingerprint"]
+
+
+def test_other_tokenizer_than_the_datastore(tiny, knn_store, tmp_path):
+    from memdec.mixing import TokenizerMismatchError
+
+    with pytest.raises(TokenizerMismatchError, match=r"differs from the one datastore .* was built with"):
+        train(tiny["other_tok_model"], tmp_path / "x", datastore=knn_store["datastore"],
+              targets=knn_store["targets"], steps=1)
+    assert not partial_dir(tmp_path / "x").exists()
+
+
+def test_targets_of_another_datastore(tiny, texts, knn_store, tmp_path):
+    from memdec.datastore import build_datastore
+
+    other = build_datastore(tiny["base"], texts["domain"][:3], tmp_path / "ds2", window=32, progress=False)
+    with pytest.raises(ValueError, match=r"targets .*: computed from a datastore with n_entries = \d+, but datastore"):
+        train(tiny["memory"], tmp_path / "x", datastore=other, targets=knn_store["targets"], steps=1)
+
+
+def test_window_longer_than_init_model_on_a_datastore(tiny, knn_store, tmp_path):
+    from transformers import AutoTokenizer
+
+    from memdec.tiny import save_model, tiny_model
+
+    tok = AutoTokenizer.from_pretrained(tiny["tok"])
+    short = save_model(tiny_model(tok, n_layer=1, hidden=16, n_head=2, max_positions=16), tok, tmp_path / "short")
+    with pytest.raises(ValueError, match=r"init model .*short: window 32 is longer than its context length 16"):
+        train(short, tmp_path / "x", datastore=knn_store["datastore"], targets=knn_store["targets"], steps=1)

@@ -1,0 +1,115 @@
+"""`memdec pipeline CONFIG.yaml`: corpus → datastore → index → kNN targets → Memory Decoder, in one go.
+
+The config (YAML, or a dict) names each stage's settings; every stage writes under `output` and is
+skipped when its complete output is already there, so a rerun after a kill picks up where it
+stopped (a stage interrupted half-way resumes from its own partial output):
+
+    output: runs/gpt2-wikitext103          # OUT/datastore, OUT/datastore/index-<backend>, OUT/targets, OUT/memdec
+    corpus: {dataset: wikitext, config: wikitext-103-raw-v1, split: train}   # or {path: my/files/}
+    base_model: gpt2-xl                    # builds the datastore (keys, values)
+    datastore: {window: 1024, stride: 512, batch_size: 8}
+    index: {backend: faiss-flat}           # + nlist / m / nbits / nprobe for faiss-ivfpq
+    targets: {k: 1024, temperature: 16}
+    train: {init: gpt2, beta: 0.5, steps: 10000, lr: 1.0e-3, batch_size: 8}
+
+Relative paths in a config file are taken relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from memdec.data import CorpusSpec
+from memdec.formats import is_complete, read_json
+
+SECTIONS = ("output", "corpus", "base_model", "datastore", "index", "targets", "train")
+STAGES = ("datastore", "index", "targets", "train")
+
+
+def load_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """The pipeline config as a dict, checked for missing/unknown sections (one-line errors)."""
+    if isinstance(config, dict):
+        cfg, where = dict(config), "pipeline config"
+    else:
+        import yaml
+
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"pipeline config {path}: no such file")
+        try:
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ValueError(f"pipeline config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        where = f"pipeline config {path}"
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    unknown = sorted(set(cfg) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{where}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+    for key in ("output", "corpus", "base_model", "train"):
+        if not cfg.get(key):
+            raise ValueError(f"{where}: missing section {key!r}")
+    for key in ("datastore", "index", "targets", "train"):
+        if cfg.get(key) is None:
+            cfg[key] = {}
+        if not isinstance(cfg[key], dict):
+            raise ValueError(f"{where}: section {key!r} must be a mapping, got {type(cfg[key]).__name__}")
+    if "init" not in cfg["train"]:
+        raise ValueError(f"{where}: section 'train' needs 'init' (the small LM the Memory Decoder starts from)")
+    return cfg
+
+
+def stage_paths(cfg: dict[str, Any]) -> dict[str, Path]:
+    """Where each stage's output lives."""
+    root = Path(cfg["output"])
+    backend = cfg["index"].get("backend", "torch")
+    return {"datastore": root / "datastore", "index": root / "datastore" / f"index-{backend}",
+            "targets": root / "targets", "train": root / "memdec"}
+
+
+def stage_complete(stage: str, path: Path) -> bool:
+    """True if `path` holds the finished output of `stage`."""
+    if stage == "train":
+        try:
+            return read_json(path / "memdec.json").get("format_version") == 1
+        except ValueError:
+            return False
+    return is_complete(path, stage)
+
+
+def run_pipeline(config: str | os.PathLike | dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Run every stage whose output is not complete yet; returns {"paths": {...}, "ran": [...], "skipped": [...]}."""
+    cfg = load_config(config)
+    paths = stage_paths(cfg)
+    Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
+    ran, skipped = [], []
+
+    def todo(stage: str) -> bool:
+        done = stage_complete(stage, paths[stage])
+        (skipped if done else ran).append(stage)
+        print(f"pipeline: {stage}: {'complete, skipped' if done else 'running'} ({paths[stage]})", flush=True)
+        return not done
+
+    if todo("datastore"):
+        from memdec.datastore import build_datastore
+
+        corpus = CorpusSpec.from_arg(cfg["corpus"])
+        build_datastore(cfg["base_model"], corpus, paths["datastore"], progress=progress, **cfg["datastore"])
+    if todo("index"):
+        from memdec.search import build_index
+
+        build_index(paths["datastore"], out=paths["index"], progress=progress, **cfg["index"])
+    if todo("targets"):
+        from memdec.targets import build_targets
+
+        backend = cfg["index"].get("backend", "torch")
+        build_targets(paths["datastore"], out=paths["targets"], backend=backend, progress=progress, **cfg["targets"])
+    if todo("train"):
+        from memdec.train import train
+
+        opts = dict(cfg["train"])
+        init = opts.pop("init")
+        train(init, paths["train"], datastore=paths["datastore"], targets=paths["targets"], progress=progress, **opts)
+    return {"paths": {k: str(v) for k, v in paths.items()}, "ran": ran, "skipped": skipped}
