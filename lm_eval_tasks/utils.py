@@ -175,7 +175,7 @@ def window_loglikelihood(lm: TemplateLM, requests: list[Instance], disable_tqdm:
         max_len = getattr(lm, "max_length", None)
         if max_len is not None and window - 1 > max_len:
             raise ValueError(f"{task}: window {window} needs {window - 1} input tokens, more than the model's "
-                             f"max_length {max_len}; set --metadata '{{\"window\": N, \"stride\": M}}'")
+                             f"max_length {max_len}; set --metadata '{{\"ppl_window\": N, \"ppl_stride\": M}}'")
         tokens = tokenize(texts, lm.tokenizer, progress=False)
         if len(tokens) < 2:
             raise ValueError(f"{task}: the documents have {len(tokens)} token(s); perplexity needs at least 2")
@@ -218,19 +218,25 @@ def _count_words(text: str) -> int:
 class SlidingPerplexityTask(ConfigurableTask):
     """Token perplexity (sliding windows), word perplexity and bits per byte of a corpus's "text" field.
 
-    Window and stride come from the task metadata (`window`, `stride`; defaults 1024 and 512, the
-    paper's setting), settable with `--metadata '{"window": 2048, "stride": 1024}'`.
+    Window and stride come from the task metadata (`ppl_window`, `ppl_stride`; defaults 1024 and 512,
+    the paper's setting), settable with `--metadata '{"ppl_window": 2048, "ppl_stride": 1024}'`. (Not
+    plain `window`/`stride`: lm-eval copies --model_args into the task metadata, and a model argument
+    such as incontext_rag's retrieval `stride` would land there.)
     """
 
     def __init__(self, config: dict | None = None, **kwargs) -> None:
         config = {k: v for k, v in (config or {}).items() if k != "class"}
         super().__init__(config=config, **kwargs)
         meta = self.config.metadata or {}
-        self.window = int(meta.get("window", 1024))
-        self.stride = int(meta.get("stride", self.window // 2))
+        try:
+            self.window = int(meta.get("ppl_window", 1024))
+            self.stride = int(meta.get("ppl_stride", self.window // 2))
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.config.task}: ppl_window and ppl_stride must be integers, got "
+                             f"{meta.get('ppl_window')!r}, {meta.get('ppl_stride')!r}") from None
         if self.window < 2 or not 1 <= self.stride <= self.window:
-            raise ValueError(f"{self.config.task}: window must be >= 2 and stride in [1, window]; got window "
-                             f"{self.window}, stride {self.stride}")
+            raise ValueError(f"{self.config.task}: ppl_window must be >= 2 and ppl_stride in [1, ppl_window]; got "
+                             f"{self.window}, {self.stride}")
         self.OUTPUT_TYPE = REQUEST_TYPE  # the request type lm-eval dispatches (and pads across ranks)
 
     def doc_to_text(self, doc, doc_to_text=None) -> str:

@@ -33,7 +33,7 @@ def evaluate(model: str, model_args: str, tasks: list[str], **metadata):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    meta = {"data_dir": str(FIXTURES), "window": WINDOW, "stride": STRIDE} | metadata
+    meta = {"data_dir": str(FIXTURES), "ppl_window": WINDOW, "ppl_stride": STRIDE} | metadata
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=meta)
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=tm,
                                    batch_size=4, device="cpu", log_samples=True)
@@ -113,7 +113,7 @@ def test_disjoint_windows_keep_one_token_of_context(tiny, model64):
     from memdec.scoring import perplexity, token_logprobs
 
     model, tok = model64
-    res = evaluate("hf", f"pretrained={tiny['base']},dtype=float64", ["memdec_law_ppl"], window=WINDOW, stride=WINDOW)
+    res = evaluate("hf", f"pretrained={tiny['base']},dtype=float64", ["memdec_law_ppl"], ppl_window=WINDOW, ppl_stride=WINDOW)
     tokens = tokenize([r["text"] for r in read_fixture("memdec_law_ppl")], tok, progress=False)
     expected = perplexity(token_logprobs(model, tokens, WINDOW, WINDOW))
     assert res["results"]["memdec_law_ppl"]["token_perplexity,none"] == pytest.approx(expected, rel=1e-9)
@@ -123,14 +123,19 @@ def test_bad_window_or_stride_is_an_error():
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
-                     metadata={"data_dir": str(FIXTURES), "window": 64, "stride": 65})
-    with pytest.raises(ValueError, match=r"memdec_law_ppl: window must be >= 2 and stride in \[1, window\]"):
+                     metadata={"data_dir": str(FIXTURES), "ppl_window": 64, "ppl_stride": 65})
+    with pytest.raises(ValueError, match=r"memdec_law_ppl: ppl_window must be >= 2 and ppl_stride in \[1, ppl_window\]"):
         tm.load(["memdec_law_ppl"])
+    # lm-eval copies --model_args into the metadata: a model's own `stride` (incontext_rag) is not ours
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
+                     metadata={"data_dir": str(FIXTURES), "pretrained": "x", "window": 8, "stride": 4})
+    task = tm.load(["memdec_law_ppl"])["tasks"]["memdec_law_ppl"]
+    assert (task.window, task.stride) == (1024, 512)
 
 
 def test_perplexity_window_longer_than_model_is_an_error(tiny):
     with pytest.raises(ValueError, match=r"memdec_law_ppl: window 1024 .* max_length 256"):
-        evaluate("hf", f"pretrained={tiny['base']}", ["memdec_law_ppl"], window=1024, stride=512)
+        evaluate("hf", f"pretrained={tiny['base']}", ["memdec_law_ppl"], ppl_window=1024, ppl_stride=512)
 
 
 # ---------------------------------------------------------------- zero-shot DC-PMI
@@ -335,7 +340,8 @@ def test_memdec_eval_command_runs_the_tasks(tiny, tmp_path, hf_results):
     pytest.importorskip("memdec.harness")
     # the command line copies pretrained= into the task metadata, which would keep only single-token label
     # words (the tiny tokenizer has none); all words are kept here to compare with hf_results
-    meta = json.dumps({"data_dir": str(FIXTURES), "window": WINDOW, "stride": STRIDE, "single_token_words": False})
+    meta = json.dumps({"data_dir": str(FIXTURES), "ppl_window": WINDOW, "ppl_stride": STRIDE,
+                       "single_token_words": False})
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from memdec.harness import cli_main; sys.exit(cli_main())", "run",
          "--model", "hf", "--model_args", f"pretrained={tiny['base']},dtype=float64", "--device", "cpu",
