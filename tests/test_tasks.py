@@ -274,14 +274,31 @@ def test_bad_local_data_errors_name_task_file_and_field(tmp_path, monkeypatch):
         load_task_data("memdec_mr", data_dir=str(tmp_path), **kw)
     with pytest.raises(ValueError, match=r"memdec_mr: no confirmed hub dataset.*data_dir.*memdec_mr\.jsonl"):
         load_task_data("memdec_mr", **kw)
-    # the environment variable works like --metadata data_dir; .parquet is read too
+    (tmp_path / "memdec_mr.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"memdec_mr: .*memdec_mr\.jsonl, line 2: not valid JSON"):
+        load_task_data("memdec_mr", data_dir=str(tmp_path), **kw)
+    # the environment variable works like --metadata data_dir; .json and .parquet are read too
     import pandas as pd
 
     (tmp_path / "memdec_mr.jsonl").unlink()
+    (tmp_path / "memdec_mr.json").write_text('[{"text": "a", "label": 0}, {"text": "b", "label": 1}]')
+    assert load_task_data("memdec_mr", data_dir=str(tmp_path), **kw)["test"]["text"] == ["a", "b"]
+    (tmp_path / "memdec_mr.json").unlink()
     pd.DataFrame({"text": ["a", "b"], "label": [0, 1], "extra": [1, 2]}).to_parquet(tmp_path / "memdec_mr.parquet")
     monkeypatch.setenv("MEMDEC_DATA_DIR", str(tmp_path))
     ds = load_task_data("memdec_mr", **kw)["test"]
     assert ds.column_names == ["text", "label"] and ds["label"] == [0, 1]
+
+
+def test_zero_shot_config_errors(tmp_path):
+    from lm_eval_tasks.utils import DCPMITask
+
+    base = {"task": "memdec_x", "metadata": {"prompt": "{text}", "domain_premise": " x", "label_field": "label"}}
+    with pytest.raises(ValueError, match=r"memdec_x: metadata has no 'label_words'"):
+        DCPMITask(config=base)
+    bad = {**base, "metadata": {**base["metadata"], "label_words": [[" a"], []]}}
+    with pytest.raises(ValueError, match=r"memdec_x: metadata 'label_words' must be"):
+        DCPMITask(config=bad)
 
 
 def test_missing_task_file_through_lm_eval(tiny, tmp_path):
