@@ -50,30 +50,37 @@ KILL_ENV = "MEMDEC_TEST_KILL_AFTER"  # tests: SIGKILL the process after this man
 
 @dataclass
 class Dist:
-    """This process's place among `accelerate launch` processes (one process when not launched)."""
+    """This process's place among `accelerate launch` / torchrun processes (one process when not launched)."""
 
     rank: int = 0
     world: int = 1
     device: torch.device | None = None
-    _state: Any = field(default=None, repr=False)
+    barrier: Any = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def wait(self) -> None:
-        if self._state is not None:
-            self._state.wait_for_everyone()
+        if self.barrier is not None:
+            self.barrier()
 
 
 def dist_state() -> Dist:
-    """The process layout: from accelerate when launched with several processes, else a single one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    """The process layout: accelerate's when launched with several processes (GPUs), else
+    torch.distributed over gloo (e.g. CPU processes under torchrun), else a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    from accelerate import PartialState
 
-        state = PartialState()
-        return Dist(state.process_index, state.num_processes, state.device, state)
-    return Dist()
+    state = PartialState()
+    if state.num_processes > 1:
+        return Dist(state.process_index, state.num_processes, state.device, state.wait_for_everyone)
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        td.init_process_group("gloo")
+    return Dist(td.get_rank(), td.get_world_size(), None, td.barrier)
 
 
 def resolve_device(device: str | torch.device | None, dist: Dist | None = None) -> torch.device:

@@ -163,3 +163,29 @@ def test_bad_settings_and_damaged_files(small_ds, tmp_path):
     with pytest.raises(FormatError, match="not complete"):
         (tmp_path / "half.partial").mkdir()
         Targets.open(tmp_path / "half")
+
+
+def test_two_processes_give_the_same_files_as_one(tiny, texts, tmp_path):
+    """torchrun with 2 CPU processes (gloo): shards/chunks split across processes, identical files."""
+    docs = tmp_path / "docs.json"
+    docs.write_text(json.dumps(texts["domain"][:8]))
+    ds_args = {"window": 64, "stride": 48, "batch_size": 3, "shard_rows": 700, "device": "cpu", "progress": False}
+    t_args = {"k": 6, "chunk_rows": 600, "device": "cpu", "progress": False}
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys\nfrom memdec.datastore import build_datastore\nfrom memdec.targets import build_targets\n"
+        f"out = sys.argv[1]\ndocs = json.load(open({str(docs)!r}))\n"
+        f"ds = build_datastore({tiny['base']!r}, docs, out + '/ds', **{ds_args!r})\n"
+        f"build_targets(ds, out + '/t', **{t_args!r})\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613", str(script)]
+    proc = subprocess.run([*cmd, str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    ds = build_datastore(tiny["base"], texts["domain"][:8], one / "ds", **ds_args)
+    build_targets(ds, one / "t", **t_args)
+    assert len(json.loads((one / "ds" / "manifest.json").read_text())["shards"]) >= 3
+    for sub in ("ds", "t"):
+        assert _files(tmp_path / "two" / sub) == _files(one / sub)
+        assert not Path(str(tmp_path / "two" / sub) + ".partial").exists()
