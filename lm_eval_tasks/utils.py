@@ -239,6 +239,14 @@ class SlidingPerplexityTask(ConfigurableTask):
                              f"{self.window}, {self.stride}")
         self.OUTPUT_TYPE = REQUEST_TYPE  # the request type lm-eval dispatches (and pads across ranks)
 
+    def download(self, dataset_kwargs: dict[str, Any] | None = None, **kwargs) -> None:
+        """As ConfigurableTask, then drop blank documents (as memdec.data.load_texts does)."""
+        super().download(dataset_kwargs, **kwargs)
+        for split in list(self.dataset):
+            self.dataset[split] = self.dataset[split].filter(lambda d: bool(d["text"] and d["text"].strip()))
+            if len(self.dataset[split]) == 0:
+                raise ValueError(f"{self.config.task}: no non-blank document in field 'text'")
+
     def doc_to_text(self, doc, doc_to_text=None) -> str:
         return ""
 

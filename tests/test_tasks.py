@@ -133,6 +133,19 @@ def test_bad_window_or_stride_is_an_error():
     assert (task.window, task.stride) == (1024, 512)
 
 
+def test_blank_documents_are_dropped(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    rows = [{"text": "first"}, {"text": "  \n"}, {"text": "second"}]
+    (tmp_path / "memdec_law_ppl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "memdec_bio_ppl.jsonl").write_text('{"text": ""}\n')
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"data_dir": str(tmp_path)})
+    task = tm.load(["memdec_law_ppl"])["tasks"]["memdec_law_ppl"]
+    assert [d["text"] for d in task.test_docs()] == ["first", "second"]
+    with pytest.raises(ValueError, match="memdec_bio_ppl: no non-blank document in field 'text'"):
+        tm.load(["memdec_bio_ppl"])
+
+
 def test_perplexity_window_longer_than_model_is_an_error(tiny):
     with pytest.raises(ValueError, match=r"memdec_law_ppl: window 1024 .* max_length 256"):
         evaluate("hf", f"pretrained={tiny['base']}", ["memdec_law_ppl"], ppl_window=1024, ppl_stride=512)
