@@ -87,7 +87,7 @@ def _evaluate(name: str, model: str, model_args: dict[str, Any], data_dir: Path,
 
     register_models()
     manager = TaskManager(include_path=[tasks_dir()], include_defaults=False,
-                          metadata={"data_dir": str(data_dir), "window": s.window, "stride": s.eval_stride})
+                          metadata={"data_dir": str(data_dir), "ppl_window": s.window, "ppl_stride": s.eval_stride})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[TASK], task_manager=manager,
                                      batch_size=16, device=device, log_samples=False, bootstrap_iters=0)

@@ -50,7 +50,7 @@ def load_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{where}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
     for key in ("output", "corpus", "base_model", "train"):
         if not cfg.get(key):
-            raise ValueError(f"{where}: missing section {key!r}")
+            raise ValueError(f"{where}: missing the {key!r} section")
     for key in ("datastore", "index", "targets", "train"):
         if cfg.get(key) is None:
             cfg[key] = {}
