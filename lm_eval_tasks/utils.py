@@ -163,19 +163,20 @@ def window_loglikelihood(lm: TemplateLM, requests: list[Instance], disable_tqdm:
     """
     from memdec.data import sliding_windows, tokenize
 
-    groups: dict[tuple, dict[int, tuple[int, str]]] = defaultdict(dict)
-    for i, req in enumerate(requests):
-        text, window, stride = req.args
-        groups[(req.task_name, int(window), int(stride))].setdefault(req.doc_id, (i, text))
-    out: list[tuple[float, int] | None] = [None] * len(requests)
-    by_key = {(req.task_name, int(req.args[1]), int(req.args[2]), req.doc_id): i for i, req in enumerate(requests)}
-    for (task, window, stride), docs in groups.items():
-        doc_ids = sorted(docs)
-        texts = [docs[d][1] for d in doc_ids]
-        max_len = getattr(lm, "max_length", None)
+    def key(req: Instance) -> tuple:
+        return req.task_name, int(req.args[1]), int(req.args[2])
+
+    streams: dict[tuple, dict[int, str]] = defaultdict(dict)  # (task, window, stride) -> doc_id -> text
+    for req in requests:
+        streams[key(req)][req.doc_id] = req.args[0]
+    answers: dict[tuple, tuple[float, int]] = {}  # (task, window, stride, doc_id) -> (log-likelihood, n)
+    max_len = getattr(lm, "max_length", None)
+    for (task, window, stride), docs in streams.items():
         if max_len is not None and window - 1 > max_len:
             raise ValueError(f"{task}: window {window} needs {window - 1} input tokens, more than the model's "
                              f"max_length {max_len}; set --metadata '{{\"ppl_window\": N, \"ppl_stride\": M}}'")
+        doc_ids = sorted(docs)
+        texts = [docs[d] for d in doc_ids]
         tokens = tokenize(texts, lm.tokenizer, progress=False)
         if len(tokens) < 2:
             raise ValueError(f"{task}: the documents have {len(tokens)} token(s); perplexity needs at least 2")
@@ -194,17 +195,12 @@ def window_loglikelihood(lm: TemplateLM, requests: list[Instance], disable_tqdm:
         ll = np.zeros(len(doc_ids))
         n = np.zeros(len(doc_ids), dtype=np.int64)
         for w, (logprob, _) in zip(windows, scores, strict=True):
-            k = int(np.searchsorted(ends, w.end - 1, side="right"))  # document holding the window's last token
-            k = min(k, len(doc_ids) - 1)
+            k = min(int(np.searchsorted(ends, w.end - 1, side="right")), len(doc_ids) - 1)  # holds the last token
             ll[k] += logprob
             n[k] += w.n_scored
         for k, d in enumerate(doc_ids):
-            out[by_key[(task, window, stride, d)]] = (float(ll[k]), int(n[k]))
-    for i, req in enumerate(requests):  # repeated requests share their document's answer
-        if out[i] is None:
-            j = by_key[(req.task_name, int(req.args[1]), int(req.args[2]), req.doc_id)]
-            out[i] = out[j]
-    return out  # type: ignore[return-value]
+            answers[(task, window, stride, d)] = (float(ll[k]), int(n[k]))
+    return [answers[(*key(req), req.doc_id)] for req in requests]
 
 
 if not hasattr(TemplateLM, REQUEST_TYPE):
