@@ -4,7 +4,7 @@
   when a data directory is given (`--metadata '{"data_dir": DIR}'` or the `MEMDEC_DATA_DIR` environment
   variable), otherwise its confirmed hub dataset; a task without one needs the local file.
 - `SlidingPerplexityTask`: token-level perplexity over the documents concatenated into one token stream
-  (memdec.data.tokenize: EOS between documents), windows of `window` tokens every `stride` tokens
+  (memdec.data.tokenize: EOS between documents), windows of `ppl_window` tokens every `ppl_stride` tokens
   (memdec.data.sliding_windows), each window scoring only its new tokens; plus word perplexity and
   bits per byte. Its requests are of the type `memdec_window_loglikelihood`, which this module adds to
   lm-eval's `TemplateLM` (so `--model hf`, `--model memdec` and every HFLM subclass answer it): the
