@@ -76,6 +76,8 @@ class TorchIndex:
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.half = self.cuda if half is None else half  # float16 candidates + exact float32 re-ranking
         self.datastore = keys if isinstance(keys, Datastore) else None
         if self.datastore is None:
@@ -97,6 +99,7 @@ class TorchIndex:
         self._keys: torch.Tensor | None = None
         if self._mem is not None and self._mem.device == self.device and self._mem.dtype == self._key_dtype:
             self._keys = self._mem  # already where and how it is searched: no copy
+            self.resident = True
         elif resident:
             self._keys = torch.empty((self.n, self.dim), dtype=self._key_dtype, device=self.device)
             for start in range(0, self.n, self.chunk_rows):

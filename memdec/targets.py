@@ -147,8 +147,9 @@ def build_targets(
     dist = dist_state()
     dev = resolve_device(device, dist)
     batch_size = batch_size or (1024 if dev.type == "cuda" else 256)
+    described = ds.describe()
     plan = {"k": k, "temperature": temperature, "backend": backend, "chunk_rows": chunk_rows,
-            "datastore": ds.describe()}
+            "datastore": {key: v for key, v in described.items() if key != "path"}}
     tmp = prepare_partial(out, plan, overwrite, dist)
 
     chunks = [(c, a, min(a + chunk_rows, ds.n)) for c, a in enumerate(range(0, ds.n, chunk_rows))]
@@ -212,7 +213,7 @@ def _merge(tmp: Path, chunks: list[tuple[int, int, int]], ds: Datastore, plan: d
         os.replace(tmp / f"{name}.npy.tmp.npy", tmp / f"{name}.npy")
     save_npy(tmp / "offsets.npy", offsets)
     write_manifest(tmp, KIND, k=plan["k"], temperature=plan["temperature"], backend=plan["backend"],
-                   n_rows=ds.n, nnz=nnz, datastore=plan["datastore"])
+                   n_rows=ds.n, nnz=nnz, datastore={**plan["datastore"], "path": str(ds.path)})
     for c, _, _ in chunks:
         for name in ("counts", "ids", "probs"):
             _part(tmp, c, name).unlink()
