@@ -1,0 +1,771 @@
+"""The Memory Decoder paper's experiments at small scale on the offline corpora, in one command (issue 8).
+
+    python reports/offline_reproduction/run.py --run RUN_DIR --out OUT_DIR [--small] [--config config.yaml]
+
+Steps (each skipped when its output is complete, so a rerun after a kill or a timeout resumes):
+
+1. data      capped copies of the corpora (RUN/data/NAME/SPLIT.jsonl) and the test splits as the
+             lm-eval tasks' local files (RUN/eval_data/memdec_{bio,finance,law,general}_ppl.jsonl)
+2. tokenizer one byte-level BPE on general + domain train text (memdec.tiny.train_tokenizer)
+3. init      random GPT-2 models of three sizes (memdec.tiny.tiny_model), RUN/init/BASE
+4. pretrain  each base on general/train (memdec.train.train, beta = 0), RUN/models/BASE
+5. domain    per domain: a datastore per base (memdec.datastore), kNN targets from the largest base's
+             (memdec.targets), a Memory Decoder from the smallest base (memdec.train), lmbda on valid
+             (memdec.tune.tune_lambda, largest base), DAPT and LoRA (--match-params) per base
+             (baselines.dapt / baselines.lora); then memdec-eval (in process) of every base x method on
+             the domain's test split and on general/test: +MemDec, +kNN-LM, +In-Context RAG, +DAPT, +LoRA
+6. eval      every base alone on the three domain tests and general/test
+7. report    `memdec report` over RUN/results (RUN/report/report.md, .csv, .png) and RUN/report/results.md
+             (card, stage times, lmbda, tables, the paper's claims checked against the numbers)
+8. bundle    OUT/: results.tar.gz (lm-eval JSONs, tune-lambda curves), report.md/.csv/_size.png,
+             results.md, times.json, logs.tar.gz
+
+Steps 4 and 5-6 run as parallel worker processes (this script with --job), spread over the GPUs found
+(CUDA_VISIBLE_DEVICES per worker); without a GPU, or with --serial, they run one after another in
+this process. Stage wall times go to RUN/times/JOB.json and OUT/times.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from memdec.formats import is_complete, read_json, write_json  # noqa: E402
+
+TASKS = {"bio": "memdec_bio_ppl", "finance": "memdec_finance_ppl", "law": "memdec_law_ppl",
+         "general": "memdec_general_ppl"}
+METHODS = ("memdec", "knnlm", "rag", "dapt", "lora")
+SPLITS = ("train", "valid", "test")
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "bases":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(path: str | os.PathLike, small: bool = False, corpora: str | None = None) -> dict[str, Any]:
+    """The run's config: config.yaml, with its `small:` overrides when `small`; corpora path resolved."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path}: no such file")
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    over = cfg.pop("small", {}) or {}
+    if small:
+        cfg = _merge(cfg, over)
+    if corpora:
+        cfg["corpora"] = corpora
+    root = Path(cfg["corpora"])
+    cfg["corpora"] = str(root if root.is_absolute() else (ROOT / root))
+    for key in ("bases", "domains", "pretrain", "datastore", "targets", "memdec", "dapt", "lora", "knnlm", "rag",
+                "eval", "tokenizer", "data", "tune"):
+        if key not in cfg:
+            raise ValueError(f"config {path}: missing section {key!r}")
+    if len(cfg["bases"]) < 1:
+        raise ValueError(f"config {path}: 'bases' is empty")
+    unknown = [d for d in cfg["domains"] if d not in TASKS or d == "general"]
+    if unknown:
+        raise ValueError(f"config {path}: unknown domain(s) {unknown} (known: bio, finance, law)")
+    return cfg
+
+
+class Paths:
+    """Where everything lives below the run folder."""
+
+    def __init__(self, run: str | os.PathLike, cfg: dict[str, Any]):
+        self.run = Path(run)
+        self.cfg = cfg
+        self.bases = list(cfg["bases"])
+        self.smallest, self.largest = self.bases[0], self.bases[-1]
+
+    def corpus(self, name: str, split: str) -> Path:
+        return self.run / "data" / f"{name}-{split}.jsonl"  # file names tell the domains apart in reports
+
+    @property
+    def eval_data(self) -> Path:
+        return self.run / "eval_data"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.run / "tokenizer"
+
+    def init(self, base: str) -> Path:
+        return self.run / "init" / base
+
+    def model(self, base: str) -> Path:
+        return self.run / "models" / base
+
+    def domain(self, dom: str) -> Path:
+        return self.run / "domains" / dom
+
+    def datastore(self, dom: str, base: str) -> Path:
+        return self.domain(dom) / f"datastore-{dom}-{base}"
+
+    def targets(self, dom: str) -> Path:
+        return self.domain(dom) / "targets"
+
+    def memdec(self, dom: str) -> Path:
+        return self.domain(dom) / f"memdec-{dom}"
+
+    def dapt(self, dom: str, base: str) -> Path:
+        return self.domain(dom) / f"dapt-{dom}-{base}"
+
+    def lora(self, dom: str, base: str) -> Path:
+        return self.domain(dom) / f"lora-{dom}-{base}"
+
+    @property
+    def results(self) -> Path:
+        return self.run / "results"
+
+    @property
+    def times(self) -> Path:
+        return self.run / "times"
+
+
+# ------------------------------------------------------------------------------------- stage timing
+
+
+class Stages:
+    """Runs named stages, skipping complete ones, and records their wall time in RUN/times/JOB.json."""
+
+    def __init__(self, paths: Paths, job: str):
+        self.job = job
+        self.file = paths.times / f"{job.replace(':', '-')}.json"
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.data: dict[str, Any] = read_json(self.file) if self.file.exists() else {}
+
+    def __call__(self, name: str, done: bool, fn: Callable[[], Any]) -> None:
+        if done:
+            print(f"[{self.job}] {name}: complete, skipped", flush=True)
+            before = self.data.get(name, {})
+            rec = {"status": "skipped", **({"seconds": before["seconds"]} if "seconds" in before else {})}
+        else:
+            print(f"[{self.job}] {name}: running", flush=True)
+            t0 = time.perf_counter()
+            fn()
+            rec = {"status": "ran", "seconds": round(time.perf_counter() - t0, 2)}
+            print(f"[{self.job}] {name}: done in {rec['seconds']:.1f} s", flush=True)
+        self.data[name] = rec
+        write_json(self.file, self.data)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def _source(cfg: dict, name: str, split: str) -> Path:
+    root = Path(cfg["corpora"]) / name
+    for suffix in (".jsonl.gz", ".jsonl"):
+        if (root / f"{split}{suffix}").is_file():
+            return root / f"{split}{suffix}"
+    raise FileNotFoundError(f"corpus {root}/{split}.jsonl.gz: no such file (stage the corpora with stage_inputs.sh)")
+
+
+def read_capped(path: Path, max_chars: int | None) -> list[str]:
+    """The documents of a corpus file, in order, until `max_chars` characters (at least one document)."""
+    from memdec.data import CorpusSpec, load_texts
+
+    texts = load_texts(CorpusSpec(path=str(path)))
+    if max_chars is None:
+        return texts
+    out, total = [], 0
+    for t in texts:
+        if out and total + len(t) > max_chars:
+            break
+        out.append(t[: max(1, int(max_chars))] if not out else t)
+        total += len(out[-1])
+    return out
+
+
+def _write_jsonl(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_data(cfg: dict, paths: Paths) -> None:
+    """Capped corpus copies and the lm-eval tasks' local test files; a DONE marker holds the settings."""
+    d = cfg["data"]
+    caps = {"train": None, "valid": d["valid_chars"], "test": d["test_chars"]}
+    stats = {}
+    for name in ["general", *cfg["domains"]]:
+        for split in SPLITS:
+            cap = (d["general_train_chars"] if name == "general" else d["domain_train_chars"]) \
+                if split == "train" else caps[split]
+            texts = read_capped(_source(cfg, name, split), cap)
+            _write_jsonl(paths.corpus(name, split), texts)
+            if split == "test":
+                _write_jsonl(paths.eval_data / f"{TASKS[name]}.jsonl", texts)
+            stats[f"{name}/{split}"] = {"docs": len(texts), "chars": sum(map(len, texts))}
+    write_json(paths.run / "data" / "DONE.json", {"settings": _data_settings(cfg), "stats": stats})
+
+
+def _data_settings(cfg: dict) -> dict:
+    return {"corpora": cfg["corpora"], "domains": cfg["domains"], **cfg["data"]}
+
+
+def data_done(cfg: dict, paths: Paths) -> bool:
+    marker = paths.run / "data" / "DONE.json"
+    return marker.exists() and read_json(marker).get("settings") == json.loads(json.dumps(_data_settings(cfg)))
+
+
+def train_tokenizer(cfg: dict, paths: Paths) -> None:
+    from memdec.tiny import train_tokenizer as train_bpe
+
+    t = cfg["tokenizer"]
+    texts = read_capped(paths.corpus("general", "train"), t["general_chars"])
+    for dom in cfg["domains"]:
+        texts += read_capped(paths.corpus(dom, "train"), t["domain_chars"])
+    tok = train_bpe(texts, vocab_size=int(t["vocab_size"]), name="memdec-offline-bpe")
+    _save_atomic(paths.tokenizer, tok.save_pretrained)
+
+
+def _save_atomic(final: Path, save: Callable[[str], Any]) -> None:
+    import shutil
+
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def init_bases(cfg: dict, paths: Paths) -> None:
+    """Randomly initialised GPT-2 models of each size, sharing the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from memdec.tiny import save_model, tiny_model
+
+    tok = AutoTokenizer.from_pretrained(str(paths.tokenizer))
+    for i, (name, b) in enumerate(cfg["bases"].items()):
+        if (paths.init(name) / "config.json").exists():
+            continue
+        model = tiny_model(tok, "gpt2", n_layer=b["n_layer"], hidden=b["hidden"], n_head=b["n_head"],
+                           max_positions=cfg["context"], seed=cfg["seed"] + i)
+        _save_atomic(paths.init(name), lambda p, m=model: save_model(m, tok, p))
+
+
+def _trained(path: Path) -> bool:
+    return (path / "memdec.json").exists()
+
+
+def _train_length(section: dict) -> dict:
+    return {"steps": section["steps"]} if section.get("steps") else {"epochs": float(section.get("epochs", 1))}
+
+
+# ------------------------------------------------------------------------------------------- jobs
+
+
+def job_pretrain(cfg: dict, paths: Paths, base: str) -> None:
+    from memdec.train import train
+
+    st = Stages(paths, f"pretrain:{base}")
+    p, b = cfg["pretrain"], cfg["bases"][base]
+
+    def run():
+        train(paths.init(base), paths.model(base), corpus=str(paths.corpus("general", "train")), beta=0.0,
+              window=cfg["context"], stride=cfg["context"], steps=int(p["steps"]), batch_size=int(p["batch_size"]),
+              lr=float(b["lr"]), warmup=float(p.get("warmup", 0.05)), weight_decay=float(p.get("weight_decay", 0.01)),
+              save_every=int(p.get("save_every", 200)), seed=cfg["seed"], progress=_progress())
+
+    st("pretrain", _trained(paths.model(base)), run)
+
+
+def job_domain(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...] = METHODS) -> None:
+    """Everything of one domain: datastores, targets, Memory Decoder, lmbda, DAPT, LoRA, then its evaluations."""
+    from memdec.data import CorpusSpec
+
+    st = Stages(paths, f"domain:{dom}")
+    methods = tuple(m for m in methods if m != "base")
+    train_file = str(paths.corpus(dom, "train"))
+    dev = _device()
+    ds_cfg = cfg["datastore"]
+
+    for base in paths.bases:
+        if base != paths.largest and "knnlm" not in methods:
+            continue
+
+        def build(base=base):
+            from memdec.datastore import build_datastore
+
+            build_datastore(str(paths.model(base)), CorpusSpec(path=train_file), paths.datastore(dom, base),
+                            window=int(ds_cfg["window"]), stride=int(ds_cfg["stride"]),
+                            batch_size=int(ds_cfg["batch_size"]), dtype="float32", device=dev, progress=_progress())
+
+        st(f"datastore:{base}", is_complete(paths.datastore(dom, base), "datastore"), build)
+
+    def targets():
+        from memdec.targets import build_targets
+
+        build_targets(paths.datastore(dom, paths.largest), out=paths.targets(dom), k=int(cfg["targets"]["k"]),
+                      temperature=float(cfg["targets"]["temperature"]), backend="torch", device=dev,
+                      progress=_progress())
+
+    st("targets", is_complete(paths.targets(dom), "targets"), targets)
+
+    def memdec():
+        from memdec.train import train
+
+        m = cfg["memdec"]
+        train(paths.model(paths.smallest), paths.memdec(dom), datastore=paths.datastore(dom, paths.largest),
+              targets=paths.targets(dom), beta=float(m["beta"]), batch_size=int(m["batch_size"]), lr=float(m["lr"]),
+              seed=cfg["seed"], save_every=int(m.get("save_every", 200)), progress=_progress(), **_train_length(m))
+
+    st("memdec", _trained(paths.memdec(dom)), memdec)
+
+    def tune():
+        from memdec.tune import tune_lambda
+
+        e = cfg["eval"]
+        out = paths.results / dom
+        out.mkdir(parents=True, exist_ok=True)
+        r = tune_lambda(str(paths.model(paths.largest)), str(paths.memdec(dom)), str(paths.corpus(dom, "valid")),
+                        window=int(e["window"]), stride=int(e["stride"]), grid=cfg["tune"]["grid"],
+                        batch_size=int(e["batch_size"]), write=True, plot=out / "tune_lambda.png", device=dev,
+                        progress=_progress())
+        write_json(out / "tune_lambda.json", {"domain": dom, "base": paths.largest, "best_lmbda": r.best_lmbda,
+                                              "best_perplexity": r.best_perplexity, "grid": r.grid,
+                                              "perplexities": r.perplexities, "n_tokens": r.n_tokens,
+                                              "window": r.window, "stride": r.stride})
+
+    st("tune-lambda", "lmbda_tuning" in read_json(paths.memdec(dom) / "memdec.json")
+       and (paths.results / dom / "tune_lambda.json").exists(), tune)
+
+    for base in paths.bases:
+        if "dapt" in methods:
+            def dapt(base=base):
+                from baselines.dapt import dapt as run_dapt
+
+                d = cfg["dapt"]
+                run_dapt(str(paths.model(base)), paths.dapt(dom, base), corpus=train_file, lr=float(d["lr"]),
+                         window=cfg["context"], batch_size=int(d["batch_size"]), seed=cfg["seed"],
+                         save_every=int(d.get("save_every", 200)), progress=_progress(), **_train_length(d))
+
+            st(f"dapt:{base}", (paths.dapt(dom, base) / "baseline.json").exists(), dapt)
+        if "lora" in methods:
+            def lora(base=base):
+                from baselines.lora import lora as run_lora
+
+                c = cfg["lora"]
+                run_lora(str(paths.model(base)), paths.lora(dom, base), corpus=train_file,
+                         match_params=str(paths.memdec(dom)), lr=float(c["lr"]), window=cfg["context"],
+                         batch_size=int(c["batch_size"]), seed=cfg["seed"], save_every=int(c.get("save_every", 200)),
+                         progress=_progress(), **_train_length(c))
+
+            st(f"lora:{base}", (paths.lora(dom, base) / "baseline.json").exists(), lora)
+
+    for base in paths.bases:
+        for method in methods:
+            model, args = eval_model(cfg, paths, dom, base, method)
+            name = f"{base}__{method}"
+            st(f"eval:{name}", eval_done(paths, dom, name),
+               lambda model=model, args=args, name=name, base=base, method=method: run_eval(
+                   cfg, paths, dom, name, model, args, [TASKS[dom], TASKS["general"]],
+                   {"method": method, "base": base, "domain": dom}))
+
+
+def eval_model(cfg: dict, paths: Paths, dom: str, base: str, method: str) -> tuple[str, dict[str, Any]]:
+    """(lm-eval model name, model_args) of one base x method for domain `dom`."""
+    b = str(paths.model(base))
+    if method == "base":
+        return "hf", {"pretrained": b}
+    if method == "memdec":
+        return "memdec", {"pretrained": b, "memory": str(paths.memdec(dom))}
+    if method == "knnlm":
+        k = cfg["knnlm"]
+        return "knnlm", {"pretrained": b, "datastore": str(paths.datastore(dom, base)), "k": int(k["k"]),
+                         "lmbda": float(k["lmbda"]), "temperature": float(k["temperature"]), "backend": "torch"}
+    if method == "rag":
+        r = cfg["rag"]
+        return "incontext_rag", {"pretrained": b, "corpus": str(paths.corpus(dom, "train")), "stride": int(r["stride"]),
+                                 "query_tokens": int(r["query_tokens"]), "max_doc_tokens": int(r["max_doc_tokens"])}
+    if method == "dapt":
+        return "hf", {"pretrained": str(paths.dapt(dom, base))}
+    if method == "lora":
+        return "hf", {"pretrained": b, "peft": str(paths.lora(dom, base))}
+    raise ValueError(f"unknown method {method!r} (known: base, {', '.join(METHODS)})")
+
+
+def eval_done(paths: Paths, group: str, name: str) -> bool:
+    return any((paths.results / group).glob(f"{name}_*.json"))
+
+
+def run_eval(cfg: dict, paths: Paths, group: str, name: str, model: str, model_args: dict[str, Any],
+             tasks: list[str], metadata: dict[str, Any]) -> None:
+    """One `memdec-eval` run (in this process) writing RUN/results/GROUP/NAME_<date>.json."""
+    import gc
+
+    import torch
+
+    from memdec.harness import cli_main
+
+    e = cfg["eval"]
+    os.environ["MEMDEC_DATA_DIR"] = str(paths.eval_data)
+    os.environ["MEMDEC_CACHE"] = str(paths.run / "cache")
+    (paths.results / group).mkdir(parents=True, exist_ok=True)
+    # the tasks read ppl_window/ppl_stride (older versions: window/stride)
+    w, s = int(e["window"]), int(e["stride"])
+    meta = {**metadata, "ppl_window": w, "ppl_stride": s, "window": w, "stride": s}
+    argv = ["run", "--model", model, "--model_args", ",".join(f"{k}={v}" for k, v in model_args.items()),
+            "--tasks", ",".join(tasks), "--include_path", str(HERE / "tasks"), "--device", _device(),
+            "--batch_size", str(e["batch_size"]), "--metadata", json.dumps(meta),
+            "--output_path", str(paths.results / group / f"{name}.json")]
+    rc = cli_main(argv)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if rc != 0 or not eval_done(paths, group, name):
+        raise RuntimeError(f"memdec-eval {' '.join(argv)} failed (exit {rc})")
+
+
+def job_eval_bases(cfg: dict, paths: Paths) -> None:
+    st = Stages(paths, "eval:bases")
+    tasks = [TASKS[d] for d in cfg["domains"]] + [TASKS["general"]]
+    for base in paths.bases:
+        model, args = eval_model(cfg, paths, "", base, "base")
+        st(f"eval:{base}__base", eval_done(paths, "base", f"{base}__base"),
+           lambda model=model, args=args, base=base: run_eval(cfg, paths, "base", f"{base}__base", model, args,
+                                                              tasks, {"method": "base", "base": base}))
+
+
+# ------------------------------------------------------------------------------------ orchestration
+
+
+def _weights(cfg: dict, kind: str, names: list[str]) -> dict[str, float]:
+    if kind == "pretrain":
+        return {n: cfg["bases"][n]["n_layer"] * cfg["bases"][n]["hidden"] ** 2 + 1.0 for n in names}
+    return {n: {"bio": 3.0, "law": 2.0, "finance": 1.5}.get(n, 0.5) for n in names}
+
+
+def assign_gpus(weights: dict[str, float], n_gpus: int) -> dict[str, int]:
+    """Greedy: heaviest job first, onto the least loaded GPU."""
+    load = [0.0] * max(1, n_gpus)
+    out = {}
+    for name, w in sorted(weights.items(), key=lambda kv: -kv[1]):
+        g = min(range(len(load)), key=lambda i: load[i])
+        out[name] = g
+        load[g] += w
+    return out
+
+
+def run_jobs(args, cfg: dict, paths: Paths, jobs: list[str], n_gpus: int, serial: bool) -> list[str]:
+    """Run jobs ("pretrain:BASE", "domain:DOM", "eval:bases"); returns the failed ones."""
+    failed = []
+    if serial:
+        for job in jobs:
+            try:
+                run_job(cfg, paths, job, tuple(args.methods))
+            except Exception as e:  # keep going: the report shows what finished
+                print(f"[{job}] FAILED: {type(e).__name__}: {e}", flush=True)
+                failed.append(job)
+        return failed
+    kinds = {j: j.split(":")[0] for j in jobs}
+    weights = {}
+    for kind in set(kinds.values()):
+        names = [j.split(":", 1)[1] for j in jobs if kinds[j] == kind]
+        weights.update({f"{kind}:{n}": w for n, w in _weights(cfg, kind, names).items()})
+    gpus = assign_gpus(weights, n_gpus)
+    threads = max(1, (os.cpu_count() or 2) // max(1, len(jobs)))
+    logs = paths.run / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for job in jobs:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpus[job]), OMP_NUM_THREADS=str(threads),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                   TOKENIZERS_PARALLELISM="true" if job.startswith("pretrain") else "false")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--config", str(args.config), "--run", str(paths.run),
+               "--job", job, "--methods", *args.methods] + (["--small"] if args.small else []) + \
+              (["--corpora", args.corpora] if args.corpora else []) + \
+              (["--domains", *args.domains] if args.domains else [])
+        log = open(logs / f"{job.replace(':', '-')}.log", "a", encoding="utf-8")
+        print(f"started {job} on GPU {gpus[job]} (log {log.name})", flush=True)
+        procs[job] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT)), log)
+    for job, (proc, log) in procs.items():
+        rc = proc.wait()
+        log.close()
+        if rc != 0:
+            failed.append(job)
+            tail = Path(log.name).read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+            print(f"[{job}] FAILED (exit {rc}); last lines of {log.name}:\n" + "\n".join(tail), flush=True)
+        else:
+            print(f"finished {job}", flush=True)
+    return failed
+
+
+def run_job(cfg: dict, paths: Paths, job: str, methods: tuple[str, ...]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for the float32 evaluations
+    kind, _, name = job.partition(":")
+    if kind == "pretrain":
+        job_pretrain(cfg, paths, name)
+    elif kind == "domain":
+        job_domain(cfg, paths, name, methods)
+    elif job == "eval:bases":
+        job_eval_bases(cfg, paths)
+    else:
+        raise ValueError(f"unknown job {job!r}")
+
+
+def _gpu_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"torch": torch.__version__, "n_gpus": torch.cuda.device_count()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def orchestrate(args, cfg: dict, paths: Paths) -> int:
+    paths.run.mkdir(parents=True, exist_ok=True)
+    (paths.run / "run.pid").write_text(str(os.getpid()))  # run_gpu.sh follows this process
+    t_start = time.perf_counter()
+    info = _gpu_info()
+    serial = args.serial or (info["n_gpus"] == 0 and not args.parallel)
+    phases: dict[str, float] = {}
+    st = Stages(paths, "setup")
+    t0 = time.perf_counter()
+    st("data", data_done(cfg, paths), lambda: prepare_data(cfg, paths))
+    st("tokenizer", (paths.tokenizer / "tokenizer.json").exists(), lambda: train_tokenizer(cfg, paths))
+    st("init", all((paths.init(b) / "config.json").exists() for b in paths.bases), lambda: init_bases(cfg, paths))
+    phases["setup"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    failed = run_jobs(args, cfg, paths, [f"pretrain:{b}" for b in paths.bases], info["n_gpus"], serial)
+    phases["pretrain"] = time.perf_counter() - t0
+    if not failed:
+        t0 = time.perf_counter()
+        jobs = [f"domain:{d}" for d in cfg["domains"]] + (["eval:bases"] if "base" in args.methods else [])
+        failed += run_jobs(args, cfg, paths, jobs, info["n_gpus"], serial)
+        phases["domains_and_eval"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    write_times(paths, info, phases, time.perf_counter() - t_start)
+    try:
+        make_report(cfg, paths, info)
+    except ValueError as e:
+        print(f"report: {e}", flush=True)
+        failed.append("report")
+    phases["report"] = time.perf_counter() - t0
+    write_times(paths, info, phases, time.perf_counter() - t_start)
+    if args.out:
+        bundle(paths, Path(args.out))
+    print(f"total wall time {time.perf_counter() - t_start:.1f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def write_times(paths: Paths, info: dict, phases: dict[str, float], total: float) -> None:
+    jobs = {f.stem: read_json(f) for f in sorted(paths.times.glob("*.json"))} if paths.times.exists() else {}
+    write_json(paths.run / "times.json", {"device": info, "phases_s": {k: round(v, 1) for k, v in phases.items()},
+                                          "total_s": round(total, 1), "jobs": jobs})
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def make_report(cfg: dict, paths: Paths, info: dict | None = None) -> Path:
+    """`memdec report` over RUN/results, then RUN/report/results.md (card, times, lmbda, tables, claims)."""
+    from reports.load import load_results
+    from reports.report import write_report
+
+    out = paths.run / "report"
+    written = write_report([paths.results], out / "report")
+    df = load_results([paths.results])
+    times = read_json(paths.run / "times.json") if (paths.run / "times.json").exists() else {}
+    lines = ["# Offline reproduction: results", ""]
+    dev = (info or times.get("device") or {})
+    lines += [f"Card: {', '.join(dev.get('gpus', []) or ['CPU'])} ({dev.get('n_gpus', 0)} GPU(s)); torch "
+              f"{dev.get('torch', '?')}, transformers {dev.get('transformers', '?')}. Total wall time "
+              f"{times.get('total_s', '?')} s.", ""]
+    lines += ["## Models", "", "| model | layers | hidden | parameters |", "|---|---|---|---|"]
+    for base in paths.bases:
+        b = cfg["bases"][base]
+        lines.append(f"| {base} | {b['n_layer']} | {b['hidden']} | {_n_params(paths.model(base))} |")
+    lines.append("")
+    marker = paths.run / "data" / "DONE.json"
+    if marker.exists():
+        lines += ["## Data (documents / characters used per split)", "", "| corpus | docs | chars |", "|---|---|---|"]
+        lines += [f"| {k} | {v['docs']} | {v['chars']:,} |" for k, v in read_json(marker)["stats"].items()]
+        lines.append("")
+    lines += ["## lmbda chosen on valid (tune-lambda, largest base)", "", "| domain | lmbda | valid ppl |", "|---|---|---|"]
+    for dom in cfg["domains"]:
+        f = paths.results / dom / "tune_lambda.json"
+        if f.exists():
+            t = read_json(f)
+            lines.append(f"| {dom} | {t['best_lmbda']:g} | {t['best_perplexity']:.2f} |")
+    lines.append("")
+    lines += ["## Wall time per stage (s)", "", "| job | stage | seconds | status |", "|---|---|---|---|"]
+    for job, stages in (times.get("jobs") or {}).items():
+        for stage, rec in stages.items():
+            lines.append(f"| {job} | {stage} | {rec.get('seconds', '')} | {rec['status']} |")
+    lines += ["", f"Phases (s): {json.dumps(times.get('phases_s', {}))}", ""]
+    lines += claims(df, cfg, paths)
+    lines += ["## Tables from `memdec report`", ""]
+    lines += written["md"].read_text(encoding="utf-8").splitlines()[1:]
+    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "results.md"
+
+
+def _n_params(path: Path) -> str:
+    try:
+        from transformers import AutoModelForCausalLM
+
+        return f"{AutoModelForCausalLM.from_pretrained(str(path)).num_parameters():,}"
+    except Exception:  # a missing model: the table says so
+        return "–"
+
+
+def _ppl(df, base: str, method: str, task: str, domain: str | None = None) -> float | None:
+    rows = df[(df["base"] == base) & (df["method"] == method) & (df["task"] == task)
+              & (df["metric"] == "token_perplexity")]
+    if domain is not None and method != "base":
+        rows = rows[rows["file"].astype(str).str.contains(f"/{domain}/")]
+    return float(rows["value"].iloc[0]) if len(rows) else None
+
+
+def claims(df, cfg: dict, paths: Paths) -> list[str]:
+    """The paper's claims checked against the measured token perplexities (markdown lines)."""
+    lines = ["## The paper's claims against these numbers", ""]
+    names = {"memdec": "+MemDec", "knnlm": "+kNN-LM", "rag": "+In-Context RAG", "dapt": "+DAPT", "lora": "+LoRA"}
+    lines += ["Domain test token perplexity (lower is better):", "",
+              "| base | domain | base | " + " | ".join(names.values()) + " |",
+              "|---|---|---|" + "---|" * len(names)]
+    wins = {m: [0, 0] for m in names if m != "memdec"}
+    lowered = [0, 0]
+    for base in paths.bases:
+        for dom in cfg["domains"]:
+            b = _ppl(df, base, "base", TASKS[dom])
+            vals = {m: _ppl(df, base, m, TASKS[dom], dom) for m in names}
+            cells = " | ".join("–" if v is None else f"{v:.2f}" for v in vals.values())
+            lines.append(f"| {base} | {dom} | {'–' if b is None else f'{b:.2f}'} | {cells} |")
+            if b is not None and vals["memdec"] is not None:
+                lowered[0] += vals["memdec"] < b
+                lowered[1] += 1
+            for m in wins:
+                if vals["memdec"] is not None and vals[m] is not None:
+                    wins[m][0] += vals["memdec"] < vals[m]
+                    wins[m][1] += 1
+    lines += ["", f"- One Memory Decoder per domain lowers the domain perplexity of the base model in "
+              f"{lowered[0]} of {lowered[1]} (base, domain) pairs (paper: all)."]
+    for m, (w, n) in wins.items():
+        lines.append(f"- +MemDec beats {names[m]} in {w} of {n} (base, domain) pairs.")
+    lines += ["", "General test token perplexity (forgetting), mean over domains of the change against the base model:",
+              "", "| base | base ppl | " + " | ".join(names.values()) + " |", "|---|---|" + "---|" * len(names)]
+    for base in paths.bases:
+        b = _ppl(df, base, "base", TASKS["general"])
+        cells = []
+        for m in names:
+            v = [x for dom in cfg["domains"] if (x := _ppl(df, base, m, TASKS["general"], dom)) is not None]
+            cells.append("–" if not v or b is None else f"{sum(v) / len(v):.2f} ({sum(v) / len(v) - b:+.2f})")
+        lines.append(f"| {base} | {'–' if b is None else f'{b:.2f}'} | " + " | ".join(cells) + " |")
+    lines += ["", "(+MemDec and +kNN-LM mix a domain model into the base at every token, so they also change "
+              "general-text perplexity; +DAPT changes the base weights; +LoRA adds an adapter.)", ""]
+    return lines
+
+
+def bundle(paths: Paths, out: Path) -> None:
+    """OUT/: results.tar.gz, logs.tar.gz, report.md, report.csv, report_size.png, results.md, times.json."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
+        if paths.results.exists():
+            for f in sorted(paths.results.rglob("*")):
+                if f.is_file() and f.suffix in (".json", ".png"):
+                    tar.add(f, arcname=str(f.relative_to(paths.run)))
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+        for f in sorted((paths.run / "logs").glob("*.log")) if (paths.run / "logs").exists() else []:
+            tar.add(f, arcname=f"logs/{f.name}")
+        if (paths.run / "run.log").exists():
+            tar.add(paths.run / "run.log", arcname="logs/run.log")
+    for src in ("report/report.md", "report/report.csv", "report/report_size.png", "report/results.md", "times.json"):
+        if (paths.run / src).exists():
+            shutil.copyfile(paths.run / src, out / Path(src).name)
+    print(f"bundle: wrote {out}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(HERE / "config.yaml"))
+    p.add_argument("--run", required=True, help="working folder (models, datastores, results); resumed on rerun")
+    p.add_argument("--out", help="folder for the small files to hand back (results, report, times)")
+    p.add_argument("--small", action="store_true", help="the config's `small:` sizes (CPU smoke test)")
+    p.add_argument("--corpora", help="override the config's corpora folder")
+    p.add_argument("--serial", action="store_true", help="run every job in this process, one after another")
+    p.add_argument("--parallel", action="store_true", help="worker processes even without a GPU (testing)")
+    p.add_argument("--domains", nargs="+", help="only these domains (default: the config's)")
+    p.add_argument("--methods", nargs="+", default=["base", *METHODS], choices=["base", *METHODS],
+                   help="methods to evaluate (default: all)")
+    p.add_argument("--job", help=argparse.SUPPRESS)  # a worker: pretrain:BASE, domain:DOM, eval:bases
+    p.add_argument("--report-only", action="store_true", help="only remake the report and the bundle")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if args.job or args.serial else "true")
+    try:
+        cfg = load_config(args.config, args.small, args.corpora)
+        if args.domains:
+            unknown = sorted(set(args.domains) - set(cfg["domains"]))
+            if unknown:
+                raise ValueError(f"--domains: {', '.join(unknown)} not in the config's domains {cfg['domains']}")
+            cfg["domains"] = list(args.domains)
+        paths = Paths(args.run, cfg)
+        if args.job:
+            run_job(cfg, paths, args.job, tuple(args.methods))
+            return 0
+        if args.report_only:
+            make_report(cfg, paths)
+            if args.out:
+                bundle(paths, Path(args.out))
+            return 0
+        return orchestrate(args, cfg, paths)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

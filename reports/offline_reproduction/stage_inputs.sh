@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Copy the offline corpora that run_gpu.sh needs into .device/corpora/ (run on this machine, before the GPU call).
+#
+#   reports/offline_reproduction/stage_inputs.sh [SOURCE]      # SOURCE default: /work/shared/corpora
+#
+# Copies {general,bio,finance,law}/{train,valid,test}.jsonl.gz (about 24 MB; the GPU host takes 64 MiB
+# of inputs in all, with .device/wheels about 14 MB) and prints the total size of .device/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SRC="${1:-/work/shared/corpora}"
+DEST=.device/corpora
+for name in general bio finance law; do
+  mkdir -p "$DEST/$name"
+  for split in train valid test; do
+    cp -f "$SRC/$name/$split.jsonl.gz" "$DEST/$name/$split.jsonl.gz"
+  done
+done
+du -sh "$DEST" .device

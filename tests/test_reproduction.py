@@ -1,0 +1,191 @@
+"""Smoke test of reports/offline_reproduction/run.py at --small scale on CPU, on a tiny slice of corpora.
+
+Runs every stage for one domain with two base models and two methods (+MemDec, +kNN-LM) plus the bases,
+then checks the +MemDec perplexity against a direct float64 computation of the mixture, the resume
+(a rerun skips every stage), the report and the bundle.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "reports" / "offline_reproduction"
+DATA = Path(__file__).parent / "data"
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("offline_reproduction_run", HERE / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load_run()
+
+
+def _docs(name: str) -> list[str]:
+    with open(DATA / name, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def _write_gz(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> Path:
+    """{general,finance}/{train,valid,test}.jsonl.gz cut from the test fixtures (documents split in halves)."""
+    root = tmp_path_factory.mktemp("corpora")
+    for name, source in (("general", "general.jsonl"), ("finance", "domain.jsonl")):
+        docs = [half for d in _docs(source) for half in (d[: len(d) // 2], d[len(d) // 2 :]) if half.strip()]
+        n = len(docs)
+        _write_gz(root / name / "train.jsonl.gz", docs[: n - 4])
+        _write_gz(root / name / "valid.jsonl.gz", docs[n - 4 : n - 2])
+        _write_gz(root / name / "test.jsonl.gz", docs[n - 2 :])
+    return root
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    """config.yaml with two base models in its `small:` section and a one-point lmbda grid (0.5)."""
+    cfg = yaml.safe_load((HERE / "config.yaml").read_text(encoding="utf-8"))
+    small = cfg["small"]
+    small["bases"] = {k: v for i, (k, v) in enumerate(small["bases"].items()) if i in (0, len(small["bases"]) - 1)}
+    small["tune"] = {"grid": "0.5"}
+    path = tmp_path_factory.mktemp("cfg") / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, corpora, config) -> dict:
+    root = tmp_path_factory.mktemp("repro")
+    argv = ["--config", str(config), "--run", str(root / "run"), "--out", str(root / "out"), "--small",
+            "--corpora", str(corpora), "--serial", "--domains", "finance", "--methods", "base", "memdec", "knnlm"]
+    rc = run.main(argv)
+    return {"rc": rc, "argv": argv, "run": root / "run", "out": root / "out", "config": config}
+
+
+def _results(folder: Path, name: str) -> dict:
+    (file,) = folder.glob(f"{name}_*.json")
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def _direct_ppl(base: str, memory: str, lmbda: float, texts: list[str], window: int, stride: int) -> float:
+    """Token perplexity of lmbda * p_mem + (1 - lmbda) * p_base over sliding windows, float64, by hand."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memdec.data import sliding_windows, tokenize
+
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = torch.as_tensor(tokenize(texts, tok, progress=False), dtype=torch.long)
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float64).eval() for p in (base, memory)]
+    total, count = 0.0, 0
+    for w in sliding_windows(len(ids), window, stride):
+        x = ids[w.start : w.end][None]
+        with torch.no_grad():
+            lp = [torch.log_softmax(m(x).logits[0, :, : len(tok)].double(), -1) for m in models]
+        for p in range(w.score_start, w.end):  # position p is predicted from logits at p - 1
+            t = int(ids[p])
+            b, m = float(lp[0][p - 1 - w.start, t]), float(lp[1][p - 1 - w.start, t])
+            total += math.log(lmbda * math.exp(m) + (1 - lmbda) * math.exp(b))
+            count += 1
+    return math.exp(-total / count)
+
+
+def test_small_run_completes_and_memdec_matches_direct_mixture(done):
+    assert done["rc"] == 0
+    runs, out = done["run"], done["out"]
+    cfg = run.load_config(done["config"], small=True)
+    bases = list(cfg["bases"])
+    # every base alone on the domain and general tests; +MemDec and +kNN-LM for each base on finance
+    for b in bases:
+        res = _results(runs / "results" / "base", f"{b}__base")["results"]
+        assert set(res) == {"memdec_finance_ppl", "memdec_general_ppl"}
+        for m in ("memdec", "knnlm"):
+            res = _results(runs / "results" / "finance", f"{b}__{m}")["results"]
+            assert set(res) == {"memdec_finance_ppl", "memdec_general_ppl"}
+    # lmbda came from tune-lambda on valid (grid of one point, 0.5) and reached the evaluation
+    memory = runs / "domains" / "finance" / "memdec-finance"
+    tuned = json.loads((runs / "results" / "finance" / "tune_lambda.json").read_text())
+    assert tuned["best_lmbda"] == 0.5 == json.loads((memory / "memdec.json").read_text())["lmbda"]
+    # the Memory Decoder starts from the smallest base and its datastore/targets come from the largest
+    info = json.loads((memory / "memdec.json").read_text())
+    assert info["training"]["init"].endswith(f"models/{bases[0]}")
+    assert info["datastore"]["path"].endswith(f"datastore-finance-{bases[-1]}")
+    # the reported +MemDec token perplexity equals a direct float64 mixture over the same windows
+    test_docs = [json.loads(line)["text"] for line in (runs / "eval_data" / "memdec_finance_ppl.jsonl").open()]
+    e = cfg["eval"]
+    for b in bases:
+        got = _results(runs / "results" / "finance", f"{b}__memdec")["results"]["memdec_finance_ppl"]
+        want = _direct_ppl(str(runs / "models" / b), str(memory), 0.5, test_docs, e["window"], e["stride"])
+        assert got["token_perplexity,none"] == pytest.approx(want, rel=1e-4)
+
+
+def test_bundle_report_and_times(done):
+    out, runs = done["out"], done["run"]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).stat().st_size < 16 << 20 for f in files)
+    assert {"results.tar.gz", "report.md", "report.csv", "results.md", "times.json", "logs.tar.gz"} <= set(files)
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    n_json = len(list((runs / "results").rglob("*.json")))
+    assert sum(n.endswith(".json") for n in names) == n_json == 2 + 2 * 2 + 1  # bases, memdec+knnlm, tune
+    md = (out / "results.md").read_text()
+    assert "## The paper's claims against these numbers" in md and "Domain perplexity" in md
+    times = json.loads((out / "times.json").read_text())
+    assert times["jobs"]["domain-finance"]["memdec"]["status"] == "ran"
+    assert times["jobs"]["domain-finance"]["memdec"]["seconds"] > 0
+
+
+def test_rerun_skips_every_stage(done):
+    runs = done["run"]
+    before = sorted(p.name for p in (runs / "results").rglob("*.json"))
+    assert run.main(done["argv"]) == 0
+    assert sorted(p.name for p in (runs / "results").rglob("*.json")) == before
+    for job in ("setup", "pretrain-base-10m", "domain-finance", "eval-bases"):
+        stages = json.loads((runs / "times" / f"{job}.json").read_text())
+        assert stages and all(rec["status"] == "skipped" for rec in stages.values()), job
+        assert all("seconds" in rec for rec in stages.values()), job  # earlier wall times kept
+
+
+def test_read_capped_and_gpu_assignment(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["aaaa", "bbb", "cc", "d"]))
+    assert run.read_capped(path, None) == ["aaaa", "bbb", "cc", "d"]
+    assert run.read_capped(path, 8) == ["aaaa", "bbb"]  # whole documents while they fit
+    assert run.read_capped(path, 2) == ["aa"]  # the first document is cut to the cap
+    # heaviest first onto the least loaded GPU: 5 -> 0, 4 -> 1, 3 -> 1 (load 4 < 5), 1 -> 0
+    assert run.assign_gpus({"a": 5, "b": 4, "c": 3, "d": 1}, 2) == {"a": 0, "b": 1, "c": 1, "d": 0}
+    assert set(run.assign_gpus({"a": 1, "b": 2}, 0).values()) == {0}
+
+
+def test_bad_config_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(yaml.safe_dump({"corpora": "x", "domains": ["chemistry"], "bases": {"b": {}}}))
+    assert run.main(["--config", str(bad), "--run", str(tmp_path / "r")]) == 2
+    assert "run.py: error:" in capsys.readouterr().err
+    assert run.main(["--config", str(tmp_path / "none.yaml"), "--run", str(tmp_path / "r")]) == 2
+
+
+def test_stage_inputs_script_lists_every_corpus_file():
+    text = (HERE / "stage_inputs.sh").read_text()
+    for name in ("general", "bio", "finance", "law"):
+        assert name in text
+    assert shutil.which("bash")
+    assert np.all([s in text for s in ("train", "valid", "test")])
