@@ -109,7 +109,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 
     body = [[r["model"], f"{r['token_perplexity']:.2f}", f"{r['bits_per_byte']:.4f}"] for r in rows]
     return tabulate(body, headers=["model", "token perplexity", "bits per byte"], tablefmt="github",
-                    colalign=("left", "right", "right"))
+                    disable_numparse=True, colalign=("left", "right", "right"))
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", settings: DemoSettings | None = None,
