@@ -521,6 +521,8 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
         say(f"  {r.method} score {key}: {r.score[key]} ms")
     decoding(r, lambda k, s: _rag_generate(base, prompt, k, s, settings.rag_stride, doc))
 
+    if fast._COMPILE_FAILED:
+        env["compile_failed"] = sorted(fast._COMPILE_FAILED)
     result = {"settings": _jsonable(asdict(settings)), "environment": env,
               "params": {"base": n_params(base), "memory": n_params(memory)},
               "rows": [asdict(x) for x in rows]}
@@ -606,6 +608,8 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"fastest base row; batch 1, prompt {s['prompt_len']}, {s['new_tokens']} new tokens, "
              "(t(N) - t(1)) / (N - 1).",
              ]
+    if env.get("compile_failed"):
+        notes.append(f"torch.compile failed for {', '.join(env['compile_failed'])}: plain torch was used there.")
     for r in rows:
         if r["note"]:
             notes.append(f"{r['method']}: {r['note']}.")
