@@ -185,13 +185,15 @@ def _num(value: Any) -> float | None:
 
 def _window_stride(run: dict[str, Any], task_cfg: dict[str, Any], metrics: dict[str, Any]
                    ) -> tuple[float | None, float | None]:
-    """Window and stride of a perplexity task: model_args, then the task's metadata; for lm-eval's own
-    rolling-window tasks, max_length (memdec's sliding-window tasks record theirs in the metadata)."""
+    """Window and stride of a perplexity task: memdec's sliding-window tasks record theirs in the task
+    metadata (`ppl_window` / `ppl_stride`); for lm-eval's own rolling-window tasks, max_length.
+
+    A model's own `stride`/`window` arguments (In-Context RAG's retrieval stride) are never taken for them.
+    """
     meta = task_cfg.get("metadata") if isinstance(task_cfg.get("metadata"), dict) else {}
-    for source in (run["_args"], meta, task_cfg):
-        if source.get("window") is not None:
-            window = _num(source.get("window"))
-            return window, _num(source.get("stride", window))
+    if meta.get("ppl_window") is not None:
+        window = _num(meta.get("ppl_window"))
+        return window, _num(meta.get("ppl_stride", window))
     if task_cfg.get("output_type") == "loglikelihood_rolling" and not any(
             k.startswith("token_perplexity,") for k in metrics):
         # lm-eval's own rolling windows: max_length tokens, no overlap beyond one token of context
