@@ -186,9 +186,14 @@ def short_memory(tiny, tmp_path_factory):
     ("memory={memory},device=cpu", "device=cpu inside --model_args: pass it as --device cpu"),
     ("lmbda=0.5", "memory=PATH_OR_ID"),
 ])
-def test_memdec_eval_errors(tiny, task_dir, short_memory, tmp_path, capsys, extra, message):
+def test_memdec_eval_errors(tiny, task_dir, short_memory, tmp_path, capsys, monkeypatch, extra, message):
     import re
 
+    if "short" not in extra:  # every other mistake is caught before any weights are loaded
+        def no_weights(*args, **kwargs):
+            raise AssertionError("weights were loaded before the arguments were checked")
+
+        monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
     paths = {"memory": tiny["memory"], "missing": str(tmp_path / "missing"), "other": tiny["other_tok_model"],
              "short": short_memory}
     out = tmp_path / "out"
