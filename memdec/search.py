@@ -104,9 +104,8 @@ class TorchIndex:
             self._keys = torch.empty((self.n, self.dim), dtype=self._key_dtype, device=self.device)
             for start in range(0, self.n, self.chunk_rows):
                 self._keys[start : start + self.chunk_rows] = self._host_chunk(start, start + self.chunk_rows)
-        # squared norms of the keys, float32, on the device
-        self._norms = torch.cat([(c.float() ** 2).sum(1) for _, c in self._chunks()]) if self.n else torch.zeros(0)
-        self._max_norm = float(self._norms.max().sqrt()) if self.n else 0.0
+        self._norms: torch.Tensor | None = None  # squared key norms (float32, on the device), on first search
+        self._max_norm = 0.0
 
     @property
     def _key_dtype(self) -> torch.dtype:
@@ -137,6 +136,9 @@ class TorchIndex:
         _check_k(k, self.n)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries: expected shape [n, {self.dim}], got {tuple(queries.shape)}")
+        if self._norms is None:
+            self._norms = torch.cat([(c.float() ** 2).sum(1) for _, c in self._chunks()])
+            self._max_norm = float(self._norms.max().sqrt())
         out_d, out_i = [], []
         for q in queries.to(self.device).float().split(self.query_batch):
             d, i = self._search_batch(q, k)
