@@ -84,9 +84,14 @@ def dist_state() -> Dist:
 
 
 def resolve_device(device: str | torch.device | None, dist: Dist | None = None) -> torch.device:
-    """`device`, else this process's accelerate device, else cuda when available, else cpu."""
+    """`device`, else this process's accelerate device, else cuda when available, else cpu.
+
+    Under several processes a bare "cuda" means this process's GPU."""
     if device is not None:
-        return torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None and dist is not None and dist.device is not None:
+            return dist.device
+        return device
     if dist is not None and dist.device is not None:
         return dist.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
