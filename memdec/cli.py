@@ -313,10 +313,47 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=run)
 
 
+# ---- generate (memdec/joint.py) ----
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue prompts with a base model mixed with a memory decoder")
+    p.add_argument("--base", required=True, help="base model (hub name or folder)")
+    p.add_argument("--memory", required=True, help="memory decoder folder (or hub name)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--lmbda", type=float, default=None, help="memory weight (default: memdec.json's, else 0.5)")
+    p.add_argument("--mem-temperature", type=float, default=1.0, help="divides the memory's logits (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="torch seed for sampling")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+    def run(args):
+        from memdec.joint import generate_text
+
+        if args.seed is not None:
+            import torch
+
+            torch.manual_seed(args.seed)
+        gen = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).items()
+               if v is not None}
+        texts = generate_text(args.base, args.memory, args.prompt, lmbda=args.lmbda,
+                              mem_temperature=args.mem_temperature, device=args.device, dtype=args.dtype,
+                              max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, **gen)
+        for prompt, text in zip(args.prompt, texts, strict=True):
+            print(prompt + text)
+
+    p.set_defaults(func=run)
+
+
 # ---- end of blocks ----
 
 REGISTER = [_add_demo, _add_train, _add_dapt, _add_lora, _add_datastore, _add_index, _add_targets, _add_pipeline,
-            _add_report, _add_tune_lambda, _add_bench]
+            _add_report, _add_tune_lambda, _add_bench, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

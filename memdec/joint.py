@@ -455,3 +455,22 @@ class MemoryDecoder:
         return (f"MemoryDecoder(base={getattr(self.base, 'name_or_path', '?')!r}, memory={self.memory_name!r}, "
                 f"lmbda={self.lmbda}, mem_temperature={self.mem_temperature})")
 
+
+
+def generate_text(base: str, memory: str, prompts: Sequence[str], lmbda: float | None = None,
+                  mem_temperature: float = 1.0, device: str | None = None, dtype: str = "auto",
+                  batch_size: int = 8, **generation: Any) -> list[str]:
+    """Continuations of `prompts` under the mixture (`memdec generate`); `generation` as for `MemoryDecoder.generate`."""
+    joint = MemoryDecoder.from_pretrained(base, memory, lmbda=lmbda, mem_temperature=mem_temperature, dtype=dtype,
+                                          device=device)
+    tok = joint.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
+            ids = joint.generate(enc["input_ids"], enc["attention_mask"], **generation)
+            out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return out

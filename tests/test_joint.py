@@ -228,3 +228,20 @@ def test_lmbda_defaults_to_memdec_json(tiny, tmp_path):
     assert MemoryDecoder.from_pretrained(tiny["base"], str(mem), device="cpu").lmbda == 0.25
     assert MemoryDecoder.from_pretrained(tiny["base"], str(mem), lmbda=0.7, device="cpu").lmbda == 0.7
     assert MemoryDecoder.from_pretrained(tiny["base"], tiny["memory"], device="cpu").lmbda == 0.5
+
+
+def test_memdec_generate_command(tiny, joint, texts, capsys):
+    from memdec.cli import main
+
+    tok = joint.tokenizer
+    prompts_ = [tok.decode(p) for p in prompts(texts, tok)]
+    assert main(["generate", "--base", tiny["base"], "--memory", tiny["memory"], "--lmbda", str(LMBDA),
+                 "--device", "cpu", "--max-new-tokens", "5", *[a for p in prompts_ for a in ("--prompt", p)]]) == 0
+    printed = capsys.readouterr().out
+    for p in prompts_:  # one prompt at a time, unpadded, through the Python API
+        ids = torch.tensor([tok.encode(p)])
+        assert p + tok.decode(joint.generate(ids, max_new_tokens=5)[0, ids.shape[1]:], skip_special_tokens=True) \
+            in printed
+    assert main(["generate", "--base", tiny["base"], "--memory", tiny["memory"], "--lmbda", "2",
+                 "--prompt", "x"]) == 2
+    assert "memdec generate: error: lmbda must be in [0, 1], got 2.0" in capsys.readouterr().err
