@@ -189,3 +189,15 @@ def test_two_processes_give_the_same_files_as_one(tiny, texts, tmp_path):
     for sub in ("ds", "t"):
         assert _files(tmp_path / "two" / sub) == _files(one / sub)
         assert not Path(str(tmp_path / "two" / sub) + ".partial").exists()
+
+
+def test_targets_cli(small_ds, tmp_path, capsys):
+    from memdec.cli import main
+
+    ds = shutil.copytree(small_ds.path, tmp_path / "ds")
+    assert main(["targets", "--datastore", str(ds), "--k", "4", "--temperature", "8", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == str(ds / "targets-k4-t8")
+    assert Targets.open(ds / "targets-k4-t8").k == 4
+    assert main(["targets", "--datastore", str(ds), "--k", "4", "--temperature", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "targets-k4-t8: already exists" in err
