@@ -11,11 +11,9 @@ import gzip
 import importlib.util
 import json
 import math
-import shutil
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -110,7 +108,7 @@ def _direct_ppl(base: str, memory: str, lmbda: float, texts: list[str], window: 
 
 def test_small_run_completes_and_memdec_matches_direct_mixture(done):
     assert done["rc"] == 0
-    runs, out = done["run"], done["out"]
+    runs = done["run"]
     cfg = run.load_config(done["config"], small=True)
     bases = list(cfg["bases"])
     # every base alone on the domain and general tests; +MemDec and +kNN-LM for each base on finance
@@ -187,5 +185,4 @@ def test_stage_inputs_script_lists_every_corpus_file():
     text = (HERE / "stage_inputs.sh").read_text()
     for name in ("general", "bio", "finance", "law"):
         assert name in text
-    assert shutil.which("bash")
-    assert np.all([s in text for s in ("train", "valid", "test")])
+    assert all(s in text for s in ("train", "valid", "test"))

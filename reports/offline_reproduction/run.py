@@ -438,6 +438,8 @@ def run_eval(cfg: dict, paths: Paths, group: str, name: str, model: str, model_a
     e = cfg["eval"]
     os.environ["MEMDEC_DATA_DIR"] = str(paths.eval_data)
     os.environ["MEMDEC_CACHE"] = str(paths.run / "cache")
+    # memdec's fused scoring kernels: torch.compile costs more than it saves on these small models
+    os.environ.setdefault("MEMDEC_COMPILE", "1" if e.get("compile", False) else "0")
     (paths.results / group).mkdir(parents=True, exist_ok=True)
     # the tasks read ppl_window/ppl_stride (older versions: window/stride)
     w, s = int(e["window"]), int(e["stride"])
@@ -563,6 +565,7 @@ def orchestrate(args, cfg: dict, paths: Paths) -> int:
     paths.run.mkdir(parents=True, exist_ok=True)
     (paths.run / "run.pid").write_text(str(os.getpid()))  # run_gpu.sh follows this process
     t_start = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     info = _gpu_info()
     serial = args.serial or (info["n_gpus"] == 0 and not args.parallel)
     phases: dict[str, float] = {}
@@ -582,24 +585,32 @@ def orchestrate(args, cfg: dict, paths: Paths) -> int:
         failed += run_jobs(args, cfg, paths, jobs, info["n_gpus"], serial)
         phases["domains_and_eval"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    write_times(paths, info, phases, time.perf_counter() - t_start)
+    write_times(paths, info, phases, time.perf_counter() - t_start, started)
     try:
         make_report(cfg, paths, info)
     except ValueError as e:
         print(f"report: {e}", flush=True)
         failed.append("report")
     phases["report"] = time.perf_counter() - t0
-    write_times(paths, info, phases, time.perf_counter() - t_start)
+    write_times(paths, info, phases, time.perf_counter() - t_start, started)
     if args.out:
         bundle(paths, Path(args.out))
     print(f"total wall time {time.perf_counter() - t_start:.1f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 
-def write_times(paths: Paths, info: dict, phases: dict[str, float], total: float) -> None:
+def write_times(paths: Paths, info: dict, phases: dict[str, float], total: float | None,
+                started: str | None = None) -> None:
+    """RUN/times.json: device, this invocation's phases, every invocation's wall time (a resumed run adds
+    one), their sum as total_s, and each job's stage times."""
     jobs = {f.stem: read_json(f) for f in sorted(paths.times.glob("*.json"))} if paths.times.exists() else {}
+    old = read_json(paths.run / "times.json") if (paths.run / "times.json").exists() else {}
+    invocations = dict(old.get("invocations_s", {}))
+    if started is not None and total is not None:
+        invocations[started] = round(total, 1)
     write_json(paths.run / "times.json", {"device": info, "phases_s": {k: round(v, 1) for k, v in phases.items()},
-                                          "total_s": round(total, 1), "jobs": jobs})
+                                          "invocations_s": invocations,
+                                          "total_s": round(sum(invocations.values()), 1), "jobs": jobs})
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -618,7 +629,8 @@ def make_report(cfg: dict, paths: Paths, info: dict | None = None) -> Path:
     dev = (info or times.get("device") or {})
     lines += [f"Card: {', '.join(dev.get('gpus', []) or ['CPU'])} ({dev.get('n_gpus', 0)} GPU(s)); torch "
               f"{dev.get('torch', '?')}, transformers {dev.get('transformers', '?')}. Total wall time "
-              f"{times.get('total_s', '?')} s.", ""]
+              f"{times.get('total_s', '?')} s over {len(times.get('invocations_s', {}))} invocation(s) "
+              f"(a resumed run skips finished stages).", ""]
     lines += ["## Models", "", "| model | layers | hidden | parameters |", "|---|---|---|---|"]
     for base in paths.bases:
         b = cfg["bases"][base]
@@ -757,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
             run_job(cfg, paths, args.job, tuple(args.methods))
             return 0
         if args.report_only:
+            if not (paths.run / "times.json").exists():
+                write_times(paths, _gpu_info(), {}, None)
             make_report(cfg, paths)
             if args.out:
                 bundle(paths, Path(args.out))

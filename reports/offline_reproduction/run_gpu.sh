@@ -14,6 +14,7 @@ cd "$(dirname "$0")/../.."
 OUT="${OUT:-runs/offline_reproduction}"
 RUN="${RUN:-/tmp/memdec_offline_reproduction}"
 WAIT="${WAIT:-530}"
+ARGS="${ARGS:-}"   # extra run.py options, e.g. ARGS=--small for a quick check
 mkdir -p "$OUT" "$RUN"
 start=$SECONDS
 
@@ -33,7 +34,7 @@ if running; then
 else
   rm -f "$RUN/run.pid"  # run.py writes its own pid there
   setsid nohup python3 reports/offline_reproduction/run.py --config reports/offline_reproduction/config.yaml \
-    --run "$RUN" --out "$RUN/out" >> "$RUN/run.log" 2>&1 < /dev/null &
+    --run "$RUN" --out "$RUN/out" $ARGS >> "$RUN/run.log" 2>&1 < /dev/null &
   for _ in $(seq 60); do [ -f "$RUN/run.pid" ] && break; sleep 1; done
   echo "run_gpu.sh: started run.py (pid $(cat "$RUN/run.pid" 2>/dev/null)), log $RUN/run.log"
 fi
@@ -42,7 +43,7 @@ while running && [ $((SECONDS - start)) -lt "$WAIT" ]; do sleep 5; done
 if running; then
   echo "run_gpu.sh: still running after $((SECONDS - start)) s; handing back what is finished (call again to follow)"
   python3 reports/offline_reproduction/run.py --config reports/offline_reproduction/config.yaml --run "$RUN" \
-    --out "$OUT" --report-only > "$RUN/report-only.log" 2>&1 || tail -n 5 "$RUN/report-only.log"
+    --out "$OUT" --report-only $ARGS > "$RUN/report-only.log" 2>&1 || tail -n 5 "$RUN/report-only.log"
   rc=3
 else
   cp -f "$RUN"/out/* "$OUT"/ 2>/dev/null
