@@ -60,6 +60,7 @@ def memdec_loss(
     knn_probs: torch.Tensor | None = None,
     beta: float = 0.5,
     vocab_size: int | None = None,
+    reduction: str = "mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """beta * KL(p_knn || p_model) + (1 - beta) * CE, averaged over the scored positions.
 
@@ -67,10 +68,12 @@ def memdec_loss(
     position j as a target, predicted from logits[b, j - 1]). knn_ids / knn_probs: [N, S], one row
     per scored position in row-major order, zero-probability padding past each row's support.
     `vocab_size` (the tokenizer's length) cuts padded embedding rows off the softmax.
-    Returns (loss, {"ce": ..., "kl": ..., "positions": N}).
+    `reduction` "mean" or "sum" over positions. Returns (loss, {"ce": mean, "kl": mean, "positions": N}).
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if vocab_size is not None:
         logits = align_vocab(logits, vocab_size)
     sel = score_mask[:, 1:]
@@ -80,9 +83,8 @@ def memdec_loss(
     if n == 0:
         raise ValueError("memdec_loss: no scored positions in the batch")
     lse = torch.logsumexp(pred, dim=-1)  # log-partition; log q_j = logit_j - lse
-    ce = (lse - pred.gather(1, labels[:, None]).squeeze(1)).mean()
-    stats = {"ce": float(ce.detach()), "positions": n}
-    loss = ce
+    per_pos = lse - pred.gather(1, labels[:, None]).squeeze(1)  # CE of each position
+    stats = {"ce": float(per_pos.detach().mean()), "positions": n}
     if beta > 0.0:
         if knn_ids is None or knn_probs is None:
             raise ValueError("memdec_loss: beta > 0 needs kNN targets (knn_ids, knn_probs)")
@@ -91,9 +93,10 @@ def memdec_loss(
         p = knn_probs.float()
         log_q = pred.gather(1, knn_ids.long()) - lse[:, None]
         log_p = torch.where(p > 0, p, torch.ones_like(p)).log()
-        kl = (p * (log_p - log_q)).sum(-1).mean()
-        stats["kl"] = float(kl.detach())
-        loss = beta * kl + (1.0 - beta) * ce
+        kl = (p * (log_p - log_q)).sum(-1)
+        stats["kl"] = float(kl.detach().mean())
+        per_pos = beta * kl + (1.0 - beta) * per_pos
+    loss = per_pos.sum() if reduction == "sum" else per_pos.mean()
     return loss, stats
 
 
@@ -296,7 +299,7 @@ def train(
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     tok = AutoTokenizer.from_pretrained(str(init))
     model = AutoModelForCausalLM.from_pretrained(str(init))
 
@@ -379,15 +382,26 @@ def train(
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     bar = tqdm(total=steps, initial=step, desc="train", unit="step", disable=not (progress and accelerator.is_main_process))
     schedule: dict[int, list[list[int]]] = {}
+
+    def global_batch_at(g: int) -> list[int]:
+        """Window indices of global micro-batch `g` (all processes together)."""
+        nonlocal schedule
+        epoch, b = divmod(g, per_epoch)
+        if epoch not in schedule:
+            schedule = {epoch: _batches(len(windows), global_batch, seed, epoch, shuffle)}
+        return schedule[epoch][b]
+
     ema = None
     while step < steps:
-        stats_acc = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
-        for micro in range(grad_accum):
-            g = step * grad_accum + micro  # global micro-batch number
-            epoch, b = divmod(g, per_epoch)
-            if epoch not in schedule:
-                schedule = {epoch: _batches(len(windows), global_batch, seed, epoch, shuffle)}
-            mine = schedule[epoch][b][accelerator.process_index :: world] or schedule[epoch][b][:1]
+        # the step's loss is the mean over all its target positions (every micro-batch and process), so
+        # N processes x batch b give the same gradient as one process with batch N*b, up to float rounding
+        batches = [global_batch_at(step * grad_accum + micro) for micro in range(grad_accum)]
+        n_step = sum(windows[i].n_scored for batch in batches for i in batch)
+        sums = torch.zeros(3, dtype=torch.float64)
+        for micro, batch in enumerate(batches):
+            mine, weight = batch[accelerator.process_index :: world], world / n_step
+            if not mine:  # fewer windows than processes: run one with weight 0 to keep DDP in step
+                mine, weight = batch[:1], 0.0
             ws = [windows[i] for i in mine]
             ids, attn, score = window_batch(tokens_t, ws, pad_id)
             ids, attn, score = ids.to(accelerator.device), attn.to(accelerator.device), score.to(accelerator.device)
@@ -398,11 +412,14 @@ def train(
             with nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
                     logits = model(input_ids=ids, attention_mask=attn).logits
-                loss, st = memdec_loss(logits, ids, score, knn_ids, knn_probs, beta, vocab_size)
-                accelerator.backward(loss / grad_accum)
-            stats_acc["loss"] += float(loss.detach()) / grad_accum
-            stats_acc["ce"] += st["ce"] / grad_accum
-            stats_acc["kl"] += st.get("kl", 0.0) / grad_accum
+                loss, st = memdec_loss(logits, ids, score, knn_ids, knn_probs, beta, vocab_size, reduction="sum")
+                accelerator.backward(loss * weight)
+            if weight:
+                n = st["positions"]
+                sums += torch.tensor([float(loss.detach()), st["ce"] * n, st.get("kl", 0.0) * n], dtype=torch.float64)
+        if world > 1:
+            sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+        stats_acc = dict(zip(("loss", "ce", "kl"), (sums / n_step).tolist(), strict=True))
         if max_grad_norm and max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()

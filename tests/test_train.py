@@ -182,6 +182,50 @@ def test_killed_run_resumes_to_the_same_weights(tiny, domain_file, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def _run_group(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own process group; on timeout kill the whole group (launcher and workers)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:4])} ...: no answer in {timeout} s: {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+TWO_PROCESS_RUN = """
+import sys
+from memdec.train import train
+train(sys.argv[1], sys.argv[2], corpus=sys.argv[3], beta=0.0, window=24, steps=4, batch_size=2, grad_accum=2,
+      lr=3e-3, seed=3, progress=False)
+"""
+
+
+def test_two_processes_match_one(tiny, domain_file, tmp_path):
+    """Data-parallel (torchrun, 2 CPU processes, gloo) with batch 2 each = one process with batch 4."""
+    from safetensors.torch import load_file
+
+    one = train(tiny["memory"], tmp_path / "one", corpus=str(domain_file), beta=0.0, window=24, steps=4,
+                batch_size=4, grad_accum=2, lr=3e-3, seed=3, progress=False)
+    script = tmp_path / "run.py"
+    script.write_text(TWO_PROCESS_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = _run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       str(script), tiny["memory"], str(tmp_path / "two"), str(domain_file)], env, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "memdec.json").read_text())["training"]["processes"] == 2
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    init = load_file(str(Path(tiny["memory"]) / "model.safetensors"))
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # training moved the weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
