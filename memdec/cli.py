@@ -32,7 +32,7 @@ def _add_train(sub) -> None:
     p.add_argument("--init", required=True, help="the small causal LM to start from (HF dir or hub id)")
     p.add_argument("--out", required=True, help="output folder (HF model + tokenizer + memdec.json)")
     p.add_argument("--datastore", help="datastore folder (memdec datastore)")
-    p.add_argument("--targets", help="kNN targets folder (memdec targets)")
+    p.add_argument("--targets", help="kNN targets folder (default: the one DATASTORE/targets-* folder)")
     p.add_argument("--corpus", help="instead of a datastore: a corpus (path or hf:NAME[:CONFIG]) for beta=0 fine-tuning")
     p.add_argument("--beta", type=float, default=0.5, help="weight of the KL term (default 0.5; 0 = plain CE)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the windows)")

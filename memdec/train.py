@@ -240,6 +240,20 @@ def _open_targets(targets: str | os.PathLike, ds) -> Any:
     return t
 
 
+def find_targets(datastore: str | os.PathLike) -> Path:
+    """The one complete kNN targets folder inside `datastore` (DATASTORE/targets-k*-t*), or a one-line error."""
+    from memdec.formats import is_complete
+
+    found = sorted(p for p in Path(datastore).glob("targets-*") if p.is_dir() and is_complete(p, "targets"))
+    if not found:
+        raise FileNotFoundError(f"datastore {datastore}: no kNN targets inside it; run `memdec targets "
+                                f"--datastore {datastore}` first or pass targets")
+    if len(found) > 1:
+        raise ValueError(f"datastore {datastore}: several kNN targets ({', '.join(p.name for p in found)}); "
+                         "choose one with targets / --targets")
+    return found[0]
+
+
 # ------------------------------------------------------------------------------------------- train
 
 
@@ -273,7 +287,8 @@ def train(
 ) -> Path:
     """Train `init` (an HF causal LM dir or hub id) and save it to `out`; returns `out`.
 
-    Memory Decoder: give `datastore` and `targets` (kNN targets folder), beta in (0, 1].
+    Memory Decoder: give `datastore` and `targets` (kNN targets folder; default: the one complete
+    DATASTORE/targets-* folder), beta in (0, 1].
     Plain fine-tuning (DAPT/LoRA baselines): beta = 0 and `datastore`, `corpus` or `texts`.
     `steps` optimizer steps (default: `epochs` passes over the windows), each of
     `batch_size` windows per process x `grad_accum`. `warmup` is a fraction of steps (< 1) or a count.
@@ -290,8 +305,10 @@ def train(
     sources = [s is not None for s in (datastore, corpus, texts)]
     if sum(sources) != 1:
         raise ValueError("train: give exactly one of datastore, corpus or texts")
-    if beta > 0 and (datastore is None or targets is None):
+    if beta > 0 and datastore is None:
         raise ValueError(f"train: beta={beta} needs a datastore and its kNN targets (or use beta=0)")
+    if beta > 0 and targets is None:
+        targets = find_targets(datastore)
     if batch_size < 1 or grad_accum < 1 or save_every < 1:
         raise ValueError("train: batch_size, grad_accum and save_every must be >= 1")
     if (out / MEMDEC_JSON).exists() and not overwrite:

@@ -331,3 +331,20 @@ def test_window_longer_than_init_model_on_a_datastore(tiny, knn_store, tmp_path)
     short = save_model(tiny_model(tok, n_layer=1, hidden=16, n_head=2, max_positions=16), tok, tmp_path / "short")
     with pytest.raises(ValueError, match=r"init model .*short: window 32 is longer than its context length 16"):
         train(short, tmp_path / "x", datastore=knn_store["datastore"], targets=knn_store["targets"], steps=1)
+
+
+def test_targets_default_to_the_one_inside_the_datastore(tiny, texts, tmp_path):
+    from memdec.datastore import build_datastore
+    from memdec.targets import build_targets
+    from memdec.train import find_targets
+
+    ds = build_datastore(tiny["base"], texts["domain"][:3], tmp_path / "ds", window=32, progress=False)
+    with pytest.raises(FileNotFoundError, match=r"ds: no kNN targets inside it; run `memdec targets"):
+        train(tiny["memory"], tmp_path / "x", datastore=ds, steps=1)
+    one = build_targets(ds, k=4, temperature=2.0, progress=False)
+    assert find_targets(ds) == one
+    out = train(tiny["memory"], tmp_path / "md", datastore=ds, steps=1, progress=False)
+    assert json.loads((out / "memdec.json").read_text())["datastore"]["targets"] == str(one)
+    build_targets(ds, k=5, temperature=2.0, progress=False)
+    with pytest.raises(ValueError, match=r"several kNN targets \(targets-k4-t2, targets-k5-t2\)"):
+        find_targets(ds)
