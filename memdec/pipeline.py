@@ -61,6 +61,31 @@ def load_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+# per section: the stage function and the arguments the pipeline itself passes (not settable in the config)
+_FUNCTIONS = {
+    "datastore": ("memdec.datastore", "build_datastore", {"model_or_path", "corpus", "out", "progress"}),
+    "index": ("memdec.search", "build_index", {"datastore", "out", "progress"}),
+    "targets": ("memdec.targets", "build_targets", {"datastore", "out", "backend", "progress"}),
+    "train": ("memdec.train", "train", {"out", "datastore", "targets", "corpus", "texts", "progress", "callback"}),
+}
+
+
+def check_sections(cfg: dict[str, Any], where: str = "pipeline config") -> None:
+    """One-line error for a section key its stage function does not take (typos fail before any work)."""
+    import importlib
+    import inspect
+
+    for section, (module, name, reserved) in _FUNCTIONS.items():
+        params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        known = (set(params) - reserved - {"init", "model_or_path"}) | ({"init"} if section == "train" else set())
+        for key in cfg[section]:
+            if key in reserved or key == "model_or_path" or (key not in known and not takes_any):
+                why = "set by the pipeline" if key in reserved or key == "model_or_path" else "unknown"
+                raise ValueError(f"{where}: section {section!r}: key {key!r} is {why} "
+                                 f"(settable: {', '.join(sorted(known))})")
+
+
 def stage_paths(cfg: dict[str, Any]) -> dict[str, Path]:
     """Where each stage's output lives."""
     root = Path(cfg["output"])
@@ -82,6 +107,7 @@ def stage_complete(stage: str, path: Path) -> bool:
 def run_pipeline(config: str | os.PathLike | dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run every stage whose output is not complete yet; returns {"paths": {...}, "ran": [...], "skipped": [...]}."""
     cfg = load_config(config)
+    check_sections(cfg, "pipeline config" if isinstance(config, dict) else f"pipeline config {config}")
     paths = stage_paths(cfg)
     Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
     ran, skipped = [], []
