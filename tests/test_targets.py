@@ -179,7 +179,7 @@ def test_two_processes_give_the_same_files_as_one(tiny, texts, tmp_path):
         f"build_targets(ds, out + '/t', **{t_args!r})\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run([*cmd, str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = tmp_path / "one"
