@@ -588,8 +588,8 @@ def orchestrate(args, cfg: dict, paths: Paths) -> int:
     write_times(paths, info, phases, time.perf_counter() - t_start, started)
     try:
         make_report(cfg, paths, info)
-    except ValueError as e:
-        print(f"report: {e}", flush=True)
+    except Exception as e:  # the bundle below still hands back the raw results
+        print(f"report: {type(e).__name__}: {e}", flush=True)
         failed.append("report")
     phases["report"] = time.perf_counter() - t0
     write_times(paths, info, phases, time.perf_counter() - t_start, started)
@@ -622,8 +622,15 @@ def make_report(cfg: dict, paths: Paths, info: dict | None = None) -> Path:
     from reports.report import write_report
 
     out = paths.run / "report"
-    written = write_report([paths.results], out / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        tables = write_report([paths.results], out / "report")["md"].read_text(encoding="utf-8").splitlines()[1:]
+    except Exception as e:  # e.g. no `tabulate` for pandas' markdown: keep results.md and the bundle
+        tables = [f"`memdec report` failed: {type(e).__name__}: {e}"]
+        print(f"report: memdec report failed: {type(e).__name__}: {e}", flush=True)
     df = load_results([paths.results])
+    if df.empty:
+        raise ValueError(f"no lm-eval results in {paths.results}")
     times = read_json(paths.run / "times.json") if (paths.run / "times.json").exists() else {}
     lines = ["# Offline reproduction: results", ""]
     dev = (info or times.get("device") or {})
@@ -655,7 +662,7 @@ def make_report(cfg: dict, paths: Paths, info: dict | None = None) -> Path:
     lines += ["", f"Phases (s): {json.dumps(times.get('phases_s', {}))}", ""]
     lines += claims(df, cfg, paths)
     lines += ["## Tables from `memdec report`", ""]
-    lines += written["md"].read_text(encoding="utf-8").splitlines()[1:]
+    lines += tables
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "results.md"
 
@@ -771,7 +778,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_only:
             if not (paths.run / "times.json").exists():
                 write_times(paths, _gpu_info(), {}, None)
-            make_report(cfg, paths)
+            try:
+                make_report(cfg, paths)
+            except Exception as e:  # still hand back what there is
+                print(f"report: {type(e).__name__}: {e}", flush=True)
             if args.out:
                 bundle(paths, Path(args.out))
             return 0
