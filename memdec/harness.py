@@ -11,6 +11,10 @@ see the mixture (HFLM's log_softmax of the returned log-probs is a no-op up to r
 calls `base_logprobs` first and then `other_logprobs` with the same tensors, so a subclass may
 capture the base's hidden states on the way. Generation runs memdec.joint's decode loop on the
 mixture (a subclass may give a faster `_generation_step`).
+
+A subclass that sets `fast_scoring` (the `memdec` model does, unless `fast=false`) scores requests
+through memdec.fast instead: only the scored positions' logits, each target's log-prob normalised
+per model and mixed per token, the mixture's argmax only where lm-eval's is_greedy needs it.
 """
 
 from __future__ import annotations
@@ -118,6 +122,93 @@ class MixtureLM(HFLM):
             raise ValueError(f"{type(self).__name__}: encoder-decoder models cannot be mixed")
         return self.mixed_logprobs(inps)
 
+    # -- fast scoring (memdec.fast): only the targets' mixed log-probs, never a (B, T, V) mixture --
+
+    #: whether `_loglikelihood_tokens` takes the fast path (a subclass opts in: it must define `other_scores`)
+    fast_scoring: bool = False
+
+    def other_scores(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """The other distribution at the last `keep` positions, as logits or log-probs (B, keep, V')."""
+        return self.other_logprobs(input_ids)[:, -keep:]
+
+    @property
+    def other_temperature(self) -> float:
+        """Temperature dividing `other_scores` before their softmax."""
+        return 1.0
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        # rolling windows ignore is_greedy: the fast path then skips the mixture's argmax
+        self._rolling = True
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._rolling = False
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """HFLM's batching (sorting, batch sizes, one-token-continuation cache) around memdec.fast scoring."""
+        if not self.fast_scoring:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        from lm_eval.models.utils import Collator
+        from tqdm.auto import tqdm
+
+        rolling = getattr(self, "_rolling", False)
+        re_ord = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+                          group_by="contexts" if self.logits_cache else None,
+                          group_fn=lambda r: r[-2] + r[-1][:-1])
+        n = len(re_ord)
+        auto = self.batch_size == "auto"
+        batch_size = self.batch_size if not auto else (override_bs if override_bs is not None else 0)
+        batch_fn = self._batch_scheduler if auto and n > 0 and not override_bs else None
+        if batch_fn is not None:
+            self.batch_sizes = {}
+        res = []
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
+        for chunk in re_ord.get_batched(n=batch_size, batch_fn=batch_fn):
+            scored = self._fast_score_chunk(chunk, greedy=not rolling)
+            for (req_str, ctx, cont), (lp, am, last, q) in zip(chunk, scored, strict=True):
+                for req_str_i, cont_i, _ in re_ord.get_cache(req_str=req_str, cxt_toks=ctx, cont_toks=cont,
+                                                              logits=torch.zeros(1, 1, 1)):
+                    c = len(cont_i)
+                    # every request of a cache group shares all positions but the last one's target
+                    logp = float(lp[q - c + 1 : q].sum()) + float(last[cont_i[-1]])
+                    greedy = am is not None and am[q - c + 1 : q + 1].tolist() == list(cont_i)
+                    answer = (logp, bool(greedy))
+                    res.append(answer)
+                    if req_str_i is not None:
+                        self.cache_hook.add_partial("loglikelihood", req_str_i, answer)
+                    pbar.update(1)
+        pbar.close()
+        return re_ord.get_original(res)
+
+    def _fast_score_chunk(self, chunk, greedy: bool):
+        """Per request: (target log-probs, argmax or None, mixed log-probs at the last position, its index)."""
+        from memdec import fast
+
+        inps = [(list(ctx) + list(cont))[-(self.max_length + 1) :] for _, ctx, cont in chunk]
+        inplens = [len(x) - 1 for x in inps]
+        contlens = [len(cont) for _, _, cont in chunk]
+        length = max(inplens)
+        start = min(i - c for i, c in zip(inplens, contlens, strict=True))
+        keep = length - start
+        ids = torch.zeros((len(chunk), length), dtype=torch.long)
+        targets = torch.zeros((len(chunk), keep), dtype=torch.long)
+        for b, seq in enumerate(inps):
+            ids[b, : inplens[b]] = torch.tensor(seq[:-1])
+            tail = seq[start + 1 :]
+            targets[b, : len(tail)] = torch.tensor(tail)
+        ids, targets = ids.to(self.device), targets.to(self.device)
+        vocab = self.mix_vocab_size
+        with torch.no_grad(), self._autocast():
+            base, other = fast.run_concurrently(lambda: fast.lm_logits(self.model, ids, None, keep),
+                                                lambda: self.other_scores(ids, keep).to(self.device), self.device)
+        temp = self.other_temperature
+        lp = fast.mixture_target_logprobs(base, other, targets, self.lmbda, vocab, temp).cpu()
+        am = fast.mixture_argmax(base, other, self.lmbda, vocab, temp).cpu() if greedy else None
+        q = torch.tensor([i - 1 - start for i in inplens], device=base.device)
+        rows = torch.arange(len(chunk), device=base.device)
+        last = fast.mixture_logprobs(base[rows, q], other[rows, q], self.lmbda, vocab, temp).cpu()
+        return [(lp[b], None if am is None else am[b], last[b], int(q[b])) for b in range(len(chunk))]
+
     # -- generation --
 
     def _generation_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any):
@@ -167,8 +258,11 @@ def _base_tokenizer(pretrained: Any, kwargs: dict[str, Any]):
 class MemDecLM(MixtureLM):
     """`--model memdec --model_args pretrained=BASE,memory=MEMDEC[,lmbda=...,mem_temperature=...]`."""
 
+    fast_scoring = True
+
     def __init__(self, pretrained: Any, memory: str | None = None, memory_revision: str | None = None,
-                 lmbda: float | None = None, mem_temperature: float = 1.0, **kwargs: Any) -> None:
+                 lmbda: float | None = None, mem_temperature: float = 1.0, fast: bool | str = True,
+                 **kwargs: Any) -> None:
         if not memory:
             raise ValueError("memdec: give the Memory Decoder as memory=PATH_OR_ID in --model_args")
         if lmbda is not None:
@@ -187,6 +281,9 @@ class MemDecLM(MixtureLM):
                       f" (max_length {self.max_length}); pass a smaller max_length in --model_args")
         self.joint = MemoryDecoder(self.model, mem_model, self.tokenizer, self.lmbda, mem_temperature, memory,
                                    memory_revision)
+        if not _as_bool(fast, "fast"):  # the plain paths: full mixtures for scoring, dynamic caches for decoding
+            self.fast_scoring = False
+            self.joint.fast_decode = False
 
     def _lmbda_changed(self) -> None:
         if hasattr(self, "joint"):
@@ -194,6 +291,18 @@ class MemDecLM(MixtureLM):
 
     def other_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.joint.memory_logprobs(input_ids, attention_mask)
+
+    def other_scores(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """The memory's raw logits at the last `keep` positions (normalised, after mem_temperature, by memdec.fast)."""
+        from memdec import fast
+
+        memory = self.joint.memory
+        with torch.no_grad():
+            return fast.lm_logits(memory, input_ids.to(memory.device), None, keep)
+
+    @property
+    def other_temperature(self) -> float:
+        return self.joint.mem_temperature
 
     def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, stopping_criteria,
                   **kwargs: Any) -> torch.Tensor:
@@ -207,8 +316,20 @@ class MemDecLM(MixtureLM):
         info.update(memory=self.joint.memory_name, memory_revision=self.joint.memory_revision,
                     memory_sha=_hub_sha(self.joint.memory_name, self.joint.memory_revision),
                     mem_temperature=self.joint.mem_temperature, memory_num_parameters=mem.num_parameters(),
-                    memory_dtype=str(mem.dtype))
+                    memory_dtype=str(mem.dtype), fast=self.fast_scoring)
         return info
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    """A model_arg given as a bool or as true/false text (one-line error otherwise)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def _hub_sha(name: str | None, revision: str | None) -> str:

@@ -9,8 +9,9 @@ memory serves every base that shares its tokenizer whatever the padded embedding
 Generation keeps one KV cache per model. One decode loop (`generate_tokens`) serves every mixture:
 it asks a `step(input_ids, attention_mask, state) -> (next-token log-probs (B, V), state)` for the
 mixture's distribution, applies transformers' logits processors and picks greedily or by sampling.
-`MemoryDecoder._model_step` runs one model for one step; a faster variant (CUDA streams, static
-caches) replaces `_step` or `_model_step` only.
+`MemoryDecoder._step` runs both models with dynamic caches; on CUDA, unpadded batches take
+`_fast_step` instead (memdec.fast.GraphedDecoder: static caches, both models' step captured in one
+CUDA graph, the memory on a side stream), which gives the same distributions (`fast_decode`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import functools
 import inspect
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -432,6 +434,44 @@ class MemoryDecoder:
         mem_lp = log_softmax(mem_logits, self.vocab_size, self.mem_temperature).to(base_lp.device)
         return mix_logprobs(base_lp, mem_lp, self.lmbda), state
 
+    # -- fast decoding (memdec.fast): static caches, one CUDA graph per step for both models --
+
+    #: decode with memdec.fast.GraphedDecoder: None = on CUDA only (the plain loop elsewhere), True/False forces it
+    fast_decode: bool | None = None
+
+    def _fast_decode_ok(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+        wanted = self.device.type == "cuda" if self.fast_decode is None else self.fast_decode
+        if not wanted or self.memory.device != self.base.device:
+            return False
+        return attention_mask is None or bool(attention_mask.bool().all())  # left padding: the plain loop
+
+    def _fast_decoder(self, batch: int, total: int):
+        """A GraphedDecoder for `batch` rows and at least `total` tokens (sizes rounded up, one kept)."""
+        from memdec import fast
+
+        size = -(-(total + 1) // 256) * 256
+        if self.max_length is not None:
+            size = max(total + 1, min(size, self.max_length))
+        decoders = self.__dict__.setdefault("_decoders", {})
+        if (batch, size) not in decoders:
+            decoders.clear()  # each holds two static KV caches
+            decoders[(batch, size)] = fast.GraphedDecoder([self.base, self.memory], batch, size)
+        return decoders[(batch, size)]
+
+    def _fast_step(self, decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: int | None):
+        """`_step` on static caches: the prompt once, then one token per call."""
+        from memdec import fast
+
+        if state is None:
+            base_logits, mem_logits = decoder.prefill(input_ids)
+        else:
+            if input_ids.shape[1] != state + 1:
+                raise RuntimeError(f"fast decoding expects one new token per step, got {input_ids.shape[1] - state}")
+            base_logits, mem_logits = decoder.step(input_ids[:, -1])
+        logp = fast.mixture_logprobs(base_logits, mem_logits.to(base_logits.device), self.lmbda, self.vocab_size,
+                                     self.mem_temperature)
+        return logp, input_ids.shape[1]
+
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  generation_config=None, stopping_criteria: Sequence | None = None, **kwargs) -> torch.LongTensor:
         """Like HF `generate` (greedy or sampling) on the mixture; returns prompt + new token ids.
@@ -447,9 +487,27 @@ class MemoryDecoder:
         if kwargs.get("pad_token_id") is None and self.tokenizer.pad_token_id is not None:
             if generation_config is None or generation_config.pad_token_id is None:
                 kwargs["pad_token_id"] = self.tokenizer.pad_token_id
-        return generate_tokens(self._step, input_ids, attention_mask, generation_config,
-                               getattr(self.base, "generation_config", None), stopping_criteria, self.tokenizer,
-                               self.max_length, **kwargs)
+        model_config = getattr(self.base, "generation_config", None)
+        args = (input_ids, attention_mask, generation_config, model_config, stopping_criteria, self.tokenizer,
+                self.max_length)
+        if not self._fast_decode_ok(input_ids, attention_mask):
+            return generate_tokens(self._step, *args, **kwargs)
+        config = resolve_generation_config(model_config, generation_config, **kwargs)
+        total = input_ids.shape[1] + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+        if self.max_length is not None and total >= self.max_length:
+            return generate_tokens(self._step, *args, **kwargs)  # no room for a rounded-up static cache
+        try:
+            step = functools.partial(self._fast_step, self._fast_decoder(input_ids.shape[0], total))
+            return generate_tokens(step, *args, **kwargs)
+        except ValueError:  # bad settings: the plain loop would refuse them too
+            raise
+        except Exception as e:  # compiling / graph capture problems: warn once, decode the plain way
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            warnings.warn(f"memdec: fast decoding failed ({type(e).__name__}: {first}); using the plain decode "
+                          "loop from now on (MemoryDecoder.fast_decode = False)", stacklevel=2)
+            self.fast_decode = False
+            self.__dict__.pop("_decoders", None)
+            return generate_tokens(self._step, *args, **kwargs)
 
     def __repr__(self) -> str:
         return (f"MemoryDecoder(base={getattr(self.base, 'name_or_path', '?')!r}, memory={self.memory_name!r}, "

@@ -179,3 +179,94 @@ def test_run_concurrently_on_cpu_is_ordered():
     a, b = fast.run_concurrently(lambda: calls.append("a") or 1, lambda: calls.append("b") or torch.ones(1),
                                  torch.device("cpu"))
     assert calls == ["a", "b"] and a == 1 and torch.equal(b, torch.ones(1))
+
+
+# ---- wired into MemoryDecoder.generate and the `memdec` lm-eval model ----
+
+
+@pytest.fixture(scope="module")
+def joint(tiny):
+    from memdec.joint import MemoryDecoder
+
+    return MemoryDecoder.from_pretrained(tiny["base"], tiny["memory"], lmbda=0.3, mem_temperature=1.5, device="cpu")
+
+
+def _spy_steps(monkeypatch) -> list[int]:
+    calls = []
+    original = fast.GraphedDecoder.step
+
+    def step(self, tokens):
+        calls.append(1)
+        return original(self, tokens)
+
+    monkeypatch.setattr(fast.GraphedDecoder, "step", step)
+    return calls
+
+
+@pytest.mark.parametrize("kwargs", [{"do_sample": False}, {"do_sample": True, "top_k": 20, "temperature": 0.8}])
+def test_generate_fast_equals_plain(joint, monkeypatch, kwargs):
+    ids = torch.randint(0, len(joint.tokenizer), (2, 7), generator=torch.Generator().manual_seed(5))
+    outs = {}
+    for flag in (False, True):
+        monkeypatch.setattr(joint, "fast_decode", flag)
+        calls = _spy_steps(monkeypatch)
+        torch.manual_seed(11)
+        outs[flag] = joint.generate(ids, max_new_tokens=9, min_new_tokens=9, **kwargs)
+        assert (len(calls) > 0) == flag  # the fast decoder ran only when asked
+    assert outs[True].shape == (2, 16)
+    assert torch.equal(outs[True], outs[False])
+
+
+def test_generate_left_padded_batch_takes_the_plain_loop(joint, monkeypatch):
+    ids = torch.randint(1, len(joint.tokenizer), (2, 6), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    monkeypatch.setattr(joint, "fast_decode", True)
+    calls = _spy_steps(monkeypatch)
+    fast_out = joint.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert not calls
+    monkeypatch.setattr(joint, "fast_decode", False)
+    assert torch.equal(fast_out, joint.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False))
+
+
+@pytest.fixture(scope="module")
+def memdec_lm(tiny):
+    from memdec.harness import MemDecLM
+
+    return MemDecLM(pretrained=tiny["base"], memory=tiny["memory"], lmbda=0.4, mem_temperature=1.3, batch_size=3,
+                    max_length=40, device="cpu")
+
+
+def test_loglikelihood_fast_equals_plain(memdec_lm, joint, monkeypatch):
+    lm = memdec_lm
+    g = torch.Generator().manual_seed(8)
+    vocab = len(lm.tokenizer)
+    rand = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
+    ctx = rand(12)
+    # the mixture's own greedy continuation of ctx: is_greedy must be True for it
+    lm.joint.fast_decode = False
+    greedy = lm.joint.generate(torch.tensor([ctx]), max_new_tokens=3, do_sample=False)[0, 12:].tolist()
+    requests = [(None, ctx, greedy), (None, ctx, rand(3))]
+    requests += [(None, ctx, [t]) for t in rand(4)]  # one-token continuations of one context: a cache group
+    requests += [(None, rand(n), rand(m)) for n, m in [(5, 1), (30, 8), (60, 4), (2, 20)]]  # (60: truncated)
+    results = {}
+    for flag in (False, True):
+        monkeypatch.setattr(lm, "fast_scoring", flag)
+        results[flag] = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    for (lp_f, g_f), (lp_p, g_p) in zip(results[True], results[False], strict=True):
+        assert lp_f == pytest.approx(lp_p, abs=2e-4)
+        assert g_f == g_p
+    assert results[True][0][1] is True and results[True][1][1] is False
+
+
+def test_loglikelihood_rolling_fast_equals_plain(memdec_lm, monkeypatch):
+    from lm_eval.api.instance import Instance
+
+    lm = memdec_lm
+    texts = ["The quick brown fox jumps over the lazy dog. " * 6, "A short one."]
+    reqs = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i) for i, t in enumerate(texts)]
+    results = {}
+    for flag in (False, True):
+        monkeypatch.setattr(lm, "fast_scoring", flag)
+        results[flag] = lm.loglikelihood_rolling(reqs, disable_tqdm=True)
+    assert results[True] == pytest.approx(results[False], abs=5e-4)
