@@ -342,7 +342,7 @@ def train(
     check_min_tokens(len(tokens), window, source)
     _check_model(model, tok, str(init), window, int(tokens.max()) + 1 if len(tokens) else None, source)
     windows = sliding_windows(len(tokens), window, stride or window)
-    tokens_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    tokens_t = torch.from_numpy(np.array(tokens, dtype=np.int32))  # a copy in memory; int64 per batch
 
     world = accelerator.num_processes
     global_batch = batch_size * world
@@ -359,18 +359,18 @@ def train(
         "peft": peft_config is not None, "n_tokens": int(len(tokens)), "n_windows": len(windows),
     }
     work = partial_dir(out)
-    if overwrite and accelerator.is_main_process:
-        shutil.rmtree(out, ignore_errors=True)
+    before = read_json(work / SETTINGS_JSON) if (work / SETTINGS_JSON).exists() else None
+    diff = sorted(k for k in settings if before is not None and before.get(k) != settings[k])
+    if diff and not overwrite:  # every process raises, none is left waiting
+        raise ValueError(f"{work}: holds an unfinished run with other settings ({', '.join(diff)}); "
+                         "rerun with the same settings to resume, or delete it")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        work.mkdir(parents=True, exist_ok=True)
-        if (work / SETTINGS_JSON).exists():
-            before = read_json(work / SETTINGS_JSON)
-            diff = sorted(k for k in settings if before.get(k) != settings[k])
-            if diff and not overwrite:
-                raise ValueError(f"{work}: holds an unfinished run with other settings ({', '.join(diff)}); "
-                                 "rerun with the same settings to resume, or delete it")
+        if overwrite:
+            shutil.rmtree(out, ignore_errors=True)
             if diff:
                 shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
         write_json(work / SETTINGS_JSON, settings)
     accelerator.wait_for_everyone()
 
