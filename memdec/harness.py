@@ -265,6 +265,7 @@ class MemDecLM(MixtureLM):
                  **kwargs: Any) -> None:
         if not memory:
             raise ValueError("memdec: give the Memory Decoder as memory=PATH_OR_ID in --model_args")
+        fast = _as_bool(fast, "fast")
         if lmbda is not None:
             check_lmbda(lmbda)
         if not float(mem_temperature) > 0:
@@ -281,7 +282,7 @@ class MemDecLM(MixtureLM):
                       f" (max_length {self.max_length}); pass a smaller max_length in --model_args")
         self.joint = MemoryDecoder(self.model, mem_model, self.tokenizer, self.lmbda, mem_temperature, memory,
                                    memory_revision)
-        if not _as_bool(fast, "fast"):  # the plain paths: full mixtures for scoring, dynamic caches for decoding
+        if not fast:  # the plain paths: full mixtures for scoring, dynamic caches for decoding
             self.fast_scoring = False
             self.joint.fast_decode = False
 

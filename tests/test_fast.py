@@ -270,3 +270,13 @@ def test_loglikelihood_rolling_fast_equals_plain(memdec_lm, monkeypatch):
         monkeypatch.setattr(lm, "fast_scoring", flag)
         results[flag] = lm.loglikelihood_rolling(reqs, disable_tqdm=True)
     assert results[True] == pytest.approx(results[False], abs=5e-4)
+
+
+def test_fast_model_arg_turns_both_fast_paths_off(tiny):
+    from memdec.harness import MemDecLM
+
+    lm = MemDecLM(pretrained=tiny["base"], memory=tiny["memory"], fast="false", batch_size=2, device="cpu")
+    assert lm.fast_scoring is False and lm.joint.fast_decode is False
+    assert lm.get_model_info()["fast"] is False
+    with pytest.raises(ValueError, match="fast must be true or false, got 'maybe'"):
+        MemDecLM(pretrained=tiny["base"], memory=tiny["memory"], fast="maybe", batch_size=2, device="cpu")
