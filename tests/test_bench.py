@@ -82,3 +82,16 @@ def test_time_budget_skips_and_marks_rows(tmp_path):
     for r in result["rows"]:
         assert r["greedy_ms"] is None and r["error"].endswith("skipped: time budget")
     assert "skipped: time budget" in (out / "bench.md").read_text()
+
+
+def test_bench_needs_no_lm_eval_faiss_or_datasets():
+    """The GPU host has torch and transformers only: every module the bench uses must import without the rest."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for n in ('lm_eval', 'faiss', 'datasets', 'bm25s'): sys.modules[n] = None\n"
+            "import memdec.bench, memdec.fast, memdec.joint, memdec.search, memdec.keys, memdec.cli\n"
+            "memdec.bench.arch_config('qwen2.5-0.5b', small=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
