@@ -312,7 +312,7 @@ def train(
     if batch_size < 1 or grad_accum < 1 or save_every < 1:
         raise ValueError("train: batch_size, grad_accum and save_every must be >= 1")
     if (out / MEMDEC_JSON).exists() and not overwrite:
-        raise FileExistsError(f"{out}: a trained model is already there (pass overwrite to replace it)")
+        raise FileExistsError(f"{out}: a trained model is already there (pass overwrite / --overwrite to replace it)")
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
