@@ -337,18 +337,50 @@ class GraphedDecoder:
         self.pos = n
         return tuple(outs)
 
+    def _rewind(self) -> None:
+        """Put each static cache's own write position back at `self.pos`.
+
+        transformers >= 5 static layers write at an internal counter (a tensor, advanced in place by
+        every forward) rather than at `cache_position`; warm-up runs and test replays advance it.
+        """
+        for cache in self.caches:
+            for layer in getattr(cache, "layers", []):
+                counter = getattr(layer, "cumulative_length", None)
+                if isinstance(counter, torch.Tensor):
+                    counter.fill_(self.pos)
+
+    def _warmup(self, times: int = 2) -> tuple[torch.Tensor, ...]:
+        """Run the step `times` times at the current position (compiling it); the caches are left as before."""
+        out: tuple[torch.Tensor, ...] = ()
+        for _ in range(times):
+            self._rewind()
+            out = tuple(t.float() for t in self._step_eager(self._ids, self._cpos))
+        self._rewind()
+        return out
+
+    def _graphable(self) -> bool:
+        # sliding-window layers keep python-int positions, which a captured graph would freeze
+        return not any(getattr(layer, "is_sliding", False) for c in self.caches for layer in getattr(c, "layers", []))
+
     def _capture(self) -> None:
-        # warm up (compiles, allocates the caches' buffers) on a side stream, then capture one step
+        # warm up (compiles; the caches' buffers exist since the prefill) on a side stream, then capture one step
         warm = torch.cuda.Stream(device=self.device)
         warm.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(warm):
-            for _ in range(2):
-                self._step_eager(self._ids, self._cpos)
+            ref = self._warmup(2)
         torch.cuda.current_stream(self.device).wait_stream(warm)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = self._step_eager(self._ids, self._cpos)
+        # the replayed graph must give the step it captured (same inputs: the eager warm-up's logits)
+        self._rewind()
+        graph.replay()
+        self._rewind()
+        for r, o in zip(ref, out, strict=True):
+            err = float((o.float() - r).abs().max())
+            if not err <= 1e-3 * (1.0 + float(r.abs().max())):
+                raise RuntimeError(f"GraphedDecoder: the captured step differs from the eager one (max error {err:g})")
         self._graph, self._out = graph, out
 
     @torch.no_grad()
@@ -356,6 +388,8 @@ class GraphedDecoder:
         """Feed `tokens` (batch,) at the next position; each model's logits (batch, vocab) for the one after."""
         if self.pos >= self.max_cache_len:
             raise ValueError(f"GraphedDecoder: the cache of {self.max_cache_len} tokens is full")
+        if self.use_graph and self._graph is None and not self._graphable():
+            self.use_graph = False
         if not self.use_graph:
             cpos = torch.tensor([self.pos], device=self.device)
             out = self._step_eager(tokens.reshape(-1, 1), cpos)

@@ -280,3 +280,22 @@ def test_fast_model_arg_turns_both_fast_paths_off(tiny):
     assert lm.get_model_info()["fast"] is False
     with pytest.raises(ValueError, match="fast must be true or false, got 'maybe'"):
         MemDecLM(pretrained=tiny["base"], memory=tiny["memory"], fast="maybe", batch_size=2, device="cpu")
+
+
+@pytest.mark.parametrize("base_name", ["base", "base_llama"])
+def test_warmup_runs_before_a_capture_leave_the_caches_consistent(models, base_name):
+    """On CUDA a new decoder runs its step eagerly twice before capturing it; that must not shift the caches."""
+    base, memory, vocab = models[base_name], models["memory"], len(models["tok"])
+    seq = torch.randint(0, vocab, (1, 14), generator=torch.Generator().manual_seed(9))
+    dec = fast.GraphedDecoder([base, memory], batch_size=1, max_cache_len=32)
+    got = [dec.prefill(seq[:, :6])]
+    for p in range(6, seq.shape[1]):
+        dec._ids.copy_(seq[:, p : p + 1])
+        dec._cpos.fill_(dec.pos)
+        dec._warmup(2)
+        got.append(dec.step(seq[:, p]))
+    with torch.no_grad():
+        for i, logits in enumerate(got):
+            n = 6 + i
+            for model, out in zip((base, memory), logits, strict=True):
+                torch.testing.assert_close(out, model(seq[:, :n]).logits[:, -1], atol=1e-4, rtol=1e-4)
