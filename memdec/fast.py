@@ -280,8 +280,9 @@ class GraphedDecoder:
         self.models = list(models)
         self.device = next(self.models[0].parameters()).device
         on_cuda = self.device.type == "cuda"
-        self.use_graph = on_cuda if use_graph is None else (use_graph and on_cuda)
         self.use_compile = compile_enabled(self.device) if use_compile is None else use_compile
+        # eager HF forwards synchronise with the CPU here and there, which a graph capture forbids
+        self.use_graph = (on_cuda and self.use_compile) if use_graph is None else (use_graph and on_cuda)
         self.batch_size = batch_size
         self.max_cache_len = max_cache_len
         self.caches = [make_static_cache(m, batch_size, max_cache_len) for m in self.models]
