@@ -184,6 +184,8 @@ class MixtureLM(HFLM):
         """Per request: (target log-probs, argmax or None, mixed log-probs at the last position, its index)."""
         from memdec import fast
 
+        if any(not ctx or not cont for _, ctx, cont in chunk):
+            raise ValueError("loglikelihood: every request needs a non-empty context and continuation")
         inps = [(list(ctx) + list(cont))[-(self.max_length + 1) :] for _, ctx, cont in chunk]
         inplens = [len(x) - 1 for x in inps]
         contlens = [len(cont) for _, _, cont in chunk]
