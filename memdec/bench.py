@@ -201,7 +201,8 @@ def score_base_hf(base, ids: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_memdec_plain(base, memory, ids: torch.Tensor, vocab: int, lmbda: float) -> torch.Tensor:
+def score_memdec_plain(base, memory, ids: torch.Tensor, vocab: int, lmbda: float,
+                       per_token: bool = False) -> torch.Tensor:
     """The plain mixture: float32 (B, T, V) log-probs of both, mixed, re-normalised as HFLM does, argmax."""
     x = ids[:, :-1]
     b = torch.log_softmax(align_vocab(base(x).logits, vocab).float(), dim=-1)
@@ -209,15 +210,16 @@ def score_memdec_plain(base, memory, ids: torch.Tensor, vocab: int, lmbda: float
     logp = torch.log_softmax(mix_logprobs(b, m, lmbda), dim=-1)
     greedy = logp.argmax(-1)
     lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return lp.sum() + (greedy == ids[:, 1:]).sum()
+    return lp if per_token else lp.sum() + (greedy == ids[:, 1:]).sum()
 
 
 @torch.no_grad()
-def score_memdec_fast(base, memory, ids: torch.Tensor, vocab: int, lmbda: float) -> torch.Tensor:
+def score_memdec_fast(base, memory, ids: torch.Tensor, vocab: int, lmbda: float,
+                      per_token: bool = False) -> torch.Tensor:
     """The fast path of the `memdec` lm-eval model for rolling windows (memdec.fast.score_tokens)."""
     lp, _ = fast.score_tokens(base, lambda i, a, k: fast.lm_logits(memory, i, a, k), ids[:, :-1], ids[:, 1:],
                               lmbda, vocab)
-    return lp.sum()
+    return lp if per_token else lp.sum()
 
 
 class KNN:
@@ -318,6 +320,24 @@ def _rag_generate(base, ids: torch.Tensor, n: int, sample: bool, stride: int, do
     return made
 
 
+@torch.no_grad()
+def agreement(base, memory, joint, prompt: torch.Tensor, vocab: int, lmbda: float, n: int, g: torch.Generator,
+              device: torch.device) -> dict[str, Any]:
+    """The fast paths against the plain ones on this device: scoring differences, greedy tokens in common."""
+    ids = torch.randint(0, vocab, (2, 257), generator=g).to(device)
+    diff = (score_memdec_fast(base, memory, ids, vocab, lmbda, True)
+            - score_memdec_plain(base, memory, ids, vocab, lmbda, True)).abs().max()
+    out = {}
+    for flag in (False, True):
+        joint.fast_decode = flag
+        out[flag] = joint.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   eos_token_id=base.config.eos_token_id)[0, prompt.shape[1] :]
+    same = (out[True] != out[False]).nonzero()
+    return {"score_max_abs_diff": float(diff), "greedy_tokens_compared": n,
+            "greedy_leading_tokens_equal": int(same[0, 0]) if len(same) else n,
+            "fast_decode_used": bool(joint.fast_decode)}
+
+
 def per_token_ms(gen: Callable[[int], Any], n: int, device: torch.device, warmup: int, repeats: int) -> float:
     """Decode latency per token: (time for n new tokens - time for 1) / (n - 1)."""
     t_n = time_ms(lambda: gen(n), device, warmup, repeats)
@@ -379,10 +399,11 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
     g = torch.Generator(device="cpu").manual_seed(settings.seed)
     lmbda = settings.lmbda
     rows: list[Row] = []
+    checks: dict[str, Any] | None = None
 
     t_start = time.perf_counter()
 
-    def measure(row: Row, what: str, fn: Callable[[], float]) -> float | None:
+    def measure(row: Row, what: str, fn: Callable[[], Any]) -> Any:
         if time.perf_counter() - t_start > settings.budget_s:
             if not (row.error or "").endswith("time budget"):
                 row.error = (row.error + "; " if row.error else "") + f"{what} and later skipped: time budget"
@@ -484,6 +505,7 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
     decoding(r, lambda k, s: joint_generate(k, s, True))
     if getattr(joint, "fast_decode", None) is False:
         r.error = (r.error + "; " if r.error else "") + "fast decoding fell back to the plain loop (see the log)"
+    checks = measure(r, "agreement check", lambda: agreement(base, memory, joint, prompt, vocab, lmbda, n, g, device))
     joint = None  # noqa: F841  (the memory moves off the GPU below)
     memory = memory.cpu() if device.type == "cuda" else memory
     if device.type == "cuda":
@@ -523,7 +545,7 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
 
     if fast._COMPILE_FAILED:
         env["compile_failed"] = sorted(fast._COMPILE_FAILED)
-    result = {"settings": _jsonable(asdict(settings)), "environment": env,
+    result = {"settings": _jsonable(asdict(settings)), "environment": env, "checks": checks,
               "params": {"base": n_params(base), "memory": n_params(memory)},
               "rows": [asdict(x) for x in rows]}
     result["table"] = markdown_table(result)
@@ -608,6 +630,12 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"fastest base row; batch 1, prompt {s['prompt_len']}, {s['new_tokens']} new tokens, "
              "(t(N) - t(1)) / (N - 1).",
              ]
+    c = result.get("checks")
+    if c:
+        notes.append(f"Fast vs plain on this device: scoring max |difference| {c['score_max_abs_diff']:.2e} nats "
+                     f"per token (2x256 tokens); greedy decoding: the first {c['greedy_leading_tokens_equal']} of "
+                     f"{c['greedy_tokens_compared']} tokens identical (random weights give near-uniform "
+                     "distributions, where bf16 rounding can flip an argmax).")
     if env.get("compile_failed"):
         notes.append(f"torch.compile failed for {', '.join(env['compile_failed'])}: plain torch was used there.")
     for r in rows:

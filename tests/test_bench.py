@@ -55,6 +55,9 @@ def test_small_cpu_run_writes_table_json_and_plot(tmp_path, capsys):
     for r in result["rows"]:
         if not r["method"].startswith("base ("):
             assert all(v is not None and v > 0 for v in r["score"].values()), r
+    checks = result["checks"]  # the fast paths agree with the plain ones (float32 on CPU: same greedy tokens)
+    assert checks["score_max_abs_diff"] < 1e-4 and checks["fast_decode_used"]
+    assert checks["greedy_leading_tokens_equal"] == checks["greedy_tokens_compared"] == 8
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["date"] and env["device_name"]
     assert table.startswith("| method |") and "+MemDec (fast)" in table
