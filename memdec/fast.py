@@ -271,13 +271,17 @@ class GraphedDecoder:
 
     `prefill(input_ids)` runs the prompt (no padding) and returns each model's last logits;
     `step(tokens)` feeds one token per row and returns the next logits, as a tuple with one entry per
-    model. On CUDA each model's forward is compiled and both are captured into one graph per decoder,
-    the second model on a side stream; elsewhere the same static-cache calls run eagerly.
+    model. With `post`, both return `(post(that tuple),)` instead, and on CUDA `post` (e.g. the
+    mixture) is captured in the graph too. On CUDA each model's forward is compiled and both are
+    captured into one graph per decoder, the second model on a side stream; elsewhere the same
+    static-cache calls run eagerly.
     """
 
     def __init__(self, models: list, batch_size: int, max_cache_len: int, use_graph: bool | None = None,
-                 use_compile: bool | None = None) -> None:
+                 use_compile: bool | None = None,
+                 post: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None = None) -> None:
         self.models = list(models)
+        self.post = post
         self.device = next(self.models[0].parameters()).device
         on_cuda = self.device.type == "cuda"
         self.use_compile = compile_enabled(self.device) if use_compile is None else use_compile
@@ -318,6 +322,10 @@ class GraphedDecoder:
         main.wait_stream(side)
         return (first, *rest)
 
+    def _run(self, ids: torch.Tensor, cpos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = self._step_eager(ids, cpos)
+        return (self.post(outs),) if self.post is not None else outs
+
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Reset the caches, run the prompt (batch, length) through every model; last-position logits."""
@@ -336,7 +344,7 @@ class GraphedDecoder:
             outs.append(m(input_ids=input_ids, cache_position=cpos, position_ids=cpos.unsqueeze(0).expand(b, -1),
                           use_cache=True, **kwargs).logits[:, -1])
         self.pos = n
-        return tuple(outs)
+        return (self.post(tuple(outs)),) if self.post is not None else tuple(outs)
 
     def _rewind(self) -> None:
         """Put each static cache's own write position back at `self.pos`.
@@ -355,7 +363,7 @@ class GraphedDecoder:
         out: tuple[torch.Tensor, ...] = ()
         for _ in range(times):
             self._rewind()
-            out = tuple(t.float() for t in self._step_eager(self._ids, self._cpos))
+            out = tuple(t.float() for t in self._run(self._ids, self._cpos))
         self._rewind()
         return out
 
@@ -373,7 +381,7 @@ class GraphedDecoder:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self._step_eager(self._ids, self._cpos)
+            out = self._run(self._ids, self._cpos)
         # the replayed graph must give the step it captured (same inputs: the eager warm-up's logits)
         self._rewind()
         graph.replay()
@@ -393,7 +401,7 @@ class GraphedDecoder:
             self.use_graph = False
         if not self.use_graph:
             cpos = torch.tensor([self.pos], device=self.device)
-            out = self._step_eager(tokens.reshape(-1, 1), cpos)
+            out = self._run(tokens.reshape(-1, 1), cpos)
         else:
             self._ids.copy_(tokens.reshape(-1, 1))
             self._cpos.fill_(self.pos)

@@ -452,24 +452,26 @@ class MemoryDecoder:
         size = -(-(total + 1) // 256) * 256
         if self.max_length is not None:
             size = max(total + 1, min(size, self.max_length))
+        lmbda, temperature, vocab = self.lmbda, self.mem_temperature, self.vocab_size
+
+        def mixture(logits: tuple[torch.Tensor, ...]) -> torch.Tensor:  # part of the captured step on CUDA
+            return fast.mixture_logprobs(logits[0], logits[1].to(logits[0].device), lmbda, vocab, temperature)
+
+        key = (batch, size, lmbda, temperature)
         decoders = self.__dict__.setdefault("_decoders", {})
-        if (batch, size) not in decoders:
+        if key not in decoders:
             decoders.clear()  # each holds two static KV caches
-            decoders[(batch, size)] = fast.GraphedDecoder([self.base, self.memory], batch, size)
-        return decoders[(batch, size)]
+            decoders[key] = fast.GraphedDecoder([self.base, self.memory], batch, size, post=mixture)
+        return decoders[key]
 
     def _fast_step(self, decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: int | None):
-        """`_step` on static caches: the prompt once, then one token per call."""
-        from memdec import fast
-
+        """`_step` on static caches: the prompt once, then one token per call (the decoder mixes)."""
         if state is None:
-            base_logits, mem_logits = decoder.prefill(input_ids)
+            (logp,) = decoder.prefill(input_ids)
         else:
             if input_ids.shape[1] != state + 1:
                 raise RuntimeError(f"fast decoding expects one new token per step, got {input_ids.shape[1] - state}")
-            base_logits, mem_logits = decoder.step(input_ids[:, -1])
-        logp = fast.mixture_logprobs(base_logits, mem_logits.to(base_logits.device), self.lmbda, self.vocab_size,
-                                     self.mem_temperature)
+            (logp,) = decoder.step(input_ids[:, -1])
         return logp, input_ids.shape[1]
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

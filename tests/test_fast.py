@@ -299,3 +299,18 @@ def test_warmup_runs_before_a_capture_leave_the_caches_consistent(models, base_n
             n = 6 + i
             for model, out in zip((base, memory), logits, strict=True):
                 torch.testing.assert_close(out, model(seq[:, :n]).logits[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_fast_step_gives_the_plain_steps_distributions(joint, monkeypatch):
+    """Distributions, not just tokens: tiny random models rarely change their argmax."""
+    seq = torch.randint(0, len(joint.tokenizer), (2, 12), generator=torch.Generator().manual_seed(12))
+    mask = torch.ones_like(seq)
+    for lmbda in (0.9, 0.1):  # a decoder is kept per lmbda: the mixture is part of its captured step
+        monkeypatch.setattr(joint, "lmbda", lmbda)
+        decoder = joint._fast_decoder(2, 12)
+        fast_state = plain_state = None
+        for n in range(5, 13):
+            fast_lp, fast_state = joint._fast_step(decoder, seq[:, :n], mask[:, :n], fast_state)
+            plain_lp, plain_state = joint._step(seq[:, :n], mask[:, :n], plain_state)
+            torch.testing.assert_close(fast_lp, plain_lp, atol=1e-5, rtol=1e-5)
+    assert len(joint._decoders) == 1 and next(iter(joint._decoders))[2:] == (0.1, 1.5)
