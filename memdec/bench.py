@@ -461,13 +461,14 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
     def graphed_single(k: int, s: bool) -> torch.Tensor:
         # the base alone on memdec's graphed step, through the same decode loop as MemoryDecoder.generate
         if "dec" not in single:
-            single["dec"] = fast.GraphedDecoder([base], 1, settings.prompt_len + n + 8,
-                                                use_compile=settings.compile and device.type == "cuda")
+            single["dec"] = fast.GraphedDecoder(
+                [base], 1, settings.prompt_len + n + 8, use_compile=settings.compile and device.type == "cuda",
+                post=lambda out: torch.log_softmax(align_vocab(out[0], vocab).float(), dim=-1))  # in the graph
         dec = single["dec"]
 
         def step(ids, _mask, state):
-            (logits,) = dec.prefill(ids) if state is None else dec.step(ids[:, -1])
-            return torch.log_softmax(align_vocab(logits, vocab).float(), dim=-1), ids.shape[1]
+            (logp,) = dec.prefill(ids) if state is None else dec.step(ids[:, -1])
+            return logp, ids.shape[1]
 
         kw = sampling if s else {"do_sample": False}
         return generate_tokens(step, prompt, None, None, base.generation_config, max_new_tokens=k,
