@@ -13,7 +13,7 @@ OUT="${OUT:-runs/bench-gpu}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null || true
-python -m memdec.cli bench --device cuda --out "$OUT" "$@" > "$OUT/bench.log" 2> "$OUT/stderr.txt"
+python3 -m memdec.cli bench --device cuda --out "$OUT" "$@" > "$OUT/bench.log" 2> "$OUT/stderr.txt"
 rc=$?
 tail -n 30 "$OUT/stderr.txt" >&2
 grep -v '^|' "$OUT/bench.log" | head -n 60
