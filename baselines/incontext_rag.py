@@ -96,8 +96,12 @@ class ChunkIndex:
                 starts, ends = chunk_spans(tokens, tokenizer.eos_token_id, chunk_tokens)
                 chunk_texts = [tokenizer.decode(tokens[a:b].tolist(), skip_special_tokens=True)
                                for a, b in zip(starts, ends, strict=True)]
+                words = bm25s.tokenize(chunk_texts, stopwords="en", show_progress=False)
+                if not words.vocab:
+                    raise ValueError(f"incontext_rag: corpus {spec.describe()} has no words BM25 can index "
+                                     "(its chunks decode to no alphanumeric non-stopword tokens)")
                 retriever = bm25s.BM25()
-                retriever.index(bm25s.tokenize(chunk_texts, stopwords="en", show_progress=False), show_progress=False)
+                retriever.index(words, show_progress=False)
                 retriever.save(str(tmp / "bm25"), show_progress=False)
                 save_npy(tmp / "tokens.npy", tokens.astype(np.int32))
                 save_npy(tmp / "starts.npy", starts.astype(np.int64))

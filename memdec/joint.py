@@ -198,7 +198,7 @@ def eos_ids(config) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def logits_processors(config, prompt_length: int):
+def logits_processors(config, prompt_length: int, device: torch.device | str = "cpu"):
     """transformers' processors/warpers for `config`: penalties and minimum lengths, then sampling warpers."""
     from transformers import (
         LogitsProcessorList,
@@ -216,9 +216,9 @@ def logits_processors(config, prompt_length: int):
     if config.repetition_penalty not in (None, 1.0):
         procs.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
     if eos and config.min_length:
-        procs.append(MinLengthLogitsProcessor(config.min_length, eos))
+        procs.append(MinLengthLogitsProcessor(config.min_length, eos, device=str(device)))
     if eos and config.min_new_tokens:
-        procs.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos))
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos, device=str(device)))
     if config.do_sample:
         if config.temperature is not None and config.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(config.temperature))
@@ -266,7 +266,7 @@ def generate_tokens(
                          f"{context_limit} of the joint model")
     eos = eos_ids(config)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-    procs = logits_processors(config, prompt_len)
+    procs = logits_processors(config, prompt_len, input_ids.device)
     stops = StoppingCriteriaList(list(stopping_criteria or []))
     if config.stop_strings:
         if tokenizer is None:

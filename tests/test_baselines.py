@@ -239,6 +239,9 @@ def test_rag_bad_input(tiny, tmp_path):
         _rag(tiny, tmp_path, corpus=blank)
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         _rag(tiny, tmp_path, corpus=str(tmp_path / "nowhere.jsonl"))
+    stop = _write_jsonl(tmp_path / "stopwords.jsonl", ["the of and a to in it is", "-- ... !! ??"])
+    with pytest.raises(ValueError, match="stopwords.jsonl has no words BM25 can index"):
+        _rag(tiny, tmp_path, corpus=stop)
     with pytest.raises(ValueError, match="stride must be >= 1"):
         _rag(tiny, tmp_path, stride=0)
 
