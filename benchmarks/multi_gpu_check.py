@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -87,8 +86,7 @@ def main() -> None:
     one, many = out / "n1", out / f"n{a.nproc}"
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not a.cpu else "cpu",
               "nproc": a.nproc, "times_s": runs, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    for stage in ("ds",):
-        result["datastore_identical"] = sha256s(one / stage) == sha256s(many / stage)
+    result["datastore_identical"] = sha256s(one / "ds") == sha256s(many / "ds")
     tdir = next((one / "ds").glob("targets-*")).name
     result["targets_identical"] = sha256s(one / "ds" / tdir) == sha256s(many / "ds" / tdir)
     from safetensors.torch import load_file
@@ -98,7 +96,7 @@ def main() -> None:
     result["train_max_abs_weight"] = max(w1[k].abs().max().item() for k in w1)
     (out / "multi_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# 1 vs {a.nproc} processes ({result['device']}, {result['date']})", "",
-          "| stage | 1 process (s) | %d processes (s) | same output |" % a.nproc, "|---|---:|---:|---|",
+          f"| stage | 1 process (s) | {a.nproc} processes (s) | same output |", "|---|---:|---:|---|",
           f"| datastore | {runs[1]['datastore_s']:.1f} | {runs[a.nproc]['datastore_s']:.1f} | "
           f"{'byte-identical' if result['datastore_identical'] else 'DIFFERENT'} |",
           f"| targets (k={a.k}) | {runs[1]['targets_s']:.1f} | {runs[a.nproc]['targets_s']:.1f} | "
@@ -107,8 +105,7 @@ def main() -> None:
           f"max weight diff {result['train_max_abs_weight_diff']:.2e} (max weight {result['train_max_abs_weight']:.2f}) |",
           "", "Times include process start-up and model loading (small models: they measure equality, not speed)."]
     (out / "multi_gpu.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    os.sys.stdout.flush()
+    print("\n".join(md), flush=True)
 
 
 if __name__ == "__main__":
