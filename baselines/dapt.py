@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from memdec.data import CorpusSpec
 from memdec.formats import write_json
 
 BASELINE_JSON = "baseline.json"
@@ -21,7 +22,7 @@ BASELINE_JSON = "baseline.json"
 def dapt(
     model: str | os.PathLike,
     out: str | os.PathLike,
-    corpus: str | None = None,
+    corpus: str | CorpusSpec | None = None,
     datastore: str | os.PathLike | None = None,
     lr: float = 5e-5,
     **train_kwargs,

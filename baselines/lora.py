@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from memdec.data import CorpusSpec
 from memdec.formats import write_json
 
 BASELINE_JSON = "baseline.json"
@@ -93,7 +94,7 @@ def match_rank(model: nn.Module, target_modules: Sequence[str], n_params: int) -
 def lora(
     model: str | os.PathLike,
     out: str | os.PathLike,
-    corpus: str | None = None,
+    corpus: str | CorpusSpec | None = None,
     datastore: str | os.PathLike | None = None,
     rank: int | None = None,
     match_params: str | os.PathLike | None = None,

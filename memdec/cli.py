@@ -9,6 +9,25 @@ import argparse
 import os
 import sys
 
+# ---- shared options ----
+
+
+def _add_corpus_options(p) -> None:
+    """--split / --text-column / --max-docs: how to read a corpus given as a path or hf:NAME[:CONFIG]."""
+    p.add_argument("--split", help="hub dataset split (default train)")
+    p.add_argument("--text-column", help="field/column holding the text (default text)")
+    p.add_argument("--max-docs", type=int, help="use only the first N documents")
+
+
+def _corpus_spec(value: str | None, args):
+    """A CorpusSpec from a --corpus/--data value and the corpus options (None stays None)."""
+    from memdec.data import CorpusSpec
+
+    if value is None:
+        return None
+    return CorpusSpec.from_arg(value, split=args.split, text_column=args.text_column, max_docs=args.max_docs)
+
+
 # ---- demo (memdec/demo.py) ----
 
 
@@ -34,6 +53,7 @@ def _add_train(sub) -> None:
     p.add_argument("--datastore", help="datastore folder (memdec datastore)")
     p.add_argument("--targets", help="kNN targets folder (default: the one DATASTORE/targets-* folder)")
     p.add_argument("--corpus", help="instead of a datastore: a corpus (path or hf:NAME[:CONFIG]) for beta=0 fine-tuning")
+    _add_corpus_options(p)
     p.add_argument("--beta", type=float, default=0.5, help="weight of the KL term (default 0.5; 0 = plain CE)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the windows)")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -54,7 +74,7 @@ def _add_train(sub) -> None:
     def run(args):
         from memdec.train import train
 
-        out = train(args.init, args.out, datastore=args.datastore, targets=args.targets, corpus=args.corpus,
+        out = train(args.init, args.out, datastore=args.datastore, targets=args.targets, corpus=_corpus_spec(args.corpus, args),
                     beta=args.beta, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
                     grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                     max_grad_norm=args.max_grad_norm, window=args.window, stride=args.stride,
@@ -72,6 +92,7 @@ def _baseline_train_args(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", help="domain corpus: a file, folder or glob of .txt/.jsonl/.json/.parquet, or hf:NAME[:CONFIG]")
     src.add_argument("--datastore", help="train on a datastore's token stream and window (the pipeline's windows)")
+    _add_corpus_options(p)
     p.add_argument("--model", required=True, help="base model: HF dir or hub id")
     p.add_argument("--out", required=True, help="output folder (written as OUT.partial, resumed after a kill)")
     p.add_argument("--window", type=int, help="tokens per window (default: the datastore's, else min(context, 1024))")
@@ -87,7 +108,7 @@ def _baseline_train_args(p) -> None:
 
 
 def _baseline_train_kwargs(args) -> dict:
-    return dict(model=args.model, out=args.out, corpus=args.corpus, datastore=args.datastore, window=args.window,
+    return dict(model=args.model, out=args.out, corpus=_corpus_spec(args.corpus, args), datastore=args.datastore, window=args.window,
                 stride=args.stride, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
                 grad_accum=args.grad_accum, save_every=args.save_every, seed=args.seed,
                 mixed_precision=args.mixed_precision, overwrite=args.overwrite)
@@ -137,9 +158,7 @@ def _add_datastore(sub) -> None:
     p.add_argument("--model", required=True, help="base model: HF dir or hub id")
     p.add_argument("--corpus", required=True, help="a file, folder or glob of .txt/.jsonl/.json/.parquet, or hf:NAME[:CONFIG]")
     p.add_argument("--out", required=True, help="output folder (written as OUT.partial, resumed after a kill)")
-    p.add_argument("--split", help="hub dataset split (default train)")
-    p.add_argument("--text-column", help="field/column holding the text (default text)")
-    p.add_argument("--max-docs", type=int, help="use only the first N documents")
+    _add_corpus_options(p)
     p.add_argument("--revision", help="model revision on the hub")
     p.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
     p.add_argument("--stride", type=int, help="window stride (default: the window)")
@@ -150,11 +169,9 @@ def _add_datastore(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and an unfinished run with other settings)")
 
     def run(args):
-        from memdec.data import CorpusSpec
         from memdec.datastore import build_datastore
 
-        spec = CorpusSpec.from_arg(args.corpus, split=args.split, text_column=args.text_column, max_docs=args.max_docs)
-        out = build_datastore(args.model, spec, args.out, window=args.window, stride=args.stride,
+        out = build_datastore(args.model, _corpus_spec(args.corpus, args), args.out, window=args.window, stride=args.stride,
                               batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                               shard_rows=args.shard_rows, revision=args.revision, overwrite=args.overwrite)
         print(out)
@@ -257,9 +274,7 @@ def _add_tune_lambda(sub) -> None:
     p.add_argument("--base", required=True, help="base model (hub name or folder)")
     p.add_argument("--memory", required=True, help="memory decoder folder (or hub name)")
     p.add_argument("--data", required=True, help="validation text: a local file/folder or hf:NAME[:CONFIG]")
-    p.add_argument("--split", default=None, help="hub split (default: train)")
-    p.add_argument("--text-column", default=None, help="text field (default: text)")
-    p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
+    _add_corpus_options(p)
     p.add_argument("--window", type=int, default=None, help="window (default: min(1024, context length))")
     p.add_argument("--stride", type=int, default=None, help="stride (default: window / 2)")
     p.add_argument("--grid", default="0:1:0.05", help="START:STOP:STEP (STOP included) or a,b,c (default 0:1:0.05)")
