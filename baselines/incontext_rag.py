@@ -33,6 +33,17 @@ from memdec.data import CorpusSpec, load_texts, tokenize
 from memdec.formats import is_complete, load_npy, read_manifest, save_npy, staged_output, write_manifest
 from memdec.mixing import tokenizer_fingerprint
 
+
+def _bm25s():
+    """bm25s, imported so that it cannot take the GPU: bm25s imports JAX when installed, and JAX would
+    preallocate 75 % of the GPU's memory at import (seen as CUDA out-of-memory in the base model)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import bm25s
+
+    return bm25s
+
+
 INDEX_KIND = "rag_index"
 INDEX_VERSION = 1
 
@@ -75,7 +86,7 @@ class ChunkIndex:
         cls, corpus: str | CorpusSpec, tokenizer, chunk_tokens: int, cache_dir: str | os.PathLike | None = None
     ) -> ChunkIndex:
         """The index of `corpus` chunked by `tokenizer`, loaded from the cache or built and cached."""
-        import bm25s
+        bm25s = _bm25s()
 
         if chunk_tokens < 1:
             raise ValueError(f"incontext_rag: chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -117,7 +128,7 @@ class ChunkIndex:
 
     def retrieve(self, queries: list[str]) -> list[np.ndarray | None]:
         """The best chunk's token ids for each query text, or None where no chunk shares a term with it."""
-        import bm25s
+        bm25s = _bm25s()
 
         if not queries:
             return []
