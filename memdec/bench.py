@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from memdec import fast
-from memdec.mixing import align_vocab, mix_logprobs
+from memdec.mixing import log_softmax, mix_logprobs
 
 ARCH_DIR = Path(__file__).parent / "configs" / "arch"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -205,9 +205,8 @@ def score_memdec_plain(base, memory, ids: torch.Tensor, vocab: int, lmbda: float
                        per_token: bool = False) -> torch.Tensor:
     """The plain mixture: float32 (B, T, V) log-probs of both, mixed, re-normalised as HFLM does, argmax."""
     x = ids[:, :-1]
-    b = torch.log_softmax(align_vocab(base(x).logits, vocab).float(), dim=-1)
-    m = torch.log_softmax(align_vocab(memory(x).logits, vocab).float(), dim=-1)
-    logp = torch.log_softmax(mix_logprobs(b, m, lmbda), dim=-1)
+    logp = torch.log_softmax(mix_logprobs(log_softmax(base(x).logits, vocab), log_softmax(memory(x).logits, vocab),
+                                          lmbda), dim=-1)
     greedy = logp.argmax(-1)
     lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
     return lp if per_token else lp.sum() + (greedy == ids[:, 1:]).sum()
@@ -301,8 +300,7 @@ def _knn_generate(knn: KNN, ids: torch.Tensor, n: int, lmbda: float, sample: boo
     for _ in range(n):
         with knn.capture_keys(knn.base) as cap:  # (the DynamicCache is updated in place)
             res = knn.base(input_ids=x, use_cache=True, logits_to_keep=1, **{name: cache})
-        base_lp = torch.log_softmax(align_vocab(res.logits[:, -1], knn.vocab).float(), dim=-1)
-        lp = mix_logprobs(base_lp, knn.knn_logprobs_full(cap.keys[:, -1]), lmbda)
+        lp = mix_logprobs(log_softmax(res.logits[:, -1], knn.vocab), knn.knn_logprobs_full(cap.keys[:, -1]), lmbda)
         nxt = _sampler(lp, out) if sample else lp.argmax(-1)
         out = torch.cat([out, nxt[:, None]], 1)
         x = nxt[:, None]
@@ -380,6 +378,20 @@ def _err(e: BaseException) -> str:
 def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
               progress: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Run every measurement of `settings`; write bench.json / bench.md / bench.png to `out`; the results."""
+    saved = os.environ.get("MEMDEC_COMPILE")
+    if not settings.compile:  # memdec.fast's fused kernels and MemoryDecoder's graphed decoding
+        os.environ["MEMDEC_COMPILE"] = "0"
+    try:
+        return _run_bench(settings, out, progress)
+    finally:
+        if saved is None:
+            os.environ.pop("MEMDEC_COMPILE", None)
+        else:
+            os.environ["MEMDEC_COMPILE"] = saved
+
+
+def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
+               progress: Callable[[str], None] | None) -> dict[str, Any]:
     say = progress or (lambda _m: None)
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -387,8 +399,6 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
     if settings.dtype not in DTYPES:
         raise ValueError(f"bench: unknown dtype {settings.dtype!r} (use {', '.join(DTYPES)})")
     dtype = DTYPES[settings.dtype]
-    if not settings.compile:
-        os.environ["MEMDEC_COMPILE"] = "0"
     env = environment(device)
     say(f"bench on {env['device_name']} (torch {env['torch']}, transformers {env['transformers']})")
     base = build_model(settings.base, settings.small, dtype, device, settings.seed)
@@ -463,7 +473,7 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
         if "dec" not in single:
             single["dec"] = fast.GraphedDecoder(
                 [base], 1, settings.prompt_len + n + 8, use_compile=settings.compile and device.type == "cuda",
-                post=lambda out: torch.log_softmax(align_vocab(out[0], vocab).float(), dim=-1))  # in the graph
+                post=lambda out: log_softmax(out[0], vocab))  # in the graph
         dec = single["dec"]
 
         def step(ids, _mask, state):

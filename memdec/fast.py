@@ -15,6 +15,7 @@ that gives the same numbers.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -23,7 +24,8 @@ from typing import Any
 
 import torch
 
-from memdec.mixing import align_vocab, check_lmbda, mix_logprobs
+from memdec import scoring
+from memdec.mixing import align_vocab, check_lmbda, log_softmax, mix_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +43,6 @@ def compile_enabled(device: torch.device) -> bool:
 
 def _rows_per_chunk(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
-
-
-def _prepared(logits: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
-    x = align_vocab(logits, vocab_size).float()
-    return x / temperature if temperature != 1.0 else x
-
-
-def _target_logprobs_eager(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                           temperature: float) -> torch.Tensor:
-    x = _prepared(logits, vocab_size, temperature)
-    return x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
 
 
 def _compiled(name: str, fn: Callable) -> Callable | None:
@@ -96,13 +87,13 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
     if x.shape[0] == 0:
         return torch.zeros(shape, dtype=torch.float32, device=logits.device)
     if compile_enabled(x.device):
-        out = _call_compiled("target_logprobs", _target_logprobs_eager, x, t, vocab_size, float(temperature))
+        out = _call_compiled("target_logprobs", scoring.target_logprobs, x, t, vocab_size, float(temperature))
         if out is not None:
-            return out.reshape(shape)
+            return out.float().reshape(shape)
     step = _rows_per_chunk(vocab_size)
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for i in range(0, x.shape[0], step):
-        out[i : i + step] = _target_logprobs_eager(x[i : i + step], t[i : i + step], vocab_size, temperature)
+        out[i : i + step] = scoring.target_logprobs(x[i : i + step], t[i : i + step], vocab_size, temperature)
     return out.reshape(shape)
 
 
@@ -131,9 +122,7 @@ def mixture_target_logprobs(
 
 def _mixture_rows_eager(base: torch.Tensor, other: torch.Tensor, lmbda: float, vocab_size: int,
                         other_temperature: float) -> torch.Tensor:
-    b = torch.log_softmax(_prepared(base, vocab_size, 1.0), dim=-1)
-    o = torch.log_softmax(_prepared(other, vocab_size, other_temperature), dim=-1)
-    return mix_logprobs(b, o, lmbda)
+    return mix_logprobs(log_softmax(base, vocab_size), log_softmax(other, vocab_size, other_temperature), lmbda)
 
 
 def mixture_logprobs(
@@ -170,12 +159,18 @@ def mixture_argmax(
 # ---- running two models ----
 
 
+@functools.cache
+def _forward_params(model_class: type) -> frozenset[str]:
+    """Names of the parameters of a model class's forward (empty if it has no readable signature)."""
+    try:
+        return frozenset(inspect.signature(model_class.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
 def accepts_logits_to_keep(model) -> bool:
     """Whether `model.forward` takes `logits_to_keep` (computing the LM head on the last positions only)."""
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return "logits_to_keep" in _forward_params(type(model))
 
 
 def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -250,11 +245,7 @@ def score_tokens(
 
 def cache_kwarg(model) -> str:
     """The forward keyword for a KV cache: `cache` (transformers >= 5.2x) or `past_key_values` (older)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
 
 
 def make_static_cache(model, batch_size: int, max_cache_len: int):
@@ -434,7 +425,7 @@ def greedy_mixture_decode(
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
         if len(logits) == 1:
-            lp = torch.log_softmax(align_vocab(logits[0], vocab_size).float(), dim=-1)
+            lp = log_softmax(logits[0], vocab_size)
         else:
             lp = mixture_logprobs(logits[0], logits[1], lmbda, vocab_size, other_temperature)
         nxt = sample(lp, out) if sample is not None else lp.argmax(-1)

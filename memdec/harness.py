@@ -34,6 +34,7 @@ from memdec.joint import (
     MemoryDecoder,
     check_context,
     check_memory_tokenizer,
+    check_temperature,
     default_lmbda,
     generate_tokens,
     load_causal_lm,
@@ -270,8 +271,7 @@ class MemDecLM(MixtureLM):
         fast = _as_bool(fast, "fast")
         if lmbda is not None:
             check_lmbda(lmbda)
-        if not float(mem_temperature) > 0:
-            raise ValueError(f"mem_temperature must be > 0, got {mem_temperature}")
+        mem_temperature = check_temperature(mem_temperature)
         memory = resolve_model_path(str(memory), "memory")
         memory_revision = None if memory_revision is None else str(memory_revision)
         lmbda = default_lmbda(read_memdec_json(memory, memory_revision)) if lmbda is None else lmbda

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import os
 import re
 import warnings
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memdec.fast import GraphedDecoder, cache_kwarg, mixture_logprobs
 from memdec.mixing import check_lmbda, check_same_tokenizer, log_softmax, mix_logprobs
 from memdec.scoring import max_positions, perplexity, token_logprobs
 
@@ -36,16 +36,32 @@ MEMDEC_JSON = "memdec.json"
 DEFAULT_LMBDA = 0.5
 
 # Generation settings this decoder honours; anything else set away from its default is refused.
-_GEN_DEFAULTS: dict[str, Any] = {
-    "max_length": 20, "min_length": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-    "min_p": None, "repetition_penalty": 1.0, "num_beams": 1, "num_return_sequences": 1,
-    "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
-}
 _UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "return_dict_in_generate": False,
                 "output_scores": False, "output_logits": False}
+_GEN_DEFAULTS: dict[str, Any] = {
+    "max_length": 20, "min_length": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+    "min_p": None, "repetition_penalty": 1.0, **_UNSUPPORTED,
+}
 
 
 # ---- loading ----
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_temperature(value: Any, name: str = "mem_temperature") -> float:
+    """Return `value` as a float, or raise a one-line error naming `name` unless it is a number > 0."""
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number > 0, got {value!r}") from None
+    if not temperature > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return temperature
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -89,8 +105,7 @@ def load_tokenizer(name: str, what: str, revision: str | None = None, trust_remo
     try:
         return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"{what} {name}: cannot load its tokenizer ({first})") from None
+        raise FileNotFoundError(f"{what} {name}: cannot load its tokenizer ({_first_line(e)})") from None
 
 
 def check_memory_tokenizer(base_tokenizer, memory: str, memory_revision: str | None = None,
@@ -125,8 +140,7 @@ def load_causal_lm(name: str, what: str, revision: str | None = None, dtype: Any
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"{what} {name}: cannot load the model ({first})") from None
+        raise FileNotFoundError(f"{what} {name}: cannot load the model ({_first_line(e)})") from None
     if device is not None:
         model = model.to(device)
     return model.eval()
@@ -151,13 +165,6 @@ def model_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         attention_mask = attention_mask.to(device)
         kwargs.update(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
     return log_softmax(model(**kwargs).logits, vocab_size, temperature)
-
-
-@functools.cache
-def _cache_kwarg(model_class: type) -> str:
-    """The KV-cache argument of a model's forward: `cache` (transformers >= 5.2x) or `past_key_values`."""
-    params = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 # ---- the decode loop ----
@@ -314,9 +321,7 @@ class MemoryDecoder:
         self.memory = memory.eval()
         self.tokenizer = tokenizer
         self.lmbda = check_lmbda(lmbda)
-        if not float(mem_temperature) > 0:
-            raise ValueError(f"mem_temperature must be > 0, got {mem_temperature}")
-        self.mem_temperature = float(mem_temperature)
+        self.mem_temperature = check_temperature(mem_temperature)
         self.memory_name = memory_name or getattr(memory, "name_or_path", None)
         self.memory_revision = memory_revision
 
@@ -339,6 +344,7 @@ class MemoryDecoder:
         """
         if lmbda is not None:
             check_lmbda(lmbda)
+        check_temperature(mem_temperature)
         base = resolve_model_path(base, "base")
         memory = resolve_model_path(memory, "memory")
         info = read_memdec_json(memory, memory_revision)
@@ -415,7 +421,7 @@ class MemoryDecoder:
                     position_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
         """One forward of one model over the new tokens with its KV cache: (last-position logits (B, V'), cache)."""
         device = model.device
-        name = _cache_kwarg(type(model))
+        name = cache_kwarg(model)
         out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                     position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1, **{name: cache})
         return out.logits[:, -1, :], getattr(out, name)
@@ -430,9 +436,8 @@ class MemoryDecoder:
         mem_logits, state.caches["memory"] = self._model_step(
             self.memory, input_ids[:, new], attention_mask, positions, state.caches.get("memory"))
         state.seen = input_ids.shape[1]
-        base_lp = log_softmax(base_logits, self.vocab_size)
-        mem_lp = log_softmax(mem_logits, self.vocab_size, self.mem_temperature).to(base_lp.device)
-        return mix_logprobs(base_lp, mem_lp, self.lmbda), state
+        return mixture_logprobs(base_logits, mem_logits.to(base_logits.device), self.lmbda, self.vocab_size,
+                                self.mem_temperature), state
 
     # -- fast decoding (memdec.fast): static caches, one CUDA graph per step for both models --
 
@@ -447,21 +452,19 @@ class MemoryDecoder:
 
     def _fast_decoder(self, batch: int, total: int):
         """A GraphedDecoder for `batch` rows and at least `total` tokens (sizes rounded up, one kept)."""
-        from memdec import fast
-
         size = -(-(total + 1) // 256) * 256
         if self.max_length is not None:
             size = max(total + 1, min(size, self.max_length))
         lmbda, temperature, vocab = self.lmbda, self.mem_temperature, self.vocab_size
 
         def mixture(logits: tuple[torch.Tensor, ...]) -> torch.Tensor:  # part of the captured step on CUDA
-            return fast.mixture_logprobs(logits[0], logits[1].to(logits[0].device), lmbda, vocab, temperature)
+            return mixture_logprobs(logits[0], logits[1].to(logits[0].device), lmbda, vocab, temperature)
 
         key = (batch, size, lmbda, temperature)
         decoders = self.__dict__.setdefault("_decoders", {})
         if key not in decoders:
             decoders.clear()  # each holds two static KV caches
-            decoders[key] = fast.GraphedDecoder([self.base, self.memory], batch, size, post=mixture)
+            decoders[key] = GraphedDecoder([self.base, self.memory], batch, size, post=mixture)
         return decoders[key]
 
     def _fast_step(self, decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: int | None):
@@ -504,8 +507,7 @@ class MemoryDecoder:
         except ValueError:  # bad settings: the plain loop would refuse them too
             raise
         except Exception as e:  # compiling / graph capture problems: warn once, decode the plain way
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            warnings.warn(f"memdec: fast decoding failed ({type(e).__name__}: {first}); using the plain decode "
+            warnings.warn(f"memdec: fast decoding failed ({type(e).__name__}: {_first_line(e)}); using the plain decode "
                           "loop from now on (MemoryDecoder.fast_decode = False)", stacklevel=2)
             self.fast_decode = False
             self.__dict__.pop("_decoders", None)
@@ -524,6 +526,8 @@ def generate_text(base: str, memory: str, prompts: Sequence[str], lmbda: float |
     joint = MemoryDecoder.from_pretrained(base, memory, lmbda=lmbda, mem_temperature=mem_temperature, dtype=dtype,
                                           device=device)
     tok = joint.tokenizer
+    if tok.pad_token is None and tok.eos_token is not None:  # (GPT-2's) batches of prompts are padded with EOS
+        tok.pad_token = tok.eos_token
     side, tok.padding_side = tok.padding_side, "left"
     out: list[str] = []
     try:

@@ -219,6 +219,8 @@ def test_bad_inputs(tiny, tmp_path):
         MemoryDecoder.from_pretrained(tiny["base"], str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="mem_temperature must be > 0"):
         MemoryDecoder.from_pretrained(tiny["base"], tiny["memory"], mem_temperature=0, device="cpu")
+    with pytest.raises(ValueError, match="mem_temperature must be a number > 0, got 'warm'"):
+        MemoryDecoder.from_pretrained(tiny["base"], tiny["memory"], mem_temperature="warm", device="cpu")
 
 
 def test_lmbda_defaults_to_memdec_json(tiny, tmp_path):
@@ -245,3 +247,20 @@ def test_memdec_generate_command(tiny, joint, texts, capsys):
     assert main(["generate", "--base", tiny["base"], "--memory", tiny["memory"], "--lmbda", "2",
                  "--prompt", "x"]) == 2
     assert "memdec generate: error: lmbda must be in [0, 1], got 2.0" in capsys.readouterr().err
+
+
+def test_generate_text_pads_with_eos_when_the_tokenizer_has_no_pad_token(tiny, tmp_path):
+    from memdec.joint import generate_text
+
+    paths = {}
+    for name in ("base", "memory"):
+        paths[name] = str(tmp_path / name)
+        shutil.copytree(tiny[name], paths[name])
+        tok = AutoTokenizer.from_pretrained(paths[name])
+        tok.pad_token = None
+        tok.save_pretrained(paths[name])
+    assert AutoTokenizer.from_pretrained(paths["base"]).pad_token is None
+    prompts_ = ["the patient was given", "dose"]
+    batched = generate_text(paths["base"], paths["memory"], prompts_, device="cpu", max_new_tokens=4)
+    alone = [generate_text(paths["base"], paths["memory"], [p], device="cpu", max_new_tokens=4)[0] for p in prompts_]
+    assert batched == alone
