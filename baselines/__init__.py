@@ -30,6 +30,8 @@ BASELINES: dict[str, str] = {
 }
 
 PLUGINS_ENV = "MEMDEC_PLUGINS"
+#: what `memdec dapt` / `memdec lora` write beside the model ({"method": ..., "base": ...}); reports read it
+BASELINE_JSON = "baseline.json"
 
 
 def load_plugin(path: str) -> ModuleType:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from baselines import BASELINE_JSON
 from memdec.data import CorpusSpec
 from memdec.formats import write_json
-
-BASELINE_JSON = "baseline.json"
 
 
 def dapt(

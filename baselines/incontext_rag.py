@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from memdec.data import CorpusSpec, load_texts, tokenize
 from memdec.formats import is_complete, load_npy, read_manifest, save_npy, staged_output, write_manifest
 from memdec.mixing import tokenizer_fingerprint
+from memdec.scoring import target_logprobs
 
 
 def _bm25s():
@@ -59,10 +59,10 @@ def chunk_spans(tokens: np.ndarray, eos: int | None, chunk_tokens: int) -> tuple
     cuts = np.flatnonzero(tokens == eos) if eos is not None else np.zeros(0, dtype=np.int64)
     doc_starts = np.concatenate([[0], cuts + 1])
     doc_ends = np.concatenate([cuts, [len(tokens)]])
-    starts = [s for a, b in zip(doc_starts, doc_ends, strict=True) for s in range(int(a), int(b), chunk_tokens)]
-    ends = [min(s + chunk_tokens, int(b)) for a, b in zip(doc_starts, doc_ends, strict=True)
-            for s in range(int(a), int(b), chunk_tokens)]
-    return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    spans = [(s, min(s + chunk_tokens, int(b))) for a, b in zip(doc_starts, doc_ends, strict=True)
+             for s in range(int(a), int(b), chunk_tokens)]
+    starts, ends = np.asarray(spans, dtype=np.int64).reshape(-1, 2).T
+    return starts, ends
 
 
 class ChunkIndex:
@@ -235,11 +235,11 @@ class InContextRAG(HFLM):
             inps = torch.full((len(batch), length), pad, dtype=torch.long)
             for r, b in enumerate(batch):
                 inps[r, : len(b.inputs)] = torch.tensor(b.inputs)
-            logits = F.log_softmax(self._model_call(inps.to(self.device)).float(), dim=-1)
-            for r, b in enumerate(batch):
+            logits = self._model_call(inps.to(self.device))
+            for r, b in enumerate(batch):  # normalised only at the scored rows, not all (B, T, V)
                 rows = logits[r, b.rows]
                 tgt = torch.tensor(b.targets, device=rows.device)
-                logp[b.request] += float(rows.gather(-1, tgt[:, None]).sum())
+                logp[b.request] += float(target_logprobs(rows, tgt, rows.shape[-1]).sum())
                 greedy[b.request] &= bool((rows.argmax(-1) == tgt).all())
         out = list(zip(logp, greedy, strict=True))
         for (key, _, _), ans in zip(requests, out, strict=True):

@@ -20,20 +20,10 @@ import torch
 from lm_eval.api.registry import register_model
 
 from memdec.datastore import Datastore
-from memdec.harness import MixtureLM
+from memdec.harness import MixtureLM, _as_bool
 from memdec.keys import capture_keys, key_dim
 from memdec.mixing import mix_logprobs
 from memdec.search import BACKENDS, exact_distances, open_index
-
-
-def _as_bool(value) -> bool:
-    if isinstance(value, str):
-        if value.lower() in ("1", "true", "yes"):
-            return True
-        if value.lower() in ("0", "false", "no", ""):
-            return False
-        raise ValueError(f"knnlm: expected true/false, got {value!r}")
-    return bool(value)
 
 
 class KNNDistribution:
@@ -51,7 +41,7 @@ class KNNDistribution:
         self.datastore = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
         self.k = int(k)
         self.temperature = float(temperature)
-        self.recompute_dists = _as_bool(recompute_dists)
+        self.recompute_dists = _as_bool(recompute_dists, "knnlm: recompute_dists")
         if not 1 <= self.k <= self.datastore.n:
             raise ValueError(f"knnlm: k = {self.k} must be between 1 and the size of datastore "
                              f"{self.datastore.path} ({self.datastore.n} entries)")

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from baselines import BASELINE_JSON
 from memdec.data import CorpusSpec
 from memdec.formats import write_json
-
-BASELINE_JSON = "baseline.json"
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from collections import defaultdict
@@ -280,11 +279,6 @@ class SlidingPerplexityTask(ConfigurableTask):
 # ---------------------------------------------------------------- kNN-Prompt zero-shot classification
 
 
-def _logsumexp(values: Sequence[float]) -> float:
-    m = max(values)
-    return m + math.log(sum(math.exp(v - m) for v in values))
-
-
 def single_token_words(label_words: Sequence[Sequence[str]], tokenizer) -> list[list[str]]:
     """Each label's words that are one token for `tokenizer` (kNN-Prompt's rule); a label's first word
     (its name) is always kept, scored as a whole continuation if it is longer."""
@@ -300,7 +294,7 @@ def dcpmi_predictions(cond: Sequence[Sequence[float]], domain: Sequence[Sequence
     plain: argmax over labels of log sum_w p(w | input); DC-PMI (kNN-Prompt's score.py): argmax of
     sum_w [log p(w | input) - log p(w | domain premise)]. Ties go to the lower label.
     """
-    plain = [_logsumexp(words) for words in cond]
+    plain = [float(np.logaddexp.reduce(words)) for words in cond]  # -inf (p = 0) stays -inf
     pmi = [sum(c - d for c, d in zip(cw, dw, strict=True)) for cw, dw in zip(cond, domain, strict=True)]
     return int(np.argmax(plain)), int(np.argmax(pmi))
 
@@ -329,7 +323,8 @@ class DCPMITask(ConfigurableTask):
         if meta.get("single_token_words", True) and isinstance(tok_name, str):
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(tok_name, trust_remote_code=bool(meta.get("trust_remote_code")))
+            tokenizer = AutoTokenizer.from_pretrained(tok_name, revision=meta.get("revision"),
+                                                      trust_remote_code=bool(meta.get("trust_remote_code")))
             self.label_words = single_token_words(self.label_words, tokenizer)
             eval_logger.info("%s: label words kept (single tokens for %s): %s", task, tok_name, self.label_words)
         elif meta.get("single_token_words", True):

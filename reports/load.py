@@ -25,11 +25,13 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from baselines import BASELINE_JSON
 
 # method key -> row label, in the order rows appear in tables
 METHODS = {
@@ -106,7 +108,7 @@ def _dapt_marker(pretrained: Any) -> dict | None:
     """The DAPT marker of a local model folder (`baseline.json` with method "dapt", written by `memdec dapt`)."""
     if not pretrained or not os.path.isdir(str(pretrained)):
         return None
-    f = Path(str(pretrained)) / "baseline.json"
+    f = Path(str(pretrained)) / BASELINE_JSON
     try:
         data = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -349,6 +351,6 @@ def dedupe(df: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def iter_tasks(df: pd.DataFrame) -> Iterable[str]:
+def iter_tasks(df: pd.DataFrame) -> list[str]:
     """Task names present, in order of appearance."""
     return list(dict.fromkeys(df["task"].tolist())) if not df.empty else []

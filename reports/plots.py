@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.load import METHODS, dedupe
+from reports.load import METHODS, dedupe, iter_tasks
 from reports.tables import (
     DOMAIN_TASKS,
     PPL_METRICS,
@@ -25,9 +25,9 @@ SERIES_ARGS = ("memory", "datastore", "k", "temperature", "corpus", "peft")
 
 
 def _ppl_tasks(df: pd.DataFrame) -> list[str]:
-    tasks = list(dict.fromkeys(df["task"]))
+    general, tasks = general_perplexity_tasks(df), iter_tasks(df)
     domain = [t for a in DOMAIN_TASKS.values() if (t := match_task(tasks, a))]
-    return general_perplexity_tasks(df) + [t for t in domain if t not in general_perplexity_tasks(df)]
+    return general + [t for t in domain if t not in general]
 
 
 def _ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -140,11 +140,10 @@ def plot_size(curve: pd.DataFrame, path: str | os.PathLike) -> Path | None:
         for label, s in part.groupby("label", sort=False):
             ax.plot(s[x], s["value"], marker="o", label=label)
         bases = part.drop_duplicates("base").sort_values(x)
-        ax.set_xticks(list(bases[x]), list(bases["base"]), rotation=20, fontsize=8)
         if by_size:
-            ax.set_xscale("log")
-            ax.set_xticks(list(bases[x]), list(bases["base"]), rotation=20, fontsize=8)
+            ax.set_xscale("log")  # before the ticks: a new scale replaces them
             ax.minorticks_off()
+        ax.set_xticks(list(bases[x]), list(bases["base"]), rotation=20, fontsize=8)
         ax.set_title(task)
         ax.set_xlabel("base model (by parameter count)" if by_size else "base model (order of appearance)")
         ax.set_ylabel(str(part["metric"].iloc[0]))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports.load import METHODS, dedupe, find_conflicts
+from reports.load import METHODS, dedupe, find_conflicts, iter_tasks
 
 # metric names, in order of preference: the first one a task has is the one shown
 PPL_METRICS = ("token_perplexity", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -104,7 +104,7 @@ def perplexity_table(df: pd.DataFrame, task: str | None = None) -> pd.DataFrame:
 
     `task` defaults to the WikiText-103 task (GENERAL_TASKS). Empty frame if the task is absent.
     """
-    tasks = list(dict.fromkeys(df["task"])) if not df.empty else []
+    tasks = iter_tasks(df)
     task = task or match_task(tasks, GENERAL_TASKS["WikiText-103"])
     metric = pick_metric(df, [task], PPL_METRICS) if task else None
     if metric is None:
@@ -141,7 +141,7 @@ def _grouped_table(df: pd.DataFrame, columns: dict[str, str], metric: str, kind:
 
 def domain_table(df: pd.DataFrame) -> pd.DataFrame:
     """Layout (2): rows = (base, method), columns = Bio, Fin, Law, Avg (perplexity). Empty if no domain task."""
-    tasks = list(dict.fromkeys(df["task"])) if not df.empty else []
+    tasks = iter_tasks(df)
     columns = {c: t for c, aliases in DOMAIN_TASKS.items() if (t := match_task(tasks, aliases))}
     metric = pick_metric(df, list(columns.values()), PPL_METRICS)
     if not columns or metric is None:
@@ -157,7 +157,7 @@ def zeroshot_table(df: pd.DataFrame, accuracy: str = "dcpmi") -> pd.DataFrame:
     """
     if accuracy not in ACC_METRICS:
         raise ValueError(f"accuracy must be one of {sorted(ACC_METRICS)}, got {accuracy!r}")
-    tasks = list(dict.fromkeys(df["task"])) if not df.empty else []
+    tasks = iter_tasks(df)
     columns = {c: t for c, aliases in ZEROSHOT_TASKS.items() if (t := match_task(tasks, aliases))}
     metric = pick_metric(df, list(columns.values()), ACC_METRICS[accuracy])
     if not columns or metric is None:
@@ -168,9 +168,7 @@ def zeroshot_table(df: pd.DataFrame, accuracy: str = "dcpmi") -> pd.DataFrame:
 
 def general_perplexity_tasks(df: pd.DataFrame) -> list[str]:
     """Perplexity tasks for layout (1): WikiText-103 first, then any other non-domain perplexity task."""
-    if df.empty:
-        return []
-    tasks = list(dict.fromkeys(df["task"]))
+    tasks = iter_tasks(df)
     domain = {match_task(tasks, a) for a in DOMAIN_TASKS.values()}
     zeroshot = {match_task(tasks, a) for a in ZEROSHOT_TASKS.values()}
     with_ppl = [t for t in tasks if pick_metric(df, [t], PPL_METRICS) and t not in domain | zeroshot]

@@ -162,6 +162,9 @@ def test_dcpmi_rule_by_hand():
     cond = [[math.log(0.30), math.log(0.10)], [math.log(0.35)]]
     dom = [[math.log(0.30), math.log(0.20)], [math.log(0.05)]]
     assert dcpmi_predictions(cond, dom) == (0, 1)
+    # a label whose words all get probability 0 (a kNN-LM at lmbda=1 whose neighbours name none) is never picked
+    zero = [[-math.inf, -math.inf], [math.log(0.01)]]
+    assert dcpmi_predictions(zero, [[math.log(0.5), math.log(0.5)], [math.log(0.5)]]) == (1, 1)
 
 
 def test_only_single_token_label_words_are_kept(tmp_path):
