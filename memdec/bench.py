@@ -474,14 +474,8 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
             single["dec"] = fast.GraphedDecoder(
                 [base], 1, settings.prompt_len + n + 8, use_compile=settings.compile and device.type == "cuda",
                 post=lambda out: log_softmax(out[0], vocab))  # in the graph
-        dec = single["dec"]
-
-        def step(ids, _mask, state):
-            (logp,) = dec.prefill(ids) if state is None else dec.step(ids[:, -1])
-            return logp, ids.shape[1]
-
         kw = sampling if s else {"do_sample": False}
-        return generate_tokens(step, prompt, None, None, base.generation_config, max_new_tokens=k,
+        return generate_tokens(single["dec"].decode_step, prompt, None, None, base.generation_config, max_new_tokens=k,
                                min_new_tokens=k, eos_token_id=eos, pad_token_id=eos, **kw)
 
     r = Row("base (memdec graphed)", "memdec.fast.GraphedDecoder: static cache, compiled step in a CUDA graph, "

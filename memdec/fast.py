@@ -383,6 +383,21 @@ class GraphedDecoder:
                 raise RuntimeError(f"GraphedDecoder: the captured step differs from the eager one (max error {err:g})")
         self._graph, self._out = graph, out
 
+    def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    state: int | None) -> tuple[torch.Tensor, int]:
+        """A decode-loop step (memdec.joint.generate_tokens): the first output after `input_ids`, and its length.
+
+        The prompt is prefilled when `state` is None, then each call must add exactly one token (no
+        padding: `attention_mask` is ignored).
+        """
+        if state is None:
+            out = self.prefill(input_ids)
+        elif input_ids.shape[1] != state + 1:
+            raise RuntimeError(f"GraphedDecoder: one new token per step expected, got {input_ids.shape[1] - state}")
+        else:
+            out = self.step(input_ids[:, -1])
+        return out[0], input_ids.shape[1]
+
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Feed `tokens` (batch,) at the next position; each model's logits (batch, vocab) for the one after."""

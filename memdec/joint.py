@@ -10,14 +10,14 @@ Generation keeps one KV cache per model. One decode loop (`generate_tokens`) ser
 it asks a `step(input_ids, attention_mask, state) -> (next-token log-probs (B, V), state)` for the
 mixture's distribution, applies transformers' logits processors and picks greedily or by sampling.
 `MemoryDecoder._step` runs both models with dynamic caches; on CUDA, unpadded batches take
-`_fast_step` instead (memdec.fast.GraphedDecoder: static caches, both models' step captured in one
-CUDA graph, the memory on a side stream), which gives the same distributions (`fast_decode`).
+a GraphedDecoder's `decode_step` instead (memdec.fast: static caches, both models' step and the
+mixture captured in one CUDA graph, the memory on a side stream), which gives the same distributions
+(`fast_decode`).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import re
 import warnings
@@ -467,16 +467,6 @@ class MemoryDecoder:
             decoders[key] = GraphedDecoder([self.base, self.memory], batch, size, post=mixture)
         return decoders[key]
 
-    def _fast_step(self, decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: int | None):
-        """`_step` on static caches: the prompt once, then one token per call (the decoder mixes)."""
-        if state is None:
-            (logp,) = decoder.prefill(input_ids)
-        else:
-            if input_ids.shape[1] != state + 1:
-                raise RuntimeError(f"fast decoding expects one new token per step, got {input_ids.shape[1] - state}")
-            (logp,) = decoder.step(input_ids[:, -1])
-        return logp, input_ids.shape[1]
-
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  generation_config=None, stopping_criteria: Sequence | None = None, **kwargs) -> torch.LongTensor:
         """Like HF `generate` (greedy or sampling) on the mixture; returns prompt + new token ids.
@@ -502,8 +492,7 @@ class MemoryDecoder:
         if self.max_length is not None and total >= self.max_length:
             return generate_tokens(self._step, *args, **kwargs)  # no room for a rounded-up static cache
         try:
-            step = functools.partial(self._fast_step, self._fast_decoder(input_ids.shape[0], total))
-            return generate_tokens(step, *args, **kwargs)
+            return generate_tokens(self._fast_decoder(input_ids.shape[0], total).decode_step, *args, **kwargs)
         except ValueError:  # bad settings: the plain loop would refuse them too
             raise
         except Exception as e:  # compiling / graph capture problems: warn once, decode the plain way

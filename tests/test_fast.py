@@ -310,7 +310,9 @@ def test_fast_step_gives_the_plain_steps_distributions(joint, monkeypatch):
         decoder = joint._fast_decoder(2, 12)
         fast_state = plain_state = None
         for n in range(5, 13):
-            fast_lp, fast_state = joint._fast_step(decoder, seq[:, :n], mask[:, :n], fast_state)
+            fast_lp, fast_state = decoder.decode_step(seq[:, :n], mask[:, :n], fast_state)
             plain_lp, plain_state = joint._step(seq[:, :n], mask[:, :n], plain_state)
             torch.testing.assert_close(fast_lp, plain_lp, atol=1e-5, rtol=1e-5)
     assert len(joint._decoders) == 1 and next(iter(joint._decoders))[2:] == (0.1, 1.5)
+    with pytest.raises(RuntimeError, match="one new token per step expected, got 2"):
+        decoder.decode_step(seq, mask, 10)
