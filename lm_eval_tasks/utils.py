@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -288,6 +289,14 @@ def single_token_words(label_words: Sequence[Sequence[str]], tokenizer) -> list[
     return [[words[0]] + [w for w in words[1:] if one_token(w)] for words in label_words]
 
 
+@functools.cache
+def _label_tokenizer(name: str, revision: str | None, trust_remote_code: bool):
+    """The model's tokenizer, loaded once for all the zero-shot tasks of a run."""
+    from memdec.joint import load_tokenizer
+
+    return load_tokenizer(name, "tokenizer", revision, trust_remote_code)
+
+
 def dcpmi_predictions(cond: Sequence[Sequence[float]], domain: Sequence[Sequence[float]]) -> tuple[int, int]:
     """(plain, DC-PMI) predicted labels from per-label lists of word log-probabilities.
 
@@ -321,10 +330,7 @@ class DCPMITask(ConfigurableTask):
         self.label_words: list[list[str]] = [list(w) for w in words]
         tok_name = meta.get("tokenizer") or meta.get("pretrained")
         if meta.get("single_token_words", True) and isinstance(tok_name, str):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(tok_name, revision=meta.get("revision"),
-                                                      trust_remote_code=bool(meta.get("trust_remote_code")))
+            tokenizer = _label_tokenizer(tok_name, meta.get("revision"), bool(meta.get("trust_remote_code")))
             self.label_words = single_token_words(self.label_words, tokenizer)
             eval_logger.info("%s: label words kept (single tokens for %s): %s", task, tok_name, self.label_words)
         elif meta.get("single_token_words", True):
