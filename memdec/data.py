@@ -155,6 +155,23 @@ def tokenize(texts: Sequence[str], tokenizer, batch_size: int = 1000, progress: 
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
+def corpus_tokens(corpus: CorpusSpec | Sequence[str] | str | dict, tokenizer, progress: bool = True
+                  ) -> tuple[np.ndarray, dict, str]:
+    """(token stream, corpus description for a manifest, name for messages) of a corpus.
+
+    `corpus` is a CorpusSpec, a local path / `hf:NAME[:CONFIG]`, a spec dict or a list of documents."""
+    if isinstance(corpus, (str, os.PathLike, dict)):
+        corpus = CorpusSpec.from_arg(str(corpus) if isinstance(corpus, os.PathLike) else corpus)
+    if isinstance(corpus, CorpusSpec):
+        texts, desc, what = load_texts(corpus), corpus.to_dict(), f"corpus {corpus.describe()}"
+    else:
+        texts = [t for t in corpus if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise ValueError("corpus: no text found (an empty list of documents)")
+        desc, what = {"texts": len(texts)}, f"corpus of {len(texts)} documents"
+    return tokenize(texts, tokenizer, progress=progress), desc, what
+
+
 @dataclass(frozen=True)
 class Window:
     """Input tokens[start:end]; the scored targets are positions [score_start, end)."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memdec.data import CorpusSpec, check_min_tokens, load_texts, sliding_windows, tokenize, window_batch
+from memdec.data import CorpusSpec, check_min_tokens, corpus_tokens, sliding_windows, window_batch
 from memdec.formats import (
     FormatError,
     load_npy,
@@ -39,6 +39,7 @@ from memdec.formats import (
 )
 from memdec.keys import capture_keys, key_dim, key_layer, key_module
 from memdec.mixing import check_fingerprint, tokenizer_fingerprint
+from memdec.scoring import check_window
 
 KIND = "datastore"
 DEFAULT_SHARD_BYTES = 1 << 30  # about 1 GiB of keys per shard
@@ -150,27 +151,21 @@ def load_tokenizer(model_or_path, tokenizer=None, revision: str | None = None):
         return tokenizer
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise ValueError("build_datastore: pass tokenizer= together with a model object")
-    from transformers import AutoTokenizer
+    from memdec.joint import load_tokenizer as load
+    from memdec.joint import resolve_model_path
 
-    try:
-        return AutoTokenizer.from_pretrained(str(model_or_path), revision=revision)
-    except OSError as e:
-        raise FileNotFoundError(f"model {model_or_path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    return load(resolve_model_path(str(model_or_path), "model"), "model", revision)
 
 
 def load_model(model_or_path, revision: str | None = None, dtype=None, device=None):
     """(model in eval mode on `device`, model id) from a local dir / hub id, or a model object."""
     if isinstance(model_or_path, (str, os.PathLike)):
-        from transformers import AutoModelForCausalLM
+        from memdec.joint import load_causal_lm, resolve_model_path
 
-        name = str(model_or_path)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
-        except OSError as e:
-            raise FileNotFoundError(f"model {name}: cannot load ({str(e).splitlines()[0]})") from None
-    else:
-        model = model_or_path if dtype is None else model_or_path.to(dtype)
-        name = getattr(model.config, "name_or_path", "") or type(model).__name__
+        name = resolve_model_path(str(model_or_path), "model")
+        return load_causal_lm(name, "model", revision, dtype, device), name
+    model = model_or_path if dtype is None else model_or_path.to(dtype)
+    name = getattr(model.config, "name_or_path", "") or type(model).__name__
     return model.to(device).eval(), name
 
 
@@ -297,21 +292,6 @@ def _write_shard(model, tokens: np.ndarray, windows: Sequence, shard: Shard, fol
     save_npy(folder / shard.values_file, tokens[shard.row_lo + 1 : shard.row_hi + 1].astype(np.int32))
 
 
-def corpus_tokens(corpus: CorpusSpec | Sequence[str] | str, tokenizer, progress: bool = True
-                  ) -> tuple[np.ndarray, dict[str, Any], str]:
-    """(token stream, corpus description for a manifest, name for messages) of a corpus."""
-    if isinstance(corpus, (str, os.PathLike, dict)):
-        corpus = CorpusSpec.from_arg(str(corpus) if isinstance(corpus, os.PathLike) else corpus)
-    if isinstance(corpus, CorpusSpec):
-        texts, desc, what = load_texts(corpus), corpus.to_dict(), f"corpus {corpus.describe()}"
-    else:
-        texts = [t for t in corpus if isinstance(t, str) and t.strip()]
-        if not texts:
-            raise ValueError("corpus: no text found (an empty list of documents)")
-        desc, what = {"texts": len(texts)}, f"corpus of {len(texts)} documents"
-    return tokenize(texts, tokenizer, progress=progress), desc, what
-
-
 def build_datastore(
     model_or_path,
     corpus: CorpusSpec | Sequence[str] | str,
@@ -345,9 +325,7 @@ def build_datastore(
     stride = window if stride is None else stride
     model, name = load_model(model_or_path, revision, torch_dtype, device)
     layer, dim = key_layer(model), key_dim(model)
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if max_pos is not None and window > max_pos:
-        raise ValueError(f"window {window} is longer than model {name}'s {max_pos} positions")
+    check_window(model, window, f"model {name}")
     shard_rows = shard_rows or max(1, DEFAULT_SHARD_BYTES // (2 * dim))
     shards = plan_shards(windows, shard_rows)
     plan = {

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from memdec.formats import read_json, write_json
+from memdec.formats import read_json, staged_output, write_json
 
 DATA = Path(__file__).parent / "data"
 TASK = "memdec_bio_ppl"
@@ -62,15 +61,6 @@ def _texts(name: str, max_docs: int | None) -> list[str]:
 def _step(label: str, done: bool) -> bool:
     print(f"demo: {label}{': complete, skipped' if done else ''}", flush=True)
     return not done
-
-
-def _save_atomic(folder: Path, save) -> None:
-    """Call save(tmp_folder), then rename it to `folder`."""
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
 
 
 def _evaluate(name: str, model: str, model_args: dict[str, Any], data_dir: Path, s: DemoSettings,
@@ -129,16 +119,18 @@ def run_demo(out: str | os.PathLike = "runs/demo", settings: DemoSettings | None
     tok_dir, base_init, memory_init = out / "tokenizer", out / "init" / "base", out / "init" / "memory"
     if _step("tokenizer", (tok_dir / "tokenizer.json").exists()):
         tok = train_tokenizer(general + _texts("domain_train", s.max_docs), s.vocab_size, name="memdec-demo-bpe")
-        _save_atomic(tok_dir, tok.save_pretrained)
+        with staged_output(tok_dir, overwrite=True) as tmp:
+            tok.save_pretrained(tmp)
     if _step("untrained tiny models", memory_init.exists()):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
         positions = 2 * s.window
         base = tiny_model(tok, "gpt2", s.base_layers, s.base_hidden, s.base_heads, positions, seed=s.seed)
-        _save_atomic(base_init, lambda p: save_model(base, tok, p))
         mem = tiny_model(tok, "gpt2", s.memory_layers, s.memory_hidden, s.memory_heads, positions, seed=s.seed + 1)
-        _save_atomic(memory_init, lambda p: save_model(mem, tok, p))
+        for model, folder in ((base, base_init), (mem, memory_init)):
+            with staged_output(folder, overwrite=True) as tmp:
+                save_model(model, tok, tmp)
 
     # 2. the base LM: plain causal-LM training on the general part
     base_dir = out / "base"

@@ -63,25 +63,35 @@ def load_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
 
 # per section: the stage function and the arguments the pipeline itself passes (not settable in the config)
 _FUNCTIONS = {
-    "datastore": ("memdec.datastore", "build_datastore", {"model_or_path", "corpus", "out", "progress"}),
-    "index": ("memdec.search", "build_index", {"datastore", "out", "progress"}),
-    "targets": ("memdec.targets", "build_targets", {"datastore", "out", "backend", "progress"}),
-    "train": ("memdec.train", "train", {"out", "datastore", "targets", "corpus", "texts", "progress", "callback"}),
+    "datastore": ("memdec.datastore.build_datastore", {"model_or_path", "corpus", "out", "progress"}),
+    "index": ("memdec.search.build_index", {"datastore", "out", "progress"}),
+    "targets": ("memdec.targets.build_targets", {"datastore", "out", "backend", "progress"}),
+    "train": ("memdec.train.train", {"out", "datastore", "targets", "corpus", "texts", "progress", "callback"}),
 }
+# build_targets passes its other keyword arguments on to the exact-search index it opens
+_EXTRA_KEYWORDS = {"targets": ("memdec.search.TorchIndex", {"keys", "device", "chunk_rows"})}
+
+
+def _arguments(function: str) -> set[str]:
+    """The named parameters of `module.function` (or of a class's constructor)."""
+    import importlib
+    import inspect
+
+    module, _, name = function.rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 def check_sections(cfg: dict[str, Any], where: str = "pipeline config") -> None:
     """One-line error for a section key its stage function does not take (typos fail before any work)."""
-    import importlib
-    import inspect
-
-    for section, (module, name, reserved) in _FUNCTIONS.items():
-        params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        known = (set(params) - reserved - {"init", "model_or_path"}) | ({"init"} if section == "train" else set())
+    for section, (function, reserved) in _FUNCTIONS.items():
+        known = _arguments(function) - reserved
+        if section in _EXTRA_KEYWORDS:
+            extra, taken = _EXTRA_KEYWORDS[section]
+            known |= _arguments(extra) - taken
         for key in cfg[section]:
-            if key in reserved or key == "model_or_path" or (key not in known and not takes_any):
-                why = "set by the pipeline" if key in reserved or key == "model_or_path" else "unknown"
+            if key in reserved or key not in known:
+                why = "set by the pipeline" if key in reserved else "unknown"
                 raise ValueError(f"{where}: section {section!r}: key {key!r} is {why} "
                                  f"(settable: {', '.join(sorted(known))})")
 

@@ -132,7 +132,7 @@ def build_targets(
     """
     from tqdm.auto import tqdm
 
-    from memdec.search import open_index
+    from memdec.search import BACKENDS, open_index
 
     ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
     k, temperature = int(k), float(temperature)
@@ -143,6 +143,8 @@ def build_targets(
                          "per row (its own row is excluded)")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
     out = Path(out) if out is not None else default_out(ds.path, k, temperature)
     dist = dist_state()
     dev = resolve_device(device, dist)
@@ -270,5 +272,7 @@ class Targets:
         mine = self.manifest["datastore"]
         for key in ("n_entries", "dim", "tokenizer_fingerprint", "created"):
             if mine.get(key) != datastore.manifest.get(key):
-                raise FormatError(f"{self.path}: targets computed from a datastore with {key} = {mine.get(key)}, "
-                                  f"datastore {datastore.path} has {datastore.manifest.get(key)}")
+                raise FormatError(f"targets {self.path}: computed from a datastore with {key} = {mine.get(key)}, "
+                                  f"but datastore {datastore.path} has {datastore.manifest.get(key)}")
+        if self.n_rows != datastore.n:
+            raise FormatError(f"targets {self.path}: {self.n_rows} rows, datastore {datastore.path} has {datastore.n}")

@@ -35,9 +35,8 @@ from memdec.data import (
     CorpusSpec,
     Window,
     check_min_tokens,
-    load_texts,
+    corpus_tokens,
     sliding_windows,
-    tokenize,
     window_batch,
 )
 from memdec.formats import partial_dir, read_json, write_json
@@ -230,13 +229,7 @@ def _open_targets(targets: str | os.PathLike, ds) -> Any:
     from memdec.targets import Targets
 
     t = Targets.open(targets)
-    mine, theirs = t.manifest.get("datastore") or {}, ds.describe()
-    for key in ("tokenizer_fingerprint", "n_entries", "dim", "created"):
-        if key in mine and mine[key] != theirs.get(key):
-            raise ValueError(f"targets {targets}: computed from a datastore with {key} = {mine[key]}, "
-                             f"but datastore {ds.path} has {theirs.get(key)}")
-    if int(t.manifest["n_rows"]) != ds.n:
-        raise ValueError(f"targets {targets}: {t.manifest['n_rows']} rows, datastore {ds.path} has {ds.n}")
+    t.check_datastore(ds)
     return t
 
 
@@ -297,7 +290,9 @@ def train(
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
+
+    from memdec.joint import load_causal_lm, load_tokenizer, resolve_model_path
 
     out = Path(out)
     if not 0.0 <= beta <= 1.0:
@@ -317,8 +312,9 @@ def train(
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-    tok = AutoTokenizer.from_pretrained(str(init))
-    model = AutoModelForCausalLM.from_pretrained(str(init))
+    init = resolve_model_path(str(init), "init model")
+    tok = load_tokenizer(init, "init model")
+    model = load_causal_lm(init, "init model", dtype=None)
 
     # ---- the token stream, its windows and the kNN targets
     ds_manifest: dict[str, Any] | None = None
@@ -335,10 +331,9 @@ def train(
         if beta > 0:
             knn = _open_targets(targets, ds)
     else:
-        docs = list(texts) if texts is not None else load_texts(CorpusSpec.from_arg(corpus))
-        tokens = tokenize(docs, tok, progress=progress and accelerator.is_main_process)
+        tokens, _, source = corpus_tokens(corpus if corpus is not None else texts, tok,
+                                          progress=progress and accelerator.is_main_process)
         window = int(window or min(max_positions(model) or 1024, 1024))
-        source = f"corpus {CorpusSpec.from_arg(corpus).describe()}" if corpus is not None else "training texts"
     check_min_tokens(len(tokens), window, source)
     _check_model(model, tok, str(init), window, int(tokens.max()) + 1 if len(tokens) else None, source)
     windows = sliding_windows(len(tokens), window, stride or window)

@@ -58,6 +58,8 @@ def test_pipeline_runs_each_stage_once(config, tmp_path, capsys):
     ("- just a list\n", "expected a mapping of sections"),
     ("output: x\ncorpus: c\nbase_model: b\ntrain: {init: m, stpes: 3}\n", "section 'train': key 'stpes' is unknown"),
     ("output: x\ncorpus: c\nbase_model: b\ntrain: {init: m}\ndatastore: {out: y}\n", "key 'out' is set by the pipeline"),
+    ("output: x\ncorpus: c\nbase_model: b\ntrain: {init: m}\ntargets: {k: 4, temprature: 2}\n",
+     "section 'targets': key 'temprature' is unknown"),
 ])
 def test_pipeline_config_errors_are_one_line(tmp_path, capsys, text, message):
     path = tmp_path / "bad.yaml"

@@ -146,6 +146,8 @@ def test_bad_settings_and_damaged_files(small_ds, tmp_path):
         build_targets(small_ds, tmp_path / "x", k=small_ds.n, progress=False)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         build_targets(small_ds, tmp_path / "x", k=4, temperature=0, progress=False)
+    with pytest.raises(ValueError, match="backend 'faiss-hnsw': use one of torch, faiss-flat, faiss-ivfpq"):
+        build_targets(small_ds, tmp_path / "x", k=4, backend="faiss-hnsw", progress=False)
     assert not any(tmp_path.iterdir())
 
     good = build_targets(small_ds, tmp_path / "t", k=4, device="cpu", progress=False)

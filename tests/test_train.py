@@ -243,6 +243,10 @@ def test_bad_arguments(tiny, texts, tmp_path):
         train(tiny["memory"], tmp_path / "x", texts=texts["domain"], beta=1.5)
     with pytest.raises(ValueError, match="fewer than one window"):
         train(tiny["memory"], tmp_path / "x", texts=["tiny text"], beta=0.0, window=64)
+    with pytest.raises(FileNotFoundError, match=r"init model .*nope: no such folder"):
+        train(tmp_path / "nope", tmp_path / "x", texts=texts["domain"], beta=0.0)
+    with pytest.raises(FileNotFoundError, match=r"init model .*: cannot load its tokenizer"):
+        train(tmp_path, tmp_path / "x", texts=texts["domain"], beta=0.0)  # a folder without a model
 
 
 def test_changed_settings_do_not_resume_silently(tiny, texts, tmp_path):
