@@ -81,7 +81,7 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
     shape = targets.shape
     if logits.shape[:-1] != shape:
         raise ValueError(f"target_logprobs: logits {tuple(logits.shape)} do not match targets {tuple(shape)}")
-    if logits.shape[-1] < vocab_size:  # rare (a model smaller than the tokenizer): plain padded path
+    if logits.shape[-1] < vocab_size:  # rare (a model smaller than the tokenizer): padded once, not per chunk
         logits = align_vocab(logits, vocab_size)
     x, t = _rows(logits), targets.reshape(-1)
     if x.shape[0] == 0:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from memdec.data import sliding_windows, window_batch
+from memdec.mixing import align_vocab
 
 
 def max_positions(model) -> int | None:
@@ -33,8 +34,11 @@ def check_window(model, window: int, what: str = "model") -> None:
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) under softmax(logits[..., :vocab_size] / temperature), in float32 or better."""
-    logits = logits[..., :vocab_size]
+    """log p(target) under softmax(logits[..., :vocab_size] / temperature), in float32 or better.
+
+    Tokens past the logits' width (a model smaller than the tokenizer) get log-prob -inf.
+    """
+    logits = align_vocab(logits, vocab_size)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     if temperature != 1.0:

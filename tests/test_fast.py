@@ -65,6 +65,11 @@ def test_smaller_model_vocabulary_gets_no_mass():
     ref = _ref_mixture(base, other, 0.5, 6).gather(-1, t[:, None]).squeeze(-1)
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
     assert got[0] == pytest.approx(math.log(0.5) + torch.log_softmax(base[0].double(), -1)[5].item(), abs=1e-5)
+    # the per-token scoring of perplexity and tune-lambda gives such tokens no mass either
+    from memdec.scoring import target_logprobs
+
+    lp = target_logprobs(other, t, 6).double()
+    assert lp[0] == -math.inf and lp[1] == pytest.approx(torch.log_softmax(other[1].double(), -1)[1].item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 28, 4 * 37 * 3])
