@@ -21,6 +21,7 @@ from lm_eval.api.registry import register_model
 
 from memdec.datastore import Datastore
 from memdec.harness import MixtureLM, _as_bool
+from memdec.joint import check_temperature
 from memdec.keys import capture_keys, key_dim
 from memdec.mixing import mix_logprobs
 from memdec.search import BACKENDS, exact_distances, open_index
@@ -40,13 +41,11 @@ class KNNDistribution:
     ) -> None:
         self.datastore = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
         self.k = int(k)
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature, "knnlm: temperature")
         self.recompute_dists = _as_bool(recompute_dists, "knnlm: recompute_dists")
         if not 1 <= self.k <= self.datastore.n:
             raise ValueError(f"knnlm: k = {self.k} must be between 1 and the size of datastore "
                              f"{self.datastore.path} ({self.datastore.n} entries)")
-        if not self.temperature > 0:
-            raise ValueError(f"knnlm: temperature must be > 0, got {temperature}")
         if backend not in BACKENDS:
             raise ValueError(f"knnlm: backend {backend!r}: use one of {', '.join(BACKENDS)}")
         self.index = open_index(self.datastore, backend, device=device)

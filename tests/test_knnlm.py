@@ -159,3 +159,7 @@ def test_bad_input(tiny, datastores):
         _knn(tiny, datastores["mixed"], k=4, backend="annoy")
     with pytest.raises(ValueError, match="datastore=DIR"):
         _knn(tiny, None, k=4)
+    with pytest.raises(ValueError, match="knnlm: temperature must be a number > 0, got 'hot'"):
+        _knn(tiny, datastores["mixed"], k=4, temperature="hot")
+    with pytest.raises(ValueError, match="knnlm: recompute_dists must be true or false"):
+        _knn(tiny, datastores["mixed"], k=4, recompute_dists="maybe")
