@@ -23,6 +23,7 @@ from typing import Any
 
 from memdec.data import CorpusSpec
 from memdec.formats import is_complete, read_json
+from memdec.train import MEMDEC_JSON
 
 SECTIONS = ("output", "corpus", "base_model", "datastore", "index", "targets", "train")
 STAGES = ("datastore", "index", "targets", "train")
@@ -108,7 +109,7 @@ def stage_complete(stage: str, path: Path) -> bool:
     """True if `path` holds the finished output of `stage`."""
     if stage == "train":
         try:
-            return read_json(path / "memdec.json").get("format_version") == 1
+            return read_json(path / MEMDEC_JSON).get("format_version") == 1
         except ValueError:
             return False
     return is_complete(path, stage)

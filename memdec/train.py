@@ -40,7 +40,7 @@ from memdec.data import (
     window_batch,
 )
 from memdec.formats import partial_dir, read_json, write_json
-from memdec.mixing import align_vocab, check_fingerprint, tokenizer_fingerprint
+from memdec.mixing import align_vocab, tokenizer_fingerprint
 from memdec.scoring import check_window, max_positions
 
 MEMDEC_JSON = "memdec.json"
@@ -216,7 +216,8 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator) -> in
 
 
 def _check_model(model, tok, init: str, window: int, vocab_from: int | None, what: str) -> None:
-    n_emb = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    head = model.get_output_embeddings()
+    n_emb = head.weight.shape[0] if head is not None else None
     if n_emb is not None and n_emb < len(tok):
         raise ValueError(f"init model {init}: output layer has {n_emb} rows, fewer than its tokenizer's {len(tok)} tokens")
     if vocab_from is not None and n_emb is not None and n_emb < vocab_from:
@@ -323,10 +324,10 @@ def train(
         from memdec.datastore import Datastore
 
         ds = Datastore.open(datastore)
+        ds.check_tokenizer(tok)
         ds_manifest = dict(ds.manifest)
-        check_fingerprint(tok, ds_manifest["tokenizer_fingerprint"], f"datastore {datastore}")
         tokens = np.asarray(ds.tokens)
-        window = int(window or ds_manifest.get("window") or 512)
+        window = int(window or ds_manifest["window"])
         source = f"datastore {datastore}"
         if beta > 0:
             knn = _open_targets(targets, ds)
