@@ -93,14 +93,14 @@ def _read_file(path: str, column: str) -> Iterable[str]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"corpus {path}, line {i}: not valid JSON ({e.msg})") from None
-                if column not in row:
+                if not isinstance(row, dict) or column not in row:
                     raise ValueError(f"corpus {path}, line {i}: no field {column!r}")
                 yield row[column]
     elif path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)
         for row in rows if isinstance(rows, list) else [rows]:
-            if column not in row:
+            if not isinstance(row, dict) or column not in row:
                 raise ValueError(f"corpus {path}: a record has no field {column!r}")
             yield row[column]
     elif path.endswith(".parquet"):

@@ -75,6 +75,12 @@ def test_load_texts_errors(tmp_path):
     (tmp_path / "f.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(ValueError, match="line 1: no field 'text'"):
         load_texts(CorpusSpec(path=str(tmp_path / "f.jsonl")))
+    (tmp_path / "g.jsonl").write_text('"some text"\n')  # a JSON string, not an object
+    with pytest.raises(ValueError, match="line 1: no field 'text'"):
+        load_texts(CorpusSpec(path=str(tmp_path / "g.jsonl")))
+    (tmp_path / "h.json").write_text('["some text"]')
+    with pytest.raises(ValueError, match="h.json: a record has no field 'text'"):
+        load_texts(CorpusSpec(path=str(tmp_path / "h.json")))
 
 
 @pytest.mark.parametrize("name,norm", [("base", "transformer.h.1.ln_2"), ("base_llama", "model.layers.1.post_attention_layernorm")])
