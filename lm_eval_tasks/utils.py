@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -32,6 +31,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.metrics import bits_per_byte, mean, weighted_perplexity
 from lm_eval.api.model import CacheHook, TemplateLM
 from lm_eval.api.task import ConfigurableTask
+
+from memdec.data import iter_records
 
 eval_logger = logging.getLogger(__name__)
 
@@ -54,29 +55,10 @@ def _local_file(task: str, data_dir: str) -> str:
 
 
 def _read_records(task: str, path: str) -> list[dict]:
-    if path.endswith(".parquet"):
-        import pandas as pd
-
-        return pd.read_parquet(path).to_dict("records")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{task}: {path}: not valid JSON ({e.msg})") from None
-            rows = rows if isinstance(rows, list) else [rows]
-        else:
-            rows = []
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{task}: {path}, line {i}: not valid JSON ({e.msg})") from None
-    for i, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise ValueError(f"{task}: {path}, record {i}: not a JSON object")
-    return rows
+    try:
+        return [row for _, row in iter_records(path)]
+    except ValueError as e:
+        raise ValueError(f"{task}: {e}") from None
 
 
 def check_records(task: str, source: str, rows: Sequence[dict], fields: Sequence[str],

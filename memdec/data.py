@@ -17,7 +17,7 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,11 +79,16 @@ def _files(path: str) -> list[str]:
     return found
 
 
-def _read_file(path: str, column: str) -> Iterable[str]:
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            yield f.read()
-    elif path.endswith((".jsonl", ".jsonl.gz")):
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+
+
+def iter_records(path: str) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each record of a .jsonl / .jsonl.gz / .json / .parquet file, in order.
+
+    `where` is "line N" (JSONL, blank lines skipped) or "record N". Bad JSON or a record that is not an
+    object is a one-line ValueError naming the file and the place.
+    """
+    if path.endswith((".jsonl", ".jsonl.gz")):
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
@@ -92,26 +97,41 @@ def _read_file(path: str, column: str) -> Iterable[str]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"corpus {path}, line {i}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or column not in row:
-                    raise ValueError(f"corpus {path}, line {i}: no field {column!r}")
-                yield row[column]
-    elif path.endswith(".json"):
+                    raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {i}: not a JSON object")
+                yield f"line {i}", row
+        return
+    if path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-        for row in rows if isinstance(rows, list) else [rows]:
-            if not isinstance(row, dict) or column not in row:
-                raise ValueError(f"corpus {path}: a record has no field {column!r}")
-            yield row[column]
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     elif path.endswith(".parquet"):
         import pandas as pd
 
-        frame = pd.read_parquet(path)
-        if column not in frame.columns:
-            raise ValueError(f"corpus {path}: no column {column!r} (has {list(frame.columns)})")
-        yield from frame[column].tolist()
+        rows = pd.read_parquet(path).to_dict("records")
     else:
-        raise ValueError(f"corpus {path}: unsupported file type (use {', '.join(TEXT_SUFFIXES)})")
+        raise ValueError(f"{path}: unsupported file type (use {', '.join(RECORD_SUFFIXES)})")
+    for i, row in enumerate(rows if isinstance(rows, list) else [rows], 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, record {i}: not a JSON object")
+        yield f"record {i}", row
+
+
+def _read_file(path: str, column: str) -> Iterable[str]:
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            yield f.read()
+        return
+    try:
+        for where, row in iter_records(path):
+            if column not in row:
+                raise ValueError(f"{path}, {where}: no field {column!r} (has {sorted(row)})")
+            yield row[column]
+    except ValueError as e:
+        raise ValueError(f"corpus {e}") from None
 
 
 def load_texts(spec: CorpusSpec) -> list[str]:

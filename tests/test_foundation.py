@@ -76,11 +76,17 @@ def test_load_texts_errors(tmp_path):
     with pytest.raises(ValueError, match="line 1: no field 'text'"):
         load_texts(CorpusSpec(path=str(tmp_path / "f.jsonl")))
     (tmp_path / "g.jsonl").write_text('"some text"\n')  # a JSON string, not an object
-    with pytest.raises(ValueError, match="line 1: no field 'text'"):
+    with pytest.raises(ValueError, match="g.jsonl, line 1: not a JSON object"):
         load_texts(CorpusSpec(path=str(tmp_path / "g.jsonl")))
     (tmp_path / "h.json").write_text('["some text"]')
-    with pytest.raises(ValueError, match="h.json: a record has no field 'text'"):
+    with pytest.raises(ValueError, match="h.json, record 1: not a JSON object"):
         load_texts(CorpusSpec(path=str(tmp_path / "h.json")))
+    (tmp_path / "i.json").write_text('[{"body": "x"}]')
+    with pytest.raises(ValueError, match=r"corpus .*i.json, record 1: no field 'text' \(has \['body'\]\)"):
+        load_texts(CorpusSpec(path=str(tmp_path / "i.json")))
+    (tmp_path / "j.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(ValueError, match="j.jsonl, line 2: not valid JSON"):
+        load_texts(CorpusSpec(path=str(tmp_path / "j.jsonl")))
 
 
 @pytest.mark.parametrize("name,norm", [("base", "transformer.h.1.ln_2"), ("base_llama", "model.layers.1.post_attention_layernorm")])
