@@ -37,7 +37,7 @@ from memdec.data import iter_records
 eval_logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "MEMDEC_DATA_DIR"
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 REQUEST_TYPE = "memdec_window_loglikelihood"
 
 
@@ -51,7 +51,7 @@ def _local_file(task: str, data_dir: str) -> str:
         path = os.path.join(data_dir, task + suffix)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"{task}: data dir {data_dir} has no {task}.jsonl, {task}.json or {task}.parquet")
+    raise FileNotFoundError(f"{task}: data dir {data_dir} has no {' or '.join(task + x for x in DATA_SUFFIXES)}")
 
 
 def _read_records(task: str, path: str) -> list[dict]:

@@ -300,6 +300,12 @@ def test_bad_local_data_errors_name_task_file_and_field(tmp_path, monkeypatch):
     (tmp_path / "memdec_mr.json").write_text('[{"text": "a", "label": 0}, {"text": "b", "label": 1}]')
     assert load_task_data("memdec_mr", data_dir=str(tmp_path), **kw)["test"]["text"] == ["a", "b"]
     (tmp_path / "memdec_mr.json").unlink()
+    import gzip
+
+    with gzip.open(tmp_path / "memdec_mr.jsonl.gz", "wt") as f:
+        f.write('{"text": "c", "label": 1}\n\n{"text": "d", "label": 0}\n')
+    assert load_task_data("memdec_mr", data_dir=str(tmp_path), **kw)["test"]["text"] == ["c", "d"]
+    (tmp_path / "memdec_mr.jsonl.gz").unlink()
     pd.DataFrame({"text": ["a", "b"], "label": [0, 1], "extra": [1, 2]}).to_parquet(tmp_path / "memdec_mr.parquet")
     monkeypatch.setenv("MEMDEC_DATA_DIR", str(tmp_path))
     ds = load_task_data("memdec_mr", **kw)["test"]
