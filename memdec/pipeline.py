@@ -64,10 +64,11 @@ def load_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
 
 # per section: the stage function and the arguments the pipeline itself passes (not settable in the config)
 _FUNCTIONS = {
-    "datastore": ("memdec.datastore.build_datastore", {"model_or_path", "corpus", "out", "progress"}),
-    "index": ("memdec.search.build_index", {"datastore", "out", "progress"}),
-    "targets": ("memdec.targets.build_targets", {"datastore", "out", "backend", "progress"}),
-    "train": ("memdec.train.train", {"out", "datastore", "targets", "corpus", "texts", "progress", "callback"}),
+    "datastore": ("memdec.datastore.build_datastore", {"model_or_path", "corpus", "out", "progress", "overwrite"}),
+    "index": ("memdec.search.build_index", {"datastore", "out", "progress", "overwrite"}),
+    "targets": ("memdec.targets.build_targets", {"datastore", "out", "backend", "progress", "overwrite"}),
+    "train": ("memdec.train.train", {"out", "datastore", "targets", "corpus", "texts", "progress", "callback",
+                                     "overwrite"}),
 }
 # build_targets passes its other keyword arguments on to the exact-search index it opens
 _EXTRA_KEYWORDS = {"targets": ("memdec.search.TorchIndex", {"keys", "device", "chunk_rows"})}
@@ -116,37 +117,50 @@ def stage_complete(stage: str, path: Path) -> bool:
 
 
 def run_pipeline(config: str | os.PathLike | dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """Run every stage whose output is not complete yet; returns {"paths": {...}, "ran": [...], "skipped": [...]}."""
+    """Run every stage whose output is not complete yet, and every stage after one that ran (its complete
+    output was made from the old inputs and is replaced); returns {"paths": {...}, "ran": [...], "skipped": [...]}."""
     cfg = load_config(config)
     check_sections(cfg, "pipeline config" if isinstance(config, dict) else f"pipeline config {config}")
     paths = stage_paths(cfg)
     Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
     ran, skipped = [], []
 
+    replace: dict[str, bool] = {}  # stages that run: True if a complete but stale output is replaced
+
     def todo(stage: str) -> bool:
         done = stage_complete(stage, paths[stage])
-        (skipped if done else ran).append(stage)
-        print(f"pipeline: {stage}: {'complete, skipped' if done else 'running'} ({paths[stage]})", flush=True)
-        return not done
+        if done and not ran:
+            skipped.append(stage)
+            print(f"pipeline: {stage}: complete, skipped ({paths[stage]})", flush=True)
+            return False
+        replace[stage] = done  # else an unfinished .partial output is resumed
+        print(f"pipeline: {stage}: {f'{ran[-1]} was rebuilt, replacing it' if done else 'running'} ({paths[stage]})",
+              flush=True)
+        ran.append(stage)
+        return True
 
     if todo("datastore"):
         from memdec.datastore import build_datastore
 
         corpus = CorpusSpec.from_arg(cfg["corpus"])
-        build_datastore(cfg["base_model"], corpus, paths["datastore"], progress=progress, **cfg["datastore"])
+        build_datastore(cfg["base_model"], corpus, paths["datastore"], progress=progress, overwrite=False,
+                        **cfg["datastore"])
     if todo("index"):
         from memdec.search import build_index
 
-        build_index(paths["datastore"], out=paths["index"], progress=progress, **cfg["index"])
+        build_index(paths["datastore"], out=paths["index"], progress=progress, overwrite=replace["index"],
+                    **cfg["index"])
     if todo("targets"):
         from memdec.targets import build_targets
 
         backend = cfg["index"].get("backend", "torch")
-        build_targets(paths["datastore"], out=paths["targets"], backend=backend, progress=progress, **cfg["targets"])
+        build_targets(paths["datastore"], out=paths["targets"], backend=backend, progress=progress,
+                      overwrite=replace["targets"], **cfg["targets"])
     if todo("train"):
         from memdec.train import train
 
         opts = dict(cfg["train"])
         init = opts.pop("init")
-        train(init, paths["train"], datastore=paths["datastore"], targets=paths["targets"], progress=progress, **opts)
+        train(init, paths["train"], datastore=paths["datastore"], targets=paths["targets"], progress=progress,
+              overwrite=replace["train"], **opts)
     return {"paths": {k: str(v) for k, v in paths.items()}, "ran": ran, "skipped": skipped}

@@ -49,6 +49,14 @@ def test_pipeline_runs_each_stage_once(config, tmp_path, capsys):
     again = run_pipeline(config, progress=False)
     assert again["ran"] == ["targets", "train"] and again["skipped"] == ["datastore", "index"]
 
+    # a rebuilt stage makes every later output stale: the complete Memory Decoder is trained again
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    shutil.rmtree(first["paths"]["targets"])
+    third = run_pipeline(config, progress=False)
+    assert third["ran"] == ["targets", "train"] and third["skipped"] == ["datastore", "index"]
+    assert (out / "model.safetensors").stat().st_mtime_ns != stamp
+    assert "train: targets was rebuilt, replacing it" in capsys.readouterr().out
+
 
 @pytest.mark.parametrize("text, message", [
     ("output: x\n", "missing the 'corpus' section"),
