@@ -11,6 +11,9 @@ import sys
 
 # ---- shared options ----
 
+#: what a --corpus / --data value may be (memdec.data.TEXT_SUFFIXES, spelled out to keep `memdec --help` light)
+CORPUS_FORMS = "a file, folder or glob of .txt/.jsonl/.jsonl.gz/.json/.parquet, or hf:NAME[:CONFIG]"
+
 
 def _add_corpus_options(p) -> None:
     """--split / --text-column / --max-docs: how to read a corpus given as a path or hf:NAME[:CONFIG]."""
@@ -52,7 +55,7 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (HF model + tokenizer + memdec.json)")
     p.add_argument("--datastore", help="datastore folder (memdec datastore)")
     p.add_argument("--targets", help="kNN targets folder (default: the one DATASTORE/targets-* folder)")
-    p.add_argument("--corpus", help="instead of a datastore: a corpus (path or hf:NAME[:CONFIG]) for beta=0 fine-tuning")
+    p.add_argument("--corpus", help=f"instead of a datastore, for beta=0 fine-tuning: {CORPUS_FORMS}")
     _add_corpus_options(p)
     p.add_argument("--beta", type=float, default=0.5, help="weight of the KL term (default 0.5; 0 = plain CE)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the windows)")
@@ -90,7 +93,7 @@ def _add_train(sub) -> None:
 
 def _baseline_train_args(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--corpus", help="domain corpus: a file, folder or glob of .txt/.jsonl/.json/.parquet, or hf:NAME[:CONFIG]")
+    src.add_argument("--corpus", help=f"domain corpus: {CORPUS_FORMS}")
     src.add_argument("--datastore", help="train on a datastore's token stream and window (the pipeline's windows)")
     _add_corpus_options(p)
     p.add_argument("--model", required=True, help="base model: HF dir or hub id")
@@ -156,7 +159,7 @@ def _add_lora(sub) -> None:
 def _add_datastore(sub) -> None:
     p = sub.add_parser("datastore", help="build a kNN datastore (keys = base model hidden states, values = next tokens)")
     p.add_argument("--model", required=True, help="base model: HF dir or hub id")
-    p.add_argument("--corpus", required=True, help="a file, folder or glob of .txt/.jsonl/.json/.parquet, or hf:NAME[:CONFIG]")
+    p.add_argument("--corpus", required=True, help=CORPUS_FORMS)
     p.add_argument("--out", required=True, help="output folder (written as OUT.partial, resumed after a kill)")
     _add_corpus_options(p)
     p.add_argument("--revision", help="model revision on the hub")
@@ -273,7 +276,7 @@ def _add_tune_lambda(sub) -> None:
     p = sub.add_parser("tune-lambda", help="the mixing weight lmbda with the lowest validation perplexity")
     p.add_argument("--base", required=True, help="base model (hub name or folder)")
     p.add_argument("--memory", required=True, help="memory decoder folder (or hub name)")
-    p.add_argument("--data", required=True, help="validation text: a local file/folder or hf:NAME[:CONFIG]")
+    p.add_argument("--data", required=True, help=f"validation text: {CORPUS_FORMS}")
     _add_corpus_options(p)
     p.add_argument("--window", type=int, default=None, help="window (default: min(1024, context length))")
     p.add_argument("--stride", type=int, default=None, help="stride (default: window / 2)")

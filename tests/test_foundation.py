@@ -139,3 +139,10 @@ def test_formats_roundtrip_and_errors(tmp_path):
         formats.load_npy(tmp_path / "out" / "a.npy")
     with pytest.raises(formats.FormatError, match="expected a 'other'"):
         formats.read_manifest(tmp_path / "out", "other")
+
+
+def test_cli_corpus_help_names_every_readable_suffix():
+    from memdec.cli import CORPUS_FORMS
+    from memdec.data import TEXT_SUFFIXES
+
+    assert "/".join(TEXT_SUFFIXES) in CORPUS_FORMS
