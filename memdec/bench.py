@@ -215,9 +215,13 @@ def score_memdec_plain(base, memory, ids: torch.Tensor, vocab: int, lmbda: float
 @torch.no_grad()
 def score_memdec_fast(base, memory, ids: torch.Tensor, vocab: int, lmbda: float,
                       per_token: bool = False) -> torch.Tensor:
-    """The fast path of the `memdec` lm-eval model for rolling windows (memdec.fast.score_tokens)."""
-    lp, _ = fast.score_tokens(base, lambda i, a, k: fast.lm_logits(memory, i, a, k), ids[:, :-1], ids[:, 1:],
-                              lmbda, vocab)
+    """The fast path of the `memdec` lm-eval model for rolling windows (memdec.fast.score_tokens).
+
+    `memory` is the model or, as in the `memdec` lm-eval model, a memdec.fast.GraphedForward of it.
+    """
+    other = memory if isinstance(memory, fast.GraphedForward) else (
+        lambda i, a, k: fast.lm_logits(memory, i, a, k))
+    lp, _ = fast.score_tokens(base, other, ids[:, :-1], ids[:, 1:], lmbda, vocab)
     return lp if per_token else lp.sum()
 
 
@@ -320,10 +324,10 @@ def _rag_generate(base, ids: torch.Tensor, n: int, sample: bool, stride: int, do
 
 @torch.no_grad()
 def agreement(base, memory, joint, prompt: torch.Tensor, vocab: int, lmbda: float, n: int, g: torch.Generator,
-              device: torch.device) -> dict[str, Any]:
+              device: torch.device, runner: fast.GraphedForward | None = None) -> dict[str, Any]:
     """The fast paths against the plain ones on this device: scoring differences, greedy tokens in common."""
     ids = torch.randint(0, vocab, (2, 257), generator=g).to(device)
-    diff = (score_memdec_fast(base, memory, ids, vocab, lmbda, True)
+    diff = (score_memdec_fast(base, runner or memory, ids, vocab, lmbda, True)
             - score_memdec_plain(base, memory, ids, vocab, lmbda, True)).abs().max()
     out = {}
     for flag in (False, True):
@@ -506,11 +510,13 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
     r = Row("+MemDec (fast)", "memdec.fast: fused target log-probs, concurrent forwards; MemoryDecoder.generate "
                               "with its graphed two-model step")
     rows.append(r)
-    scoring(r, lambda ids: score_memdec_fast(base, memory, ids, vocab, lmbda))
+    runner = fast.GraphedForward(memory, use_compile=settings.compile and device.type == "cuda")
+    scoring(r, lambda ids: score_memdec_fast(base, runner, ids, vocab, lmbda))
     decoding(r, lambda k, s: joint_generate(k, s, True))
     if getattr(joint, "fast_decode", None) is False:
         r.error = (r.error + "; " if r.error else "") + "fast decoding fell back to the plain loop (see the log)"
-    checks = measure(r, "agreement check", lambda: agreement(base, memory, joint, prompt, vocab, lmbda, n, g, device))
+    checks = measure(r, "agreement check", lambda: agreement(base, memory, joint, prompt, vocab, lmbda, n, g, device,
+                                                                 runner))
     joint = None  # noqa: F841  (the memory moves off the GPU below)
     memory = memory.cpu() if device.type == "cuda" else memory
     if device.type == "cuda":

@@ -183,6 +183,107 @@ def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return logits[:, -keep:] if keep else logits
 
 
+def padded_shape(t: int, keep: int, bucket: int, limit: int | None = None) -> tuple[int, int, int]:
+    """Right padding of a (B, t) input keeping its last `keep` positions (0: all): (padded length,
+    positions the padded forward keeps (0: all), index of position t - keep in that output).
+
+    Lengths round up to a multiple of `bucket` (never past `limit`, the model's positions, unless t is).
+    """
+    tb = -(-t // bucket) * bucket
+    if limit:
+        tb = min(tb, max(t, int(limit)))
+    start = t - keep if keep else 0  # the first position wanted
+    kb = min(tb, -(-(tb - start) // bucket) * bucket) if keep else 0
+    kb = 0 if kb >= tb else kb
+    return tb, kb, start - (tb - kb if kb else 0)
+
+
+class GraphedForward:
+    """A causal LM's logits for right-padded batches (no attention mask); on CUDA compiled and graphed.
+
+    Padding on the right never changes earlier positions of a causal LM, so on CUDA each batch is padded
+    on the right to a multiple of `bucket` tokens and each (batch, padded length, kept positions) shape
+    runs as one captured CUDA graph of the compiled forward: no per-kernel launch cost, which dominates
+    small batches. At most `max_graphs` graphs are kept (least recently used dropped; they share one
+    memory pool). Elsewhere, or where compiling or capturing fails, the plain forward runs. The result
+    of a graphed call is only valid until the next call.
+    """
+
+    def __init__(self, model, bucket: int = 64, max_graphs: int = 4, use_graph: bool | None = None,
+                 use_compile: bool | None = None) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.bucket = max(1, int(bucket))
+        self.max_graphs = max(1, int(max_graphs))
+        on_cuda = self.device.type == "cuda"
+        self.use_compile = compile_enabled(self.device) if use_compile is None else (use_compile and on_cuda)
+        self.use_graph = on_cuda if use_graph is None else (use_graph and on_cuda)
+        self._forward = torch.compile(model.forward, dynamic=True) if self.use_compile else model.forward
+        self._keep_ok = accepts_logits_to_keep(model)
+        self._graphs: dict[tuple[int, int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self._pool = None
+
+    def _logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"logits_to_keep": int(keep)} if keep and self._keep_ok else {}
+        logits = self._forward(input_ids=ids, use_cache=False, **kwargs).logits
+        return logits[:, -keep:] if keep else logits
+
+    def _plain(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+        if self.use_compile:
+            try:
+                return self._logits(input_ids, keep)
+            except Exception as e:  # a compiler problem must never break scoring
+                log.warning("memdec.fast: compiling the forward failed (%s: %s); running it uncompiled",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.use_compile, self._forward = False, self.model.forward
+        return self._logits(input_ids, keep)
+
+    def _capture(self, b: int, t: int, k: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
+        ids = torch.zeros(b, t, dtype=torch.long, device=self.device)
+        warm = torch.cuda.Stream(device=self.device)
+        warm.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(warm):
+            for _ in range(2):
+                self._logits(ids, k)
+        torch.cuda.current_stream(self.device).wait_stream(warm)
+        torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._logits(ids, k)
+        return graph, ids, out
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 keep: int = 0) -> torch.Tensor:
+        """Logits (B, T or keep, V) of `input_ids` (B, T); with keep > 0 only the last `keep` positions."""
+        b, t = input_ids.shape
+        keep = int(keep) if keep and keep < t else 0
+        if not self.use_graph or attention_mask is not None or t == 0:
+            if attention_mask is not None:
+                return lm_logits(self.model, input_ids, attention_mask, keep)
+            return self._plain(input_ids, keep)
+        tb, kb, lo = padded_shape(t, keep, self.bucket, getattr(self.model.config, "max_position_embeddings", None))
+        key = (b, tb, kb)
+        try:
+            entry = self._graphs.pop(key, None) or self._capture(b, tb, kb)
+        except Exception as e:
+            log.warning("memdec.fast: capturing a CUDA graph of the forward failed (%s: %s); running it ungraphed",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.use_graph = False
+            self._graphs.clear()
+            return self._plain(input_ids, keep)
+        self._graphs[key] = entry  # most recently used last
+        graph, ids, out = entry
+        ids[:, :t].copy_(input_ids)
+        ids[:, t:].zero_()
+        graph.replay()
+        return out[:, lo : lo + (keep or t)]
+
+
 _SIDE_STREAMS: dict[Any, Any] = {}
 
 
@@ -289,6 +390,8 @@ class GraphedDecoder:
         self.forwards = [torch.compile(m.forward, dynamic=False, fullgraph=False) if self.use_compile else m.forward
                          for m in self.models]
         self.cache_kw = [cache_kwarg(m) for m in self.models]
+        # the post-processing (the mixture) fused into a few kernels on CUDA, like the forwards
+        self._post = torch.compile(post, dynamic=False) if (post is not None and self.use_compile) else post
         self.pos = 0
         self._ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self._cpos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -315,7 +418,16 @@ class GraphedDecoder:
 
     def _run(self, ids: torch.Tensor, cpos: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outs = self._step_eager(ids, cpos)
-        return (self.post(outs),) if self.post is not None else outs
+        if self.post is None:
+            return outs
+        if self._post is not self.post:
+            try:
+                return (self._post(outs),)
+            except Exception as e:  # compiling the mixture failed: run it eagerly (same numbers)
+                log.warning("memdec.fast: compiling the decode step's post-processing failed (%s); running it eagerly",
+                            type(e).__name__)
+                self._post = self.post
+        return (self.post(outs),)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -296,12 +296,19 @@ class MemDecLM(MixtureLM):
         return self.joint.memory_logprobs(input_ids, attention_mask)
 
     def other_scores(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """The memory's raw logits at the last `keep` positions (normalised, after mem_temperature, by memdec.fast)."""
+        """The memory's raw logits at the last `keep` positions (normalised, after mem_temperature, by memdec.fast).
+
+        On CUDA the memory's forward is compiled and runs as one CUDA graph per padded batch shape
+        (memdec.fast.GraphedForward); the result is valid until the next call.
+        """
         from memdec import fast
 
         memory = self.joint.memory
+        runner = self.__dict__.get("_memory_forward")
+        if runner is None or runner.model is not memory:
+            runner = self.__dict__["_memory_forward"] = fast.GraphedForward(memory)
         with torch.no_grad():
-            return fast.lm_logits(memory, input_ids.to(memory.device), None, keep)
+            return runner(input_ids.to(memory.device), None, keep)
 
     @property
     def other_temperature(self) -> float:

@@ -119,6 +119,43 @@ def test_score_tokens_matches_plain_mixture(models, base_name):
     assert torch.equal(am4, am[:, -4:])
 
 
+@pytest.mark.parametrize("bucket,limit", [(1, None), (8, None), (64, None), (8, 37)])
+def test_padded_shape_covers_the_wanted_positions(bucket, limit):
+    for t in range(1, 75):
+        for keep in range(0, t):
+            tb, kb, lo = fast.padded_shape(t, keep, bucket, limit)
+            assert tb >= t and (tb % bucket == 0 or tb == max(t, limit or 0))
+            assert kb == 0 or (kb < tb and kb % bucket == 0)
+            first = tb - kb if kb else 0  # position of the padded output's first row
+            assert lo >= 0 and first + lo == (t - keep if keep else 0)
+            assert lo + (keep or t) <= (kb or tb)
+            assert kb == 0 or kb - bucket < tb - (t - keep)  # no more kept rows than one bucket's worth
+
+
+def test_right_padding_leaves_earlier_logits_unchanged(models):
+    # what GraphedForward relies on: positions before the padding see the same inputs
+    model, vocab = models["memory"], len(models["tok"])
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (2, 13), generator=g)
+    for keep in (0, 3):
+        tb, kb, lo = fast.padded_shape(13, keep, 8)
+        padded = torch.cat([ids, torch.zeros(2, tb - 13, dtype=torch.long)], 1)
+        with torch.no_grad():
+            want = model(ids).logits[:, -keep:] if keep else model(ids).logits
+            got = fast.lm_logits(model, padded, None, kb)[:, lo : lo + (keep or 13)]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_graphed_forward_off_the_gpu_is_the_plain_forward(models):
+    model, vocab = models["memory"], len(models["tok"])
+    ids = torch.randint(0, vocab, (3, 11), generator=torch.Generator().manual_seed(4))
+    runner = fast.GraphedForward(model)
+    assert not runner.use_graph and not runner.use_compile
+    with torch.no_grad():
+        torch.testing.assert_close(runner(ids), model(ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(runner(ids, None, 4), model(ids).logits[:, -4:], atol=1e-6, rtol=1e-6)
+
+
 def _reference_decode(base, memory, ids, n, lmbda, vocab, sample_seed=None):
     """No caches: the whole sequence through both models at every step, float64 mixture."""
     out = ids
