@@ -201,20 +201,24 @@ def padded_shape(t: int, keep: int, bucket: int, limit: int | None = None) -> tu
 class GraphedForward:
     """A causal LM's logits for right-padded batches (no attention mask); on CUDA compiled and graphed.
 
-    Padding on the right never changes earlier positions of a causal LM, so on CUDA each batch is padded
-    on the right to a multiple of `bucket` tokens and each (batch, padded length, kept positions) shape
-    runs as one captured CUDA graph of the compiled forward: no per-kernel launch cost, which dominates
-    small batches. At most `max_graphs` graphs are kept (least recently used dropped; they share one
-    memory pool). Elsewhere, or where compiling or capturing fails, the plain forward runs. The result
-    of a graphed call is only valid until the next call.
+    Padding on the right never changes earlier positions of a causal LM, so on CUDA each batch of at
+    most `max_tokens` padded tokens is padded on the right to a multiple of `bucket` tokens and each
+    (batch, padded length, kept positions) shape runs as one captured CUDA graph of the compiled
+    forward: no per-kernel launch cost, which dominates small batches. Larger batches run compiled,
+    ungraphed. At most `max_graphs` graphs whose outputs together take at most `max_graph_bytes` are
+    kept (least recently used dropped; they share one memory pool). Elsewhere, or where compiling or
+    capturing fails, the plain forward runs. The result of a graphed call is valid until the next call.
     """
 
-    def __init__(self, model, bucket: int = 64, max_graphs: int = 4, use_graph: bool | None = None,
+    def __init__(self, model, bucket: int = 64, max_graphs: int = 4, max_tokens: int = 8192,
+                 max_graph_bytes: int = 3 * 2**30, use_graph: bool | None = None,
                  use_compile: bool | None = None) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.bucket = max(1, int(bucket))
         self.max_graphs = max(1, int(max_graphs))
+        self.max_tokens = int(max_tokens)
+        self.max_graph_bytes = int(max_graph_bytes)
         on_cuda = self.device.type == "cuda"
         self.use_compile = compile_enabled(self.device) if use_compile is None else (use_compile and on_cuda)
         self.use_graph = on_cuda if use_graph is None else (use_graph and on_cuda)
@@ -238,8 +242,15 @@ class GraphedForward:
                 self.use_compile, self._forward = False, self.model.forward
         return self._logits(input_ids, keep)
 
+    def _graph_bytes(self, b: int, t: int, k: int) -> int:
+        """Bytes of a graph's output logits."""
+        p = next(self.model.parameters())
+        return b * (k or t) * int(getattr(self.model.config, "vocab_size", 0) or 0) * p.element_size()
+
     def _capture(self, b: int, t: int, k: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        while len(self._graphs) >= self.max_graphs:
+        need = self._graph_bytes(b, t, k)
+        while self._graphs and (len(self._graphs) >= self.max_graphs or need + sum(
+                e[2].numel() * e[2].element_size() for e in self._graphs.values()) > self.max_graph_bytes):
             self._graphs.pop(next(iter(self._graphs)))
         ids = torch.zeros(b, t, dtype=torch.long, device=self.device)
         warm = torch.cuda.Stream(device=self.device)
@@ -267,6 +278,8 @@ class GraphedForward:
                 return lm_logits(self.model, input_ids, attention_mask, keep)
             return self._plain(input_ids, keep)
         tb, kb, lo = padded_shape(t, keep, self.bucket, getattr(self.model.config, "max_position_embeddings", None))
+        if b * tb > self.max_tokens or self._graph_bytes(b, tb, kb) > self.max_graph_bytes:
+            return self._plain(input_ids, keep)  # big batches are GPU-bound: a graph would only hold memory
         key = (b, tb, kb)
         try:
             entry = self._graphs.pop(key, None) or self._capture(b, tb, kb)
