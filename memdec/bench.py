@@ -64,6 +64,7 @@ class BenchSettings:
     warmup: int = 2
     repeats: int = 5
     decode_repeats: int = 5
+    paired_rounds: int = 9  # back-to-back base / +MemDec (fast) rounds for the paired ratios
     compile: bool = True
     seed: int = 0
     budget_s: float = 450.0  # rows not started within this many seconds are skipped (and marked so)
@@ -72,7 +73,7 @@ class BenchSettings:
     def small_cpu(cls, **overrides) -> BenchSettings:
         s = cls(device="cpu", dtype="fp32", small=True, score_shapes=[(4, 64), (1, 64)], prompt_len=16,
                 new_tokens=8, knn_sizes=[1000, 10000], knn_k=16, rag_doc_tokens=16, rag_blocks=2, warmup=1,
-                repeats=2, decode_repeats=1, compile=False)
+                repeats=2, decode_repeats=1, paired_rounds=2, compile=False)
         for k, v in overrides.items():
             setattr(s, k, v)
         return s
@@ -139,34 +140,70 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of one `fn()` in milliseconds (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
     """Median wall time of `fn()` in milliseconds after `warmup` calls (CUDA events on a GPU).
 
     When the last warm-up call took over a second, at most 3 calls are timed.
     """
-    times: list[float] = []
-
-    def once() -> float:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
     last = 0.0
     for _ in range(warmup):
-        last = once()
+        last = _once(fn, device)
     if last > 1000.0:  # the last warm-up call (compiling is done by then) was slow: fewer repeats
         repeats = min(repeats, 3)
     _sync(device)
-    for _ in range(max(1, repeats)):
-        times.append(once())
-    return statistics.median(times)
+    return statistics.median(_once(fn, device) for _ in range(max(1, repeats)))
+
+
+def paired_ratio(ref: Callable[[], Any], fn: Callable[[], Any], device: torch.device, warmup: int,
+                 rounds: int) -> float:
+    """Median over `rounds` of time(fn) / time(ref), the two timed back to back (which goes first alternates).
+
+    Drift of the host or the card between measurements (launch-bound batch-1 work varies by tens of per cent
+    from minute to minute) cancels, where the ratio of two separately timed rows does not.
+    """
+    for _ in range(warmup):
+        _once(ref, device), _once(fn, device)
+    _sync(device)
+    ratios = []
+    for i in range(max(1, rounds)):
+        if i % 2:
+            b, a = _once(fn, device), _once(ref, device)
+        else:
+            a, b = _once(ref, device), _once(fn, device)
+        ratios.append(b / a)
+    return statistics.median(ratios)
+
+
+def paired_per_token_ratio(ref: Callable[[int], Any], gen: Callable[[int], Any], n: int, device: torch.device,
+                           warmup: int, rounds: int) -> float:
+    """Median over `rounds` of gen's per-token decode time / ref's, as `per_token_ms`, the four timed back to back."""
+    for _ in range(warmup):
+        for k in (n, 1):
+            _once(lambda k=k: ref(k), device), _once(lambda k=k: gen(k), device)
+    _sync(device)
+    ratios = []
+    for i in range(max(1, rounds)):
+        t = {}
+        order = [("ref", ref), ("gen", gen)] if i % 2 == 0 else [("gen", gen), ("ref", ref)]
+        for k in (n, 1):
+            for name, f in order:
+                t[name, k] = _once(lambda f=f, k=k: f(k), device)
+        ratios.append((t["gen", n] - t["gen", 1]) / (t["ref", n] - t["ref", 1]))
+    return statistics.median(ratios)
 
 
 class PeakMemory:
@@ -426,6 +463,7 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
     lmbda = settings.lmbda
     rows: list[Row] = []
     checks: dict[str, Any] | None = None
+    paired: dict[str, float | None] = {}
 
     t_start = time.perf_counter()
 
@@ -498,7 +536,6 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
                                      "MemoryDecoder's decode loop")
     rows.append(r)
     decoding(r, graphed_single)
-    single.clear()
 
     # Memory Decoder
     class _Tok:  # MemoryDecoder needs only len() and the pad id of a tokenizer here
@@ -527,6 +564,19 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
     decoding(r, lambda k, s: joint_generate(k, s, True))
     if getattr(joint, "fast_decode", None) is False:
         r.error = (r.error + "; " if r.error else "") + "fast decoding fell back to the plain loop (see the log)"
+    # the same two comparisons timed back to back, so drift between the rows' measurements cancels
+    for b, t in settings.score_shapes:
+        ids = torch.randint(0, vocab, (b, t + 1), generator=g).to(device)
+        paired[f"score {b}x{t}"] = measure(r, f"paired score {b}x{t}", lambda ids=ids: paired_ratio(
+            lambda: score_base_hf(base, ids, vocab), lambda: score_memdec_fast(base, runner, ids, vocab, lmbda),
+            device, 1, settings.paired_rounds))
+    for mode, smp in (("greedy", False), ("sampled", True)):
+        torch.manual_seed(settings.seed)
+        paired[mode] = measure(r, f"paired {mode}", lambda smp=smp: paired_per_token_ratio(
+            lambda k: graphed_single(k, smp), lambda k: joint_generate(k, smp, True), n, device, 1,
+            settings.paired_rounds))
+    say(f"  paired ratios (+MemDec fast / base): {paired}")
+    single.clear()
     checks = measure(r, "agreement check", lambda: agreement(base, memory, joint, prompt, vocab, lmbda, n, g, device,
                                                                  runner))
     joint = None  # noqa: F841  (the memory moves off the GPU below)
@@ -568,7 +618,7 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
 
     if fast._COMPILE_FAILED:
         env["compile_failed"] = sorted(fast._COMPILE_FAILED)
-    result = {"settings": _jsonable(asdict(settings)), "environment": env, "checks": checks,
+    result = {"settings": _jsonable(asdict(settings)), "environment": env, "checks": checks, "paired": paired,
               "params": {"base": n_params(base), "memory": n_params(memory)},
               "rows": [asdict(x) for x in rows]}
     result["table"] = markdown_table(result)
@@ -653,6 +703,11 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"fastest base row; batch 1, prompt {s['prompt_len']}, {s['new_tokens']} new tokens, "
              "(t(N) - t(1)) / (N - 1).",
              ]
+    p = {k: v for k, v in (result.get("paired") or {}).items() if v is not None}
+    if p:
+        notes.append(f"Paired ratios, +MemDec (fast) / base timed back to back (median of {s['paired_rounds']} "
+                     "rounds; scoring against the base row's computation, decoding against memdec's graphed "
+                     "base step): " + ", ".join(f"{k} {v:.2f}x" for k, v in p.items()) + ".")
     c = result.get("checks")
     if c:
         vs32 = (f" (to float32 weights with a float64 mixture: fast {c['score_fast_vs_fp32_max_abs_diff']:.2e}, "

@@ -60,6 +60,9 @@ def test_small_cpu_run_writes_table_json_and_plot(tmp_path, capsys):
     # both paths against float32 weights with a float64 mixture (float32 models here: same numbers)
     assert checks["score_fast_vs_fp32_max_abs_diff"] < 1e-4 and checks["score_plain_vs_fp32_max_abs_diff"] < 1e-4
     assert checks["greedy_leading_tokens_equal"] == checks["greedy_tokens_compared"] == 8
+    assert set(result["paired"]) == {"score 4x64", "score 1x64", "greedy", "sampled"}
+    assert all(v is not None and v > 0 for v in result["paired"].values())
+    assert "Paired ratios" in (out / "bench.md").read_text()
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["date"] and env["device_name"]
     assert table.startswith("| method |") and "+MemDec (fast)" in table
@@ -100,3 +103,52 @@ def test_bench_needs_no_lm_eval_faiss_or_datasets():
             "memdec.bench.arch_config('qwen2.5-0.5b', small=True)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _fake_clock(monkeypatch, times):
+    """bench._once returns the next duration listed for each function instead of timing it."""
+    calls = []
+
+    def once(fn, device):
+        calls.append(fn)
+        return times[fn].pop(0)
+
+    monkeypatch.setattr(bench, "_once", once)
+    return calls
+
+
+def test_paired_ratio_is_the_median_of_back_to_back_ratios(monkeypatch):
+    ref, fn = (lambda: None), (lambda: None)
+    # warm-up pair, then 5 rounds whose ratios are 1.5, 1.5, 3.0 (a disturbed round), 1.2, 1.5
+    times = {ref: [99, 10, 20, 10, 10, 10], fn: [99, 15, 30, 30, 12, 15]}
+    calls = _fake_clock(monkeypatch, times)
+    assert bench.paired_ratio(ref, fn, torch.device("cpu"), 1, 5) == pytest.approx(1.5)
+    # which of the two goes first alternates from round to round
+    assert [c is ref for c in calls[2:]] == [True, False, False, True, True, False, False, True, True, False]
+
+
+def test_paired_per_token_ratio(monkeypatch):
+    n = 9
+    calls = []
+
+    def ref(k):
+        calls.append(("ref", k))
+
+    def gen(k):
+        calls.append(("gen", k))
+
+    # per token: ref (t(9) - t(1)) / 8 = (26 - 10) / 8 = 2 ms in every round
+    durations = {("ref", 9): 26.0, ("ref", 1): 10.0}
+    gen_n = iter([99.0, 40.0, 36.0, 52.0])
+
+    def once(fn, device):
+        fn()
+        who, k = calls[-1]
+        if who == "gen" and k == n:
+            return next(gen_n)
+        return durations.get((who, k), 99.0 if who == "ref" else 12.0)
+
+    monkeypatch.setattr(bench, "_once", once)
+    ratio = bench.paired_per_token_ratio(ref, gen, n, torch.device("cpu"), 1, 3)
+    # gen: (40-12)/8 = 3.5, (36-12)/8 = 3.0, (52-12)/8 = 5.0 against ref 2.0 each: ratios 1.75, 1.5, 2.5
+    assert ratio == pytest.approx(1.75)
