@@ -141,11 +141,12 @@ class KNNLM(MixtureLM):
         real = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
         if not self._inputs:
             return real
+        lengths = sorted(self._inputs, reverse=True)  # only the requests' lengths can match
         for b, row in enumerate(input_ids.tolist()):
             nonzero = [j for j, t in enumerate(row) if t != 0]
             shortest = nonzero[-1] + 1 if nonzero else 1
-            for length in range(len(row), shortest - 1, -1):
-                if tuple(row[:length]) in self._inputs.get(length, ()):
+            for length in lengths:
+                if shortest <= length <= len(row) and tuple(row[:length]) in self._inputs[length]:
                     real[b, length:] = False
                     break
         return real

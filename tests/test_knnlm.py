@@ -163,3 +163,22 @@ def test_bad_input(tiny, datastores):
         _knn(tiny, datastores["mixed"], k=4, temperature="hot")
     with pytest.raises(ValueError, match="knnlm: recompute_dists must be true or false"):
         _knn(tiny, datastores["mixed"], k=4, recompute_dists="maybe")
+
+
+def test_real_positions_match_a_brute_force_search():
+    from types import SimpleNamespace
+
+    from baselines.knnlm import KNNLM
+
+    g = torch.Generator().manual_seed(0)
+    requests = [tuple(torch.randint(1, 9, (n,), generator=g).tolist()) for n in (3, 5, 5, 8, 12)]
+    requests.append(requests[1][:2] + (0, 0, 7))  # a request holding zeros of its own
+    fake = SimpleNamespace(_inputs={})
+    for r in requests:
+        fake._inputs.setdefault(len(r), set()).add(r)
+    rows = [list(r) + [0] * (14 - len(r)) for r in requests] + [[0] * 14, [4] * 14]
+    ids = torch.tensor(rows)
+    got = KNNLM._real_positions(fake, ids, None)
+    for b, row in enumerate(rows):  # brute force: the longest request this row starts with, then only zeros
+        length = max((len(r) for r in requests if tuple(row[: len(r)]) == r and not any(row[len(r):])), default=14)
+        assert got[b].tolist() == [j < length for j in range(14)], (b, row)
