@@ -102,12 +102,25 @@ def _context_length(name: str, what: str) -> int | None:
     return max_positions(SimpleNamespace(config=config))
 
 
+def _hub_snapshot(name: str) -> str:
+    """The commit of hub model `name` in the local Hugging Face cache ('' if it is not cached); no network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid repo id: the name alone keys it
+        return ""
+    return Path(found).parent.name if isinstance(found, str) else ""
+
+
 def _cache_path(cache_dir: str | os.PathLike, what: str, name: str, tokens: np.ndarray, window: int,
                 stride: int, dtype: str) -> Path:
-    """Cache file of one model's per-token log-probs; the name changes when any input does."""
-    files = sorted(Path(name).glob("*.safetensors")) + sorted(Path(name).glob("*.bin")) if Path(name).is_dir() else []
-    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = json.dumps({"model": os.path.abspath(name) if Path(name).is_dir() else name, "files": stamp,
+    """Cache file of one model's per-token log-probs; the name changes when any input does (for a local
+    folder its weight files' names, sizes and times; for a hub model the commit cached locally)."""
+    local = Path(name).is_dir()
+    files = sorted(Path(name).glob("*.safetensors")) + sorted(Path(name).glob("*.bin")) if local else []
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files] if local else _hub_snapshot(name)
+    key = json.dumps({"model": os.path.abspath(name) if local else name, "files": stamp,
                       "tokens": hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest(),
                       "window": window, "stride": stride, "dtype": dtype})
     return Path(cache_dir) / f"{what}_logprobs_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
@@ -152,7 +165,7 @@ def tune_lambda(
     `data` is a local file/folder or `hf:NAME[:CONFIG]`; window defaults to the shorter context of
     the two models (at most 1024), stride to half the window. With `write`, stores the best lmbda
     in MEMORY/memdec.json; with `plot`, saves the curve as a PNG there. With `cache_dir`, each model's
-    per-token log-probs are kept there (.npy, keyed by model files, tokens, window, stride, dtype), so a
+    per-token log-probs are kept there (.npy, keyed by model files or hub commit, tokens, window, stride, dtype), so a
     rerun (another grid, or after a kill) scores only what is missing.
     """
     from memdec.data import CorpusSpec, check_min_tokens, load_texts, tokenize

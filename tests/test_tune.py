@@ -112,3 +112,28 @@ def test_cli_tune_lambda(tiny, val_file, capsys):
     assert main(["tune-lambda", "--base", tiny["base"], "--memory", tiny["memory"], "--data", str(val_file),
                  "--grid", "0:1.5:0.5"]) == 2
     assert "grid" in capsys.readouterr().err
+
+
+def test_cache_key_of_a_hub_model_follows_its_cached_commit(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+    import numpy as np
+
+    from memdec.tune import _cache_path
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--someorg--somemodel"
+    tokens = np.arange(50)
+
+    def key():
+        return _cache_path(tmp_path / "c", "base", "someorg/somemodel", tokens, 16, 8, "float32")
+
+    uncached = key()
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        if commit == "a" * 40:
+            first = key()
+            assert first != uncached and key() == first  # stable while the commit is the same
+    assert key() not in (uncached, first)  # a new commit of the model: its log-probs are scored again
