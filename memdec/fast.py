@@ -543,39 +543,3 @@ class GraphedDecoder:
             out = tuple(t.clone() for t in self._out)
         self.pos += 1
         return out
-
-
-def greedy_mixture_decode(
-    decoder: GraphedDecoder,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    lmbda: float,
-    vocab_size: int,
-    eos_token_id: int | None = None,
-    other_temperature: float = 1.0,
-    sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Generate with the mixture of `decoder`'s models (base first): prompt + new tokens, like HF generate.
-
-    Greedy unless `sample(mixed_logprobs (B, V), ids so far) -> tokens (B,)` is given. A single model
-    decodes its own distribution. Rows that produced `eos_token_id` are padded with it afterwards.
-    """
-    out = input_ids
-    logits = decoder.prefill(input_ids)
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for i in range(max_new_tokens):
-        if len(logits) == 1:
-            lp = log_softmax(logits[0], vocab_size)
-        else:
-            lp = mixture_logprobs(logits[0], logits[1], lmbda, vocab_size, other_temperature)
-        nxt = sample(lp, out) if sample is not None else lp.argmax(-1)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-            done |= nxt == eos_token_id
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        if eos_token_id is not None and bool(done.all()):
-            break
-        if i + 1 < max_new_tokens:
-            logits = decoder.step(nxt)
-    return out
-

@@ -156,53 +156,61 @@ def test_graphed_forward_off_the_gpu_is_the_plain_forward(models):
         torch.testing.assert_close(runner(ids, None, 4), model(ids).logits[:, -4:], atol=1e-6, rtol=1e-6)
 
 
-def _reference_decode(base, memory, ids, n, lmbda, vocab, sample_seed=None):
-    """No caches: the whole sequence through both models at every step, float64 mixture."""
+def _reference_decode(base, memory, ids, n, lmbda, vocab, sample=False):
+    """No caches: the whole sequence through both models at every step, float64 mixture; greedy or sampled
+    (torch's global generator)."""
     out = ids
-    gen = torch.Generator().manual_seed(sample_seed) if sample_seed is not None else None
     for _ in range(n):
         with torch.no_grad():
             lp = _ref_mixture(base(out).logits[:, -1], memory(out).logits[:, -1], lmbda, vocab)
-        nxt = torch.multinomial(lp.exp(), 1, generator=gen).squeeze(1) if gen is not None else lp.argmax(-1)
+        nxt = torch.multinomial(lp.exp(), 1).squeeze(1) if sample else lp.argmax(-1)
         out = torch.cat([out, nxt[:, None]], 1)
     return out
+
+
+def _decoder(models, batch, max_cache_len, lmbda, vocab):
+    """A GraphedDecoder whose step gives the mixture's log-probs, as MemoryDecoder builds it."""
+    post = (lambda o: fast.mixture_logprobs(o[0], o[1], lmbda, vocab)) if len(models) == 2 else None
+    return fast.GraphedDecoder(models, batch_size=batch, max_cache_len=max_cache_len, post=post)
+
+
+def _decode(dec, ids, n, **kwargs):
+    """memdec's one decode loop (memdec.joint.generate_tokens) over the decoder's steps."""
+    from memdec.joint import generate_tokens
+
+    kwargs.setdefault("do_sample", False)
+    return generate_tokens(dec.decode_step, ids, max_new_tokens=n, **kwargs)
 
 
 @pytest.mark.parametrize("base_name", ["base", "base_llama"])
 def test_graphed_decoder_greedy_matches_uncached_reference(models, base_name):
     base, memory, vocab = models[base_name], models["memory"], len(models["tok"])
     ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(2))
-    dec = fast.GraphedDecoder([base, memory], batch_size=2, max_cache_len=40)
-    ref = _reference_decode(base, memory, ids, 12, 0.4, vocab)
-    assert torch.equal(fast.greedy_mixture_decode(dec, ids, 12, 0.4, vocab), ref)
+    dec = _decoder([base, memory], 2, 40, 0.4, vocab)
+    assert torch.equal(_decode(dec, ids, 12), _reference_decode(base, memory, ids, 12, 0.4, vocab))
     # the decoder is reusable: a second prompt of another length resets its caches
     ids2 = ids[:, :5]
-    assert torch.equal(fast.greedy_mixture_decode(dec, ids2, 6, 0.4, vocab),
-                       _reference_decode(base, memory, ids2, 6, 0.4, vocab))
+    assert torch.equal(_decode(dec, ids2, 6), _reference_decode(base, memory, ids2, 6, 0.4, vocab))
 
 
 def test_graphed_decoder_sampling_matches_reference(models):
     base, memory, vocab = models["base"], models["memory"], len(models["tok"])
     ids = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(3))
-    gen = torch.Generator().manual_seed(7)
-
-    def sample(lp, _ids):
-        return torch.multinomial(lp.double().exp(), 1, generator=gen).squeeze(1)
-
-    dec = fast.GraphedDecoder([base, memory], batch_size=1, max_cache_len=32)
-    got = fast.greedy_mixture_decode(dec, ids, 10, 0.6, vocab, sample=sample)
-    assert torch.equal(got, _reference_decode(base, memory, ids, 10, 0.6, vocab, sample_seed=7))
+    dec = _decoder([base, memory], 1, 32, 0.6, vocab)
+    torch.manual_seed(7)
+    got = _decode(dec, ids, 10, do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+    torch.manual_seed(7)
+    assert torch.equal(got, _reference_decode(base, memory, ids, 10, 0.6, vocab, sample=True))
 
 
 def test_graphed_decoder_limits(models):
     base, vocab = models["base"], len(models["tok"])
-    dec = fast.GraphedDecoder([base], batch_size=1, max_cache_len=8)
+    dec = _decoder([base], 1, 8, 0.0, vocab)
     with pytest.raises(ValueError, match="batch 2"):
         dec.prefill(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="does not fit"):
         dec.prefill(torch.zeros(1, 8, dtype=torch.long))
-    out = fast.greedy_mixture_decode(dec, torch.zeros(1, 3, dtype=torch.long), 5, 0.0, vocab)
-    assert out.shape == (1, 8)
+    assert _decode(dec, torch.zeros(1, 3, dtype=torch.long), 5).shape == (1, 8)
 
 
 def test_eos_stops_and_pads(models):
@@ -210,8 +218,7 @@ def test_eos_stops_and_pads(models):
     ids = torch.randint(0, vocab, (1, 5), generator=torch.Generator().manual_seed(4))
     ref = _reference_decode(base, memory, ids, 6, 0.5, vocab)
     eos = int(ref[0, 7])  # the third new token
-    dec = fast.GraphedDecoder([base, memory], batch_size=1, max_cache_len=20)
-    got = fast.greedy_mixture_decode(dec, ids, 6, 0.5, vocab, eos_token_id=eos)
+    got = _decode(_decoder([base, memory], 1, 20, 0.5, vocab), ids, 6, eos_token_id=eos)
     first = (ref[0, 5:] == eos).nonzero()[0, 0].item()
     assert torch.equal(got[0], ref[0, : 5 + first + 1])
 
