@@ -18,6 +18,7 @@ that gives the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -250,11 +251,14 @@ class GraphedForward:
         p = next(self.model.parameters())
         return b * (k or t) * int(getattr(self.model.config, "vocab_size", 0) or 0) * p.element_size()
 
-    def _capture(self, b: int, t: int, k: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        need = self._graph_bytes(b, t, k)
+    def _make_room(self, need: int) -> None:
+        """Drop the least recently used graphs until one more, with `need` bytes of output, fits the limits."""
         while self._graphs and (len(self._graphs) >= self.max_graphs or need + sum(
                 e[2].numel() * e[2].element_size() for e in self._graphs.values()) > self.max_graph_bytes):
             self._graphs.pop(next(iter(self._graphs)))
+
+    def _capture(self, b: int, t: int, k: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(graph, its input ids (b, t), its output logits) of the forward keeping `k` positions (0: all)."""
         ids = torch.zeros(b, t, dtype=torch.long, device=self.device)
         warm = torch.cuda.Stream(device=self.device)
         warm.wait_stream(torch.cuda.current_stream(self.device))
@@ -284,19 +288,24 @@ class GraphedForward:
         if b * tb > self.max_tokens or self._graph_bytes(b, tb, kb) > self.max_graph_bytes:
             return self._plain(input_ids, keep)  # big batches are GPU-bound: a graph would only hold memory
         key = (b, tb, kb)
-        try:
-            entry = self._graphs.pop(key, None) or self._capture(b, tb, kb)
-        except Exception as e:
-            log.warning("memdec.fast: capturing a CUDA graph of the forward failed (%s: %s); running it ungraphed",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.use_graph = False
-            self._graphs.clear()
-            return self._plain(input_ids, keep)
-        self._graphs[key] = entry  # most recently used last
-        graph, ids, out = entry
-        ids[:, :t].copy_(input_ids)
-        ids[:, t:].zero_()
-        graph.replay()
+        on_gpu = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with on_gpu:  # the model's own GPU, which need not be the current one
+            try:
+                entry = self._graphs.pop(key, None)
+                if entry is None:
+                    self._make_room(self._graph_bytes(b, tb, kb))
+                    entry = self._capture(b, tb, kb)
+            except Exception as e:
+                log.warning("memdec.fast: capturing a CUDA graph of the forward failed (%s: %s); running it "
+                            "ungraphed", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.use_graph = False
+                self._graphs.clear()
+                return self._plain(input_ids, keep)
+            self._graphs[key] = entry  # most recently used last
+            graph, ids, out = entry
+            ids[:, :t].copy_(input_ids)
+            ids[:, t:].zero_()
+            graph.replay()
         return out[:, lo : lo + (keep or t)]
 
 

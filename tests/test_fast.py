@@ -365,3 +365,48 @@ def test_fast_step_gives_the_plain_steps_distributions(joint, monkeypatch):
     assert len(joint._decoders) == 1 and next(iter(joint._decoders))[2:] == (0.1, 1.5)
     with pytest.raises(RuntimeError, match="one new token per step expected, got 2"):
         decoder.decode_step(seq, mask, 10)
+
+
+class _EagerGraph:
+    """Stands in for a CUDA graph on the CPU: replay() reruns the captured call into the same buffers."""
+
+    def __init__(self, run):
+        self.replay = run
+
+
+def test_graphed_forward_pads_caches_and_drops_graphs(models, monkeypatch):
+    model, vocab = models["memory"], len(models["tok"])
+    captured = []
+
+    def capture(self, b, t, k):  # what a captured graph holds: fixed input ids and output logits
+        captured.append((b, t, k))
+        ids = torch.zeros(b, t, dtype=torch.long)
+        out = self._logits(ids, k).clone()
+        return _EagerGraph(lambda: out.copy_(self._logits(ids, k))), ids, out
+
+    monkeypatch.setattr(fast.GraphedForward, "_capture", capture)
+    runner = fast.GraphedForward(model, bucket=8, max_graphs=2, max_tokens=64)
+    runner.use_graph = True  # the graph path, on the CPU
+    g = torch.Generator().manual_seed(5)
+
+    def check(b, t, keep=0):
+        ids = torch.randint(1, vocab, (b, t), generator=g)
+        with torch.no_grad():
+            want = model(ids).logits
+            got = runner(ids, None, keep)
+        torch.testing.assert_close(got, want[:, -keep:] if keep else want, atol=1e-5, rtol=1e-5)
+
+    check(2, 13)  # padded to 16
+    check(2, 11, keep=3)  # same padded length, only the last 8 positions kept
+    check(2, 16)  # the first graph again
+    assert captured == [(2, 16, 0), (2, 16, 8)]
+    check(1, 5)  # a third shape: the least recently used graph (2, 16, 8) is dropped
+    assert list(runner._graphs) == [(2, 16, 0), (1, 8, 0)]
+    check(2, 12, keep=2)  # dropped before, captured again (dropping (2, 16, 0) now)
+    assert captured[-1] == (2, 16, 8) and list(runner._graphs) == [(1, 8, 0), (2, 16, 8)]
+    check(8, 13)  # 8 x 16 padded tokens > max_tokens: the plain forward, no graph
+    assert len(captured) == 4
+    # graph outputs together over max_graph_bytes: older graphs go first
+    runner.max_graph_bytes = runner._graph_bytes(2, 16, 0) + 1
+    check(3, 7)
+    assert list(runner._graphs) == [(3, 8, 0)]
