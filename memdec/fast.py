@@ -178,12 +178,15 @@ def accepts_logits_to_keep(model) -> bool:
 
 
 def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              keep: int = 0) -> torch.Tensor:
-    """Logits of a causal LM; with keep > 0 only the last `keep` positions (when the model allows it)."""
+              keep: int = 0, forward: Callable | None = None) -> torch.Tensor:
+    """Logits of a causal LM; with keep > 0 only the last `keep` positions (when the model allows it).
+
+    `forward` runs in place of calling `model` (e.g. its compiled forward).
+    """
     kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
     if keep and accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = int(keep)
-    logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
+    logits = (forward or model)(input_ids=input_ids, use_cache=False, **kwargs).logits
     return logits[:, -keep:] if keep else logits
 
 
@@ -227,14 +230,11 @@ class GraphedForward:
         self.use_compile = compile_enabled(self.device) if use_compile is None else (use_compile and on_cuda)
         self.use_graph = on_cuda if use_graph is None else (use_graph and on_cuda)
         self._forward = torch.compile(model.forward, dynamic=True) if self.use_compile else model.forward
-        self._keep_ok = accepts_logits_to_keep(model)
         self._graphs: dict[tuple[int, int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
 
     def _logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"logits_to_keep": int(keep)} if keep and self._keep_ok else {}
-        logits = self._forward(input_ids=ids, use_cache=False, **kwargs).logits
-        return logits[:, -keep:] if keep else logits
+        return lm_logits(self.model, ids, None, keep, self._forward)
 
     def _plain(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         if self.use_compile:
