@@ -546,10 +546,15 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
 
     joint = MemoryDecoder(base, memory, _Tok(), lmbda)
 
+    fell_back: list[bool] = []  # whether a fast decoding run fell back to the plain loop
+
     def joint_generate(k: int, s: bool, fast_decode: bool) -> torch.Tensor:
         joint.fast_decode = fast_decode
         kw = sampling if s else {"do_sample": False}
-        return joint.generate(prompt, max_new_tokens=k, min_new_tokens=k, eos_token_id=eos, **kw)
+        out = joint.generate(prompt, max_new_tokens=k, min_new_tokens=k, eos_token_id=eos, **kw)
+        if fast_decode and joint.fast_decode is False:
+            fell_back.append(True)
+        return out
 
     r = Row("+MemDec (plain)", "float32 (B,T,V) mixture; MemoryDecoder.generate with dynamic caches, eager")
     rows.append(r)
@@ -562,7 +567,7 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
     runner = fast.GraphedForward(memory, use_compile=settings.compile and device.type == "cuda")
     scoring(r, lambda ids: score_memdec_fast(base, runner, ids, vocab, lmbda))
     decoding(r, lambda k, s: joint_generate(k, s, True))
-    if getattr(joint, "fast_decode", None) is False:
+    if fell_back:
         r.error = (r.error + "; " if r.error else "") + "fast decoding fell back to the plain loop (see the log)"
     # the same two comparisons timed back to back, so drift between the rows' measurements cancels
     for b, t in settings.score_shapes:

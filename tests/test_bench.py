@@ -92,6 +92,22 @@ def test_time_budget_skips_and_marks_rows(tmp_path):
     assert "skipped: time budget" in (out / "bench.md").read_text()
 
 
+def test_fast_decoding_fallback_is_marked_only_when_it_happens(tmp_path, monkeypatch):
+    from memdec.cli import main
+    from memdec.joint import MemoryDecoder
+
+    def broken(self, batch, total):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(MemoryDecoder, "_fast_decoder", broken)
+    out = tmp_path / "b"
+    with pytest.warns(UserWarning, match="fast decoding failed"):
+        assert main(["bench", "--device", "cpu", "--small", "--skip-knn", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert "fell back to the plain loop" in rows["+MemDec (fast)"]["error"]
+    assert rows["+MemDec (plain)"]["error"] is None  # the plain row set fast_decode = False itself: no false mark
+
+
 def test_bench_needs_no_lm_eval_faiss_or_datasets():
     """The GPU host has torch and transformers only: every module the bench uses must import without the rest."""
     import subprocess
