@@ -57,6 +57,12 @@ def _compiled(name: str, fn: Callable) -> Callable | None:
     return _COMPILED[name]
 
 
+def _why(e: BaseException) -> str:
+    """'Type: first line of the message', for a fallback's warning."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _call_compiled(name: str, fn: Callable, *args) -> torch.Tensor | None:
     """fn compiled (CUDA), or None if compiling is off or failed (then the caller runs it eagerly)."""
     compiled = _compiled(name, fn)
@@ -65,8 +71,7 @@ def _call_compiled(name: str, fn: Callable, *args) -> torch.Tensor | None:
     try:
         return compiled(*args)
     except Exception as e:  # a compiler problem must never break scoring: fall back, once, loudly
-        log.warning("memdec.fast: compiling %s failed (%s: %s); using the plain torch path",
-                    name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        log.warning("memdec.fast: compiling %s failed (%s); using the plain torch path", name, _why(e))
         _COMPILE_FAILED.add(name)
         return None
 
@@ -241,8 +246,7 @@ class GraphedForward:
             try:
                 return self._logits(input_ids, keep)
             except Exception as e:  # a compiler problem must never break scoring
-                log.warning("memdec.fast: compiling the forward failed (%s: %s); running it uncompiled",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                log.warning("memdec.fast: compiling the forward failed (%s); running it uncompiled", _why(e))
                 self.use_compile, self._forward = False, self.model.forward
         return self._logits(input_ids, keep)
 
@@ -285,7 +289,8 @@ class GraphedForward:
                 return lm_logits(self.model, input_ids, attention_mask, keep)
             return self._plain(input_ids, keep)
         tb, kb, lo = padded_shape(t, keep, self.bucket, getattr(self.model.config, "max_position_embeddings", None))
-        if b * tb > self.max_tokens or self._graph_bytes(b, tb, kb) > self.max_graph_bytes:
+        need = self._graph_bytes(b, tb, kb)
+        if b * tb > self.max_tokens or need > self.max_graph_bytes:
             return self._plain(input_ids, keep)  # big batches are GPU-bound: a graph would only hold memory
         key = (b, tb, kb)
         on_gpu = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
@@ -293,11 +298,11 @@ class GraphedForward:
             try:
                 entry = self._graphs.pop(key, None)
                 if entry is None:
-                    self._make_room(self._graph_bytes(b, tb, kb))
+                    self._make_room(need)
                     entry = self._capture(b, tb, kb)
             except Exception as e:
-                log.warning("memdec.fast: capturing a CUDA graph of the forward failed (%s: %s); running it "
-                            "ungraphed", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                log.warning("memdec.fast: capturing a CUDA graph of the forward failed (%s); running it ungraphed",
+                            _why(e))
                 self.use_graph = False
                 self._graphs.clear()
                 return self._plain(input_ids, keep)
