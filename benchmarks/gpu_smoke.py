@@ -6,6 +6,7 @@ scoring against the plain computation, on small random GPT-2 models in float32.
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 
@@ -54,8 +55,20 @@ def main() -> int:
             ref = (ref[:, -keep:] if keep else ref).gather(-1, t[..., None]).squeeze(-1)
         err = (lp.double() - ref).abs().max().item()
         ok &= err < 1e-4
-        print(f"fused scoring ({rows}x{length}, keep {keep}; graphed memory {runner.use_graph}) vs float64 mixture: "
-              f"max |diff| {err:.2e} nats")
+        print(f"fused scoring ({rows}x{length}, keep {keep}; graphed memory {runner.use_graph}, graphed base "
+              f"{fast.graphed(base).use_graph}) vs float64 mixture: max |diff| {err:.2e} nats")
+    ok &= fast.graphed(base).use_graph and runner.use_graph
+
+    # per-token scoring over sliding windows (MemoryDecoder.perplexity, tune-lambda): graphed on CUDA
+    from memdec.scoring import token_logprobs
+
+    stream = torch.randint(1, len(tok), (3000,))
+    got = token_logprobs(base, stream, window=256, stride=128, batch_size=4)
+    ref = token_logprobs(copy.deepcopy(base).double().cpu(), stream, window=256, stride=128, batch_size=4)
+    err = float(abs(got - ref).max())
+    ok &= err < 1e-4
+    print(f"token_logprobs over windows (graphed base {fast.graphed(base).use_graph}) vs float64 on CPU: "
+          f"max |diff| {err:.2e} nats")
     name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}: {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1

@@ -238,6 +238,9 @@ class GraphedForward:
         self._graphs: dict[tuple[int, int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
 
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a deep copy of the model gets no graphs of this one's weights (graphed() makes new ones)
+
     def _logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
         return lm_logits(self.model, ids, None, keep, self._forward)
 
@@ -314,6 +317,20 @@ class GraphedForward:
         return out[:, lo : lo + (keep or t)]
 
 
+def graphed(model) -> GraphedForward:
+    """The model's one GraphedForward (made on first use), shared by every scorer of that model.
+
+    Sharing keeps one set of compiled code and captured graphs per model: the `memdec` lm-eval
+    model, `MemoryDecoder.perplexity`, tune-lambda and the bench all score through it.
+    """
+    p = next(model.parameters())
+    key = (p.device, p.dtype, p.data_ptr())  # moved or cast weights: graphs of the old ones are stale
+    entry = model.__dict__.get("_memdec_graphed")
+    if entry is None or entry[0] != key:
+        entry = model.__dict__["_memdec_graphed"] = (key, GraphedForward(model))
+    return entry[1]
+
+
 _SIDE_STREAMS: dict[Any, Any] = {}
 
 
@@ -361,10 +378,11 @@ def score_tokens(
     """Mixed log-probs of `targets` (B, keep or T) after `input_ids`, and the mixture's argmax if `greedy`.
 
     `other(input_ids, attention_mask, keep)` returns the second model's logits (or log-probs) of the
-    same positions; it runs concurrently with the base on CUDA. `targets[:, j]` is the token predicted
+    same positions; it runs concurrently with the base, whose forward is `graphed(base)` (compiled and
+    CUDA-graphed on CUDA, the plain forward elsewhere). `targets[:, j]` is the token predicted
     at the j-th kept position.
     """
-    b, o = run_concurrently(lambda: lm_logits(base, input_ids, attention_mask, keep),
+    b, o = run_concurrently(lambda: graphed(base)(input_ids, attention_mask, keep),
                             lambda: other(input_ids, attention_mask, keep), input_ids.device)
     lp = mixture_target_logprobs(b, o, targets, lmbda, vocab_size, other_temperature)
     am = mixture_argmax(b, o, lmbda, vocab_size, other_temperature) if greedy else None

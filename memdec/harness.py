@@ -202,8 +202,15 @@ class MixtureLM(HFLM):
         ids, targets = ids.to(self.device), targets.to(self.device)
         vocab = self.mix_vocab_size
         with torch.no_grad(), self._autocast():
-            base, other = fast.run_concurrently(lambda: fast.lm_logits(self.model, ids, None, keep),
-                                                lambda: self.other_scores(ids, keep).to(self.device), self.device)
+            # lmbda 0 / 1: only the model that counts runs (the other's scores are never read)
+            if self.lmbda == 0.0:
+                base = other = fast.graphed(self.model)(ids, None, keep)
+            elif self.lmbda == 1.0:
+                base = other = self.other_scores(ids, keep).to(self.device)
+            else:
+                base, other = fast.run_concurrently(lambda: fast.graphed(self.model)(ids, None, keep),
+                                                    lambda: self.other_scores(ids, keep).to(self.device),
+                                                    self.device)
         temp = self.other_temperature
         lp = fast.mixture_target_logprobs(base, other, targets, self.lmbda, vocab, temp).cpu()
         am = fast.mixture_argmax(base, other, self.lmbda, vocab, temp).cpu() if greedy else None
@@ -304,11 +311,8 @@ class MemDecLM(MixtureLM):
         from memdec import fast
 
         memory = self.joint.memory
-        runner = self.__dict__.get("_memory_forward")
-        if runner is None or runner.model is not memory:
-            runner = self.__dict__["_memory_forward"] = fast.GraphedForward(memory)
         with torch.no_grad():
-            return runner(input_ids.to(memory.device), None, keep)
+            return fast.graphed(memory)(input_ids.to(memory.device), None, keep)
 
     @property
     def other_temperature(self) -> float:

@@ -70,11 +70,19 @@ def token_logprobs(
     vocab_size = vocab_size or model.config.vocab_size
     device = next(model.parameters()).device
     windows = sliding_windows(n, window, stride)
+    if device.type == "cuda":
+        from memdec import fast  # the model compiled and CUDA-graphed, fused target log-probs
+
+        forward = fast.graphed(model)
     for i in tqdm(range(0, len(windows), batch_size), desc="score", disable=not progress):
         chunk = windows[i : i + batch_size]
         ids, attn, score = window_batch(tokens, chunk, pad_id)
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-        lp = target_logprobs(logits[:, :-1], ids[:, 1:].to(device), vocab_size, temperature).cpu().double()
+        if device.type == "cuda":  # right padding changes no earlier position of a causal LM: no mask needed
+            x = ids.to(device)
+            lp = fast.target_logprobs(forward(x[:, :-1]), x[:, 1:], vocab_size, temperature).cpu().double()
+        else:
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+            lp = target_logprobs(logits[:, :-1], ids[:, 1:].to(device), vocab_size, temperature).cpu().double()
         for b, w in enumerate(chunk):
             j0 = w.score_start - w.start  # first scored input position in this window
             out[w.score_start - 1 : w.end - 1] = lp[b, j0 - 1 : w.end - w.start - 1].numpy()

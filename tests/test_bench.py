@@ -46,14 +46,14 @@ def test_small_cpu_run_writes_table_json_and_plot(tmp_path, capsys):
     table = (out / "bench.md").read_text()
     assert printed.rstrip().endswith(table.rstrip())  # the table is printed last
     methods = [r["method"] for r in result["rows"]]
-    assert methods[:5] == ["base", "base (HF static cache)", "base (memdec graphed)", "+MemDec (plain)",
+    assert methods[:5] == ["base", "base (HF static cache)", "base (compiled + graphed)", "+MemDec (plain)",
                            "+MemDec (fast)"]
     assert "+kNN-LM 1k" in methods and "+kNN-LM 10k" in methods and methods[-1] == "+In-Context RAG"
     for r in result["rows"]:
         assert r["error"] is None, r
         assert r["greedy_ms"] is not None and r["sampled_ms"] is not None
     for r in result["rows"]:
-        if not r["method"].startswith("base ("):
+        if r["method"] != "base (HF static cache)":  # a decoding-only row
             assert all(v is not None and v > 0 for v in r["score"].values()), r
     checks = result["checks"]  # the fast paths agree with the plain ones (float32 on CPU: same greedy tokens)
     assert checks["score_max_abs_diff"] < 1e-4 and checks["fast_decode_used"]
@@ -168,3 +168,20 @@ def test_paired_per_token_ratio(monkeypatch):
     ratio = bench.paired_per_token_ratio(ref, gen, n, torch.device("cpu"), 1, 3)
     # gen: (40-12)/8 = 3.5, (36-12)/8 = 3.0, (52-12)/8 = 5.0 against ref 2.0 each: ratios 1.75, 1.5, 2.5
     assert ratio == pytest.approx(1.75)
+
+
+def test_scoring_ratios_are_against_the_fastest_base_row():
+    from memdec import bench
+
+    def row(method, score, g=None):
+        return {"method": method, "note": "", "error": None, "score": score, "score_mib": {}, "greedy_ms": g,
+                "sampled_ms": g, "decode_mib": None}
+
+    result = {"settings": {"score_shapes": [(2, 8)], "base": "b", "memory": "m", "small": True, "dtype": "fp32",
+                           "lmbda": 0.5, "prompt_len": 4, "new_tokens": 4, "paired_rounds": 3},
+              "environment": {"device_name": "cpu", "torch": "t", "transformers": "x", "date": "d"},
+              "rows": [row("base", {"2x8": 40.0}, 9.0), row("base (compiled + graphed)", {"2x8": 20.0}, 3.0),
+                       row("+MemDec (fast)", {"2x8": 30.0}, 4.5)]}
+    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in bench.markdown_table(result).splitlines()}
+    assert "| 2.00x |" in lines["base"] and "| 1.00x |" in lines["base (compiled + graphed)"]
+    assert "| 1.50x |" in lines["+MemDec (fast)"]  # 30 / 20, not 30 / 40

@@ -410,3 +410,20 @@ def test_graphed_forward_pads_caches_and_drops_graphs(models, monkeypatch):
     runner.max_graph_bytes = runner._graph_bytes(2, 16, 0) + 1
     check(3, 7)
     assert list(runner._graphs) == [(3, 8, 0)]
+
+
+def test_graphed_is_one_runner_per_model_and_never_stale(tiny):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["memory"]).eval()
+    runner = fast.graphed(model)
+    assert fast.graphed(model) is runner and runner.model is model
+    clone = copy.deepcopy(model)  # a copy gets no graphs of the original's weights
+    assert fast.graphed(clone) is not runner and fast.graphed(clone).model is clone
+    model.double()  # new weight tensors: the old runner's graphs would read freed memory
+    assert fast.graphed(model) is not runner
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(fast.graphed(model)(ids), model(ids).logits, atol=0, rtol=0)

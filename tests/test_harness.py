@@ -94,6 +94,24 @@ def test_loglikelihood_endpoints_and_mixture(lms, ref):
     assert got[LMBDA][0][0] not in (pytest.approx(got["hf"][0][0]), pytest.approx(got["memory_alone"][0][0]))
 
 
+def test_lmbda_endpoints_run_only_the_model_that_counts(lms, monkeypatch):
+    from memdec import fast
+
+    def never(*_a, **_k):
+        raise AssertionError("this model's scores are not needed")
+
+    lm0, lm1 = lms[0.0], lms[1.0]
+    want0 = lm0.loglikelihood(ll_requests(PAIRS), disable_tqdm=True)
+    want1 = lm1.loglikelihood(ll_requests(PAIRS), disable_tqdm=True)
+    with monkeypatch.context() as m:  # lmbda 0: the memory never runs
+        m.setattr(lm0, "other_scores", never)
+        assert lm0.loglikelihood(ll_requests(PAIRS), disable_tqdm=True) == want0
+    real = fast.graphed
+    with monkeypatch.context() as m:  # lmbda 1: the base never runs
+        m.setattr(fast, "graphed", lambda model: never() if model is lm1.model else real(model))
+        assert lm1.loglikelihood(ll_requests(PAIRS), disable_tqdm=True) == want1
+
+
 def test_loglikelihood_rolling_endpoints_and_mixture(lms, ref, texts):
     long_text = texts["general"][0][:3000]  # several rolling windows of max_length 256
     short_text = texts["domain"][0][:300]
