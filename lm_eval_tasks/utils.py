@@ -9,7 +9,9 @@
   bits per byte. Its requests are of the type `memdec_window_loglikelihood`, which this module adds to
   lm-eval's `TemplateLM` (so `--model hf`, `--model memdec` and every HFLM subclass answer it): the
   model tokenizes with its own tokenizer and passes each window to `_loglikelihood_tokens` as exact
-  token ids (context = the window's old tokens, continuation = its new ones).
+  token ids (context = the window's old tokens, continuation = its new ones). With several processes
+  every process builds the same stream and windows, scores its share and gathers the rest, so the
+  metrics equal the one-process ones.
 - `DCPMITask`: kNN-Prompt's zero-shot classification (Shi et al., 2022): a prompt per input, fuzzy
   verbalizers (several label words per label), plain accuracy (label probabilities = sum of its words'
   probabilities) and domain-conditional PMI accuracy (kNN-Prompt's score.py: a label's score is the sum

@@ -104,3 +104,24 @@ def test_two_processes_give_the_one_process_numbers(tiny, tiny_datastore, tmp_pa
     for model in ("memdec", "knnlm"):
         assert one[f"{model}/all"]["results"]["memdec_law_ppl"]["token_perplexity,none"] != pytest.approx(
             one["hf/all"]["results"]["memdec_law_ppl"]["token_perplexity,none"], rel=1e-6)
+
+
+def _task(name: str):
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(ROOT / "lm_eval_tasks"), include_defaults=False,
+                     metadata={"data_dir": str(FIXTURES), "ppl_window": 48, "ppl_stride": 16})
+    return tm.load([name])["tasks"][name]
+
+
+def test_every_process_builds_every_document_and_reports_a_block():
+    task = _task("memdec_bio_ppl")  # 3 documents
+    texts = [json.loads(line)["text"] for line in (FIXTURES / "memdec_bio_ppl.jsonl").read_text().splitlines()]
+    for limit, n in ((None, 3), (2, 2)):
+        task.build_all_requests(rank=1, world_size=2, limit=limit)
+        assert [(i.doc_id, i.args[0]) for i in task.instances] == list(enumerate(texts[:n]))
+        blocks = [[d for d, _ in task.doc_iterator(rank=r, world_size=2, limit=limit)] for r in range(2)]
+        assert blocks == ([[0], [1, 2]] if n == 3 else [[0], [1]])
+        assert [d for d, _ in task.doc_iterator(limit=limit)] == list(range(n))  # one process: as lm-eval's
+    with pytest.raises(ValueError, match=r"memdec_bio_ppl: 3 document\(s\) for 4 processes; run with at most 3"):
+        task.build_all_requests(rank=0, world_size=4)
