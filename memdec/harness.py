@@ -54,8 +54,8 @@ def _check_model_args(args: dict[str, Any]) -> None:
 
 
 def cpu_data_parallel(lm: HFLM) -> HFLM:
-    """Make an HFLM split its requests across the processes of a CPU launch (torchrun or `accelerate launch`
-    with ACCELERATE_USE_CPU=true: accelerate's gloo backend); returns `lm`.
+    """Make an HFLM split its requests across the processes of a CPU launch (torchrun with
+    ACCELERATE_USE_CPU=true: accelerate's gloo backend); returns `lm`.
 
     lm-eval's HFLM is data-parallel only with more than one GPU: on CPU every process keeps rank 0 of 1
     and evaluates everything. This gives it the accelerator's rank and world size instead (MixtureLM
