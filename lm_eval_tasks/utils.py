@@ -9,7 +9,9 @@
   bits per byte. Its requests are of the type `memdec_window_loglikelihood`, which this module adds to
   lm-eval's `TemplateLM` (so `--model hf`, `--model memdec` and every HFLM subclass answer it): the
   model tokenizes with its own tokenizer and passes each window to `_loglikelihood_tokens` as exact
-  token ids (context = the window's old tokens, continuation = its new ones).
+  token ids (context = the window's old tokens, continuation = its new ones). With several processes
+  every process builds the same stream and windows, scores its share and gathers the rest, so the
+  metrics equal the one-process ones.
 - `DCPMITask`: kNN-Prompt's zero-shot classification (Shi et al., 2022): a prompt per input, fuzzy
   verbalizers (several label words per label), plain accuracy (label probabilities = sum of its words'
   probabilities) and domain-conditional PMI accuracy (kNN-Prompt's score.py: a label's score is the sum
@@ -134,6 +136,32 @@ def _doc_ends(texts: Sequence[str], tokenizer) -> np.ndarray:
     return np.cumsum(lengths + sep) - sep
 
 
+def _score_windows(lm: TemplateLM, reqs: list, task: str, disable_tqdm: bool) -> list[float]:
+    """Each window request's log-likelihood from `lm._loglikelihood_tokens`.
+
+    With several processes, process r scores windows r, r + world_size, ... (padded with a repeat to
+    the same number on every process, as lm-eval pads its own requests: batch-size detection is a
+    collective) and `lm.all_gather` brings every process all the scores.
+    """
+    world, rank = int(getattr(lm, "world_size", 1) or 1), int(getattr(lm, "rank", 0) or 0)
+    if world == 1:
+        return [float(lp) for lp, _ in lm._loglikelihood_tokens(reqs, disable_tqdm=disable_tqdm)]
+    import torch
+
+    device = getattr(lm, "device", None) or "cpu"
+    counts = lm.all_gather(torch.tensor([len(reqs)], dtype=torch.int64, device=device)).cpu().tolist()
+    if len(set(counts)) != 1:
+        raise ValueError(f"{task}: the processes built different windows ({counts} windows); every process "
+                         f"must see every document")
+    mine = list(range(rank, len(reqs), world))
+    share = -(-len(reqs) // world)
+    padded = mine + [mine[-1] if mine else 0] * (share - len(mine))
+    scores = lm._loglikelihood_tokens([reqs[i] for i in padded], disable_tqdm=disable_tqdm)
+    local = torch.tensor([float(lp) for lp, _ in scores], dtype=torch.float64, device=device)
+    gathered = lm.all_gather(local).cpu().view(world, share)
+    return [float(gathered[i % world, i // world]) for i in range(len(reqs))]
+
+
 def window_loglikelihood(lm: TemplateLM, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, int]]:
     """Answer `memdec_window_loglikelihood` requests: args (text, window, stride), one per document.
 
@@ -142,6 +170,10 @@ def window_loglikelihood(lm: TemplateLM, requests: list[Instance], disable_tqdm:
     `_loglikelihood_tokens` with token-exact context and continuation. A window's log-likelihood and
     token count go to the document holding its last token, so per-document entries sum to the exact
     stream totals (only those corpus-level sums are meaningful). Returns (log-likelihood, n_tokens).
+
+    With several processes (`lm.world_size` > 1) every process holds every document's request
+    (SlidingPerplexityTask builds them all), scores every world_size-th window and gets the others'
+    scores by `lm.all_gather` (`_score_windows`), so each answer equals the one-process answer.
     """
     from memdec.data import sliding_windows, tokenize
 
@@ -171,12 +203,12 @@ def window_loglikelihood(lm: TemplateLM, requests: list[Instance], disable_tqdm:
                 for w in windows]
         hook, lm.cache_hook = getattr(lm, "cache_hook", None), CacheHook(None)  # window scores are not cached
         try:
-            scores = lm._loglikelihood_tokens(reqs, disable_tqdm=disable_tqdm)
+            scores = _score_windows(lm, reqs, task, disable_tqdm)
         finally:
             lm.cache_hook = hook
         ll = np.zeros(len(doc_ids))
         n = np.zeros(len(doc_ids), dtype=np.int64)
-        for w, (logprob, _) in zip(windows, scores, strict=True):
+        for w, logprob in zip(windows, scores, strict=True):
             k = min(int(np.searchsorted(ends, w.end - 1, side="right")), len(doc_ids) - 1)  # holds the last token
             ll[k] += logprob
             n[k] += w.n_scored
@@ -216,6 +248,24 @@ class SlidingPerplexityTask(ConfigurableTask):
             raise ValueError(f"{self.config.task}: ppl_window must be >= 2 and ppl_stride in [1, ppl_window]; got "
                              f"{self.window}, {self.stride}")
         self.OUTPUT_TYPE = REQUEST_TYPE  # the request type lm-eval dispatches (and pads across ranks)
+
+    def build_all_requests(self, *, rank: int = 0, world_size: int = 1, **kwargs: Any) -> None:
+        """Every process builds every document's request (the one-process token stream and windows);
+        `window_loglikelihood` splits the windows across processes and `doc_iterator` the documents'
+        results, so the gathered metrics equal the one-process ones. `limit` and `samples` as lm-eval's."""
+        super().build_all_requests(rank=0, world_size=1, **kwargs)
+        if world_size > 1 and len(self._instances) < world_size:
+            raise ValueError(f"{self.config.task}: {len(self._instances)} document(s) for {world_size} processes; "
+                             f"run with at most {len(self._instances)} processes")
+
+    def doc_iterator(self, *, rank: int = 0, limit: int | None = None, world_size: int = 1,
+                     samples: list[int] | None = None):
+        """lm-eval's documents (the first `limit`, or `samples`); with several processes, process `rank`'s
+        contiguous block of them (not lm-eval's rank::world_size), so that lm-eval's gather (in rank order)
+        lists the results in document order and sums them in the one-process order."""
+        docs = list(super().doc_iterator(rank=0, limit=limit, world_size=1, samples=samples))
+        n = len(docs)
+        return iter(docs[rank * n // world_size : (rank + 1) * n // world_size])
 
     def download(self, dataset_kwargs: dict[str, Any] | None = None, **kwargs) -> None:
         """As ConfigurableTask, then drop blank documents (as memdec.data.load_texts does)."""

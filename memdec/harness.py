@@ -45,12 +45,26 @@ from memdec.joint import (
 )
 from memdec.mixing import TokenizerMismatchError, check_lmbda, mix_logprobs
 
-__all__ = ["MixtureLM", "MemDecLM", "register_models", "cli_main", "tasks_dir"]
+__all__ = ["MixtureLM", "MemDecLM", "cpu_data_parallel", "register_models", "cli_main", "tasks_dir"]
 
 
 def _check_model_args(args: dict[str, Any]) -> None:
     if "device" in args:
         raise ValueError(f"device={args['device']} inside --model_args: pass it as --device {args['device']} instead")
+
+
+def cpu_data_parallel(lm: HFLM) -> HFLM:
+    """Make an HFLM split its requests across the processes of a CPU launch (torchrun with
+    ACCELERATE_USE_CPU=true: accelerate's gloo backend); returns `lm`.
+
+    lm-eval's HFLM is data-parallel only with more than one GPU: on CPU every process keeps rank 0 of 1
+    and evaluates everything. This gives it the accelerator's rank and world size instead (MixtureLM
+    calls it); anything else (one process, GPUs, a device_map) is left as it is.
+    """
+    acc = getattr(lm, "accelerator", None)
+    if acc is not None and lm.world_size == 1 and acc.num_processes > 1 and lm.device.type == "cpu":
+        lm._rank, lm._world_size = acc.process_index, acc.num_processes
+    return lm
 
 
 class MixtureLM(HFLM):
@@ -61,6 +75,7 @@ class MixtureLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise ValueError(f"{type(self).__name__}: {pretrained} is not a causal LM (only causal bases can be mixed)")
+        cpu_data_parallel(self)
 
     # lm-eval builds models through these two: refuse device= in --model_args (it would shadow --device)
     @classmethod
