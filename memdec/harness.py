@@ -456,8 +456,9 @@ def _task_manager_hook(args):
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().strip("'\"") or type(e).__name__
-    return " ".join(text.split())
+    from memdec.cli import error_text
+
+    return error_text(e)
 
 
 def cli_main(argv: list[str] | None = None) -> int:
