@@ -318,7 +318,7 @@ def build_datastore(
     out = Path(out)
     if shard_rows is not None and shard_rows < 1:
         raise ValueError(f"shard_rows (--shard-rows) must be >= 1, got {shard_rows}")
-    check_output_dir(out, "datastore --out")
+    check_output_dir(out, "output folder")
     dist = dist_state()
     device = resolve_device(device, dist)
     torch_dtype = _dtype(dtype, device)

@@ -283,7 +283,7 @@ def build_index(
         if value is not None and int(value) < 1:
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
     out = Path(out) if out is not None else ds.path / f"index-{backend}"
-    check_output_dir(out, "index --out")
+    check_output_dir(out, "output folder")
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")

@@ -25,7 +25,15 @@ import numpy as np
 import torch
 
 from memdec.datastore import Datastore, dist_state, maybe_kill, prepare_partial, resolve_device
-from memdec.formats import FormatError, check_output_dir, load_npy, partial_dir, read_manifest, save_npy, write_manifest
+from memdec.formats import (
+    FormatError,
+    check_output_dir,
+    load_npy,
+    partial_dir,
+    read_manifest,
+    save_npy,
+    write_manifest,
+)
 
 KIND = "targets"
 FIX_ROUNDS = 3  # fp16 renormalisation passes
@@ -152,7 +160,7 @@ def build_targets(
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
     out = Path(out) if out is not None else default_out(ds.path, k, temperature)
-    check_output_dir(out, "targets --out")
+    check_output_dir(out, "output folder")
     dist = dist_state()
     dev = resolve_device(device, dist)
     batch_size = batch_size or (1024 if dev.type == "cuda" else 256)
