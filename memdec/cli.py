@@ -353,6 +353,10 @@ def _add_generate(sub) -> None:
     def run(args):
         from memdec.joint import generate_text
 
+        if any(prompt == "" for prompt in args.prompt):
+            raise ValueError("--prompt: an empty prompt (give at least one character of text to continue)")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {args.top_p:g}")
         if args.seed is not None:
             import torch
 
