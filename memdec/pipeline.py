@@ -116,6 +116,20 @@ def stage_complete(stage: str, path: Path) -> bool:
     return is_complete(path, stage)
 
 
+def _check_targets_k(cfg: dict[str, Any], datastore: Path) -> None:
+    """One-line error if the config's targets.k is more neighbours than the datastore's rows allow."""
+    import inspect
+
+    from memdec.datastore import Datastore
+    from memdec.targets import build_targets, check_k
+
+    k = cfg["targets"].get("k", inspect.signature(build_targets).parameters["k"].default)
+    try:
+        check_k(k, Datastore.open(datastore))
+    except ValueError as e:
+        raise ValueError(f"pipeline config: targets.k: {e}") from None
+
+
 def run_pipeline(config: str | os.PathLike | dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run every stage whose output is not complete yet, and every stage after one that ran (its complete
     output was made from the old inputs and is replaced); returns {"paths": {...}, "ran": [...], "skipped": [...]}."""
@@ -145,6 +159,7 @@ def run_pipeline(config: str | os.PathLike | dict[str, Any], progress: bool = Tr
         corpus = CorpusSpec.from_arg(cfg["corpus"])
         build_datastore(cfg["base_model"], corpus, paths["datastore"], progress=progress, overwrite=False,
                         **cfg["datastore"])
+    _check_targets_k(cfg, paths["datastore"])  # the row count is known now: before any index or targets work
     if todo("index"):
         from memdec.search import build_index
 
