@@ -30,6 +30,7 @@ from memdec.data import CorpusSpec, check_min_tokens, corpus_tokens, sliding_win
 from memdec.formats import (
     FormatError,
     check_output_dir,
+    check_replaceable,
     load_npy,
     partial_dir,
     read_json,
@@ -319,6 +320,8 @@ def build_datastore(
     if shard_rows is not None and shard_rows < 1:
         raise ValueError(f"shard_rows (--shard-rows) must be >= 1, got {shard_rows}")
     check_output_dir(out, "output folder")
+    if overwrite:
+        check_replaceable(out, KIND)
     dist = dist_state()
     device = resolve_device(device, dist)
     torch_dtype = _dtype(dtype, device)

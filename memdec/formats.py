@@ -151,6 +151,21 @@ def check_output_file(path: str | os.PathLike, what: str = "output", make_parent
         raise ValueError(f"{what} {path}: file is not writable")
 
 
+def check_replaceable(path: str | os.PathLike, kind: str) -> None:
+    """One-line error unless overwrite may delete output folder `path`: it is missing, empty, or a memdec
+    output of `kind` (its manifest.json says so). A folder of other files is never deleted."""
+    path = Path(path)
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    try:
+        if read_json(path / MANIFEST).get("kind") == kind:
+            return
+    except FormatError:
+        pass
+    raise FileExistsError(f"{path}: a folder that is not a {kind} (no {kind} {MANIFEST}); overwrite replaces only "
+                          f"memdec's own output, so remove it or choose another output folder")
+
+
 def partial_dir(final: str | os.PathLike) -> Path:
     """The temporary folder a stage writes into (kept across a kill, so the stage can resume)."""
     final = Path(final)

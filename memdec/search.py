@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from memdec.datastore import Datastore
-from memdec.formats import FormatError, check_output_dir, partial_dir, read_manifest, write_manifest
+from memdec.formats import (
+    FormatError,
+    check_output_dir,
+    check_replaceable,
+    partial_dir,
+    read_manifest,
+    write_manifest,
+)
 
 KIND = "index"
 BACKENDS = ("torch", "faiss-flat", "faiss-ivfpq")
@@ -284,6 +291,8 @@ def build_index(
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
     out = Path(out) if out is not None else ds.path / f"index-{backend}"
     check_output_dir(out, "output folder")
+    if overwrite:
+        check_replaceable(out, KIND)
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")

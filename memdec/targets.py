@@ -28,6 +28,7 @@ from memdec.datastore import Datastore, dist_state, maybe_kill, prepare_partial,
 from memdec.formats import (
     FormatError,
     check_output_dir,
+    check_replaceable,
     load_npy,
     partial_dir,
     read_manifest,
@@ -161,6 +162,8 @@ def build_targets(
         raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
     out = Path(out) if out is not None else default_out(ds.path, k, temperature)
     check_output_dir(out, "output folder")
+    if overwrite:
+        check_replaceable(out, KIND)
     dist = dist_state()
     dev = resolve_device(device, dist)
     batch_size = batch_size or (1024 if dev.type == "cuda" else 256)
