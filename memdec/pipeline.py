@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from memdec.data import CorpusSpec
-from memdec.formats import is_complete, read_json
+from memdec.formats import check_output_dir, is_complete, read_json
 from memdec.train import MEMDEC_JSON
 
 SECTIONS = ("output", "corpus", "base_model", "datastore", "index", "targets", "train")
@@ -136,6 +136,7 @@ def run_pipeline(config: str | os.PathLike | dict[str, Any], progress: bool = Tr
     cfg = load_config(config)
     check_sections(cfg, "pipeline config" if isinstance(config, dict) else f"pipeline config {config}")
     paths = stage_paths(cfg)
+    check_output_dir(cfg["output"], "pipeline config: output")
     Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
     ran, skipped = [], []
 

@@ -239,6 +239,11 @@ def test_pipeline_k_larger_than_the_datastore(tiny, tiny_datastore, tmp_path, ca
     assert main(["pipeline", str(path)]) == 2
     one_line_error(capsys, "pipeline", "targets.k", f"k = {n}", f"at most {n - 1}", strict=False)
     assert sorted(p.name for p in run.iterdir()) == ["datastore"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    path.write_text(yaml.safe_dump({**cfg, "output": str(afile / "run")}))
+    assert main(["pipeline", str(path)]) == 2
+    one_line_error(capsys, "pipeline", "output", f"{afile} is a file")
 
 
 # ---- report, tune-lambda, generate ----
