@@ -291,13 +291,16 @@ def move_into(work: Path, out: Path) -> None:
 
     A missing or empty `out` is replaced by `work` in one rename. Otherwise each entry of `work` is moved
     in (replacing an entry of the same name), the entries a former model listed in its memdec.json that
-    the new one lacks are removed, and every other file of `out` is left as it was.
+    the new one lacks are removed, and every other file of `out` is left as it was. The old memdec.json
+    goes first and the new one comes last, so `out` reads as a finished model only when it is one.
     """
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         os.replace(work, out)
         return
     new = set(os.listdir(work))
-    for name in sorted(set(_own_files(out)) - new):
+    stale = set(_own_files(out)) - new
+    (out / MEMDEC_JSON).unlink(missing_ok=True)  # a move cut short leaves no finished-looking mixture of models
+    for name in sorted(stale):
         old = out / name
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)
