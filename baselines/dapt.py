@@ -15,7 +15,6 @@ from pathlib import Path
 
 from baselines import BASELINE_JSON
 from memdec.data import CorpusSpec
-from memdec.formats import write_json
 
 
 def dapt(
@@ -32,6 +31,6 @@ def dapt(
     """
     from memdec.train import train
 
-    path = train(init=model, out=out, corpus=corpus, datastore=datastore, beta=0.0, lr=lr, **train_kwargs)
-    write_json(Path(path) / BASELINE_JSON, {"method": "dapt", "base": str(model)})
+    path = train(init=model, out=out, corpus=corpus, datastore=datastore, beta=0.0, lr=lr,
+                 extra_files={BASELINE_JSON: {"method": "dapt", "base": str(model)}}, **train_kwargs)
     return Path(path)

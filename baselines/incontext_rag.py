@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from memdec.data import CorpusSpec, load_texts, tokenize
 from memdec.formats import is_complete, load_npy, read_manifest, save_npy, staged_output, write_manifest
+from memdec.harness import _as_int
 from memdec.mixing import tokenizer_fingerprint
 from memdec.scoring import target_logprobs
 
@@ -170,9 +172,9 @@ class InContextRAG(HFLM):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.stride = int(stride)
-        self.query_tokens = int(query_tokens)
-        self.max_doc_tokens = int(max_doc_tokens)
+        self.stride = _as_int(stride, "incontext_rag: stride")
+        self.query_tokens = _as_int(query_tokens, "incontext_rag: query_tokens")
+        self.max_doc_tokens = _as_int(max_doc_tokens, "incontext_rag: max_doc_tokens")
         for name, value in (("stride", self.stride), ("query_tokens", self.query_tokens),
                             ("max_doc_tokens", self.max_doc_tokens)):
             if value < 1:
@@ -182,7 +184,11 @@ class InContextRAG(HFLM):
         self.separator_ids = self.tokenizer.encode(separator, add_special_tokens=False) if separator else []
         # the retrieved document may use what the stride and separator leave of the context window
         self.doc_budget = max(0, min(self.max_doc_tokens, self.max_length - self.stride - len(self.separator_ids) - 1))
-        chunk = int(chunk_tokens) if chunk_tokens else self.max_doc_tokens
+        if self.doc_budget < self.max_doc_tokens:
+            logging.getLogger(__name__).warning(
+                f"incontext_rag: max_doc_tokens {self.max_doc_tokens} does not fit in max_length {self.max_length} "
+                f"(stride {self.stride}, separator {len(self.separator_ids)} tokens): using {self.doc_budget}")
+        chunk = _as_int(chunk_tokens, "incontext_rag: chunk_tokens") if chunk_tokens else self.max_doc_tokens
         self.corpus = None if corpus in (None, "") else str(corpus)
         self.index = ChunkIndex.build_or_load(self.corpus, self.tokenizer, chunk, cache_dir) if self.corpus else None
 

@@ -20,7 +20,7 @@ import torch
 from lm_eval.api.registry import register_model
 
 from memdec.datastore import Datastore
-from memdec.harness import MixtureLM, _as_bool
+from memdec.harness import MixtureLM, _as_bool, _as_int
 from memdec.joint import check_temperature
 from memdec.keys import capture_keys, key_dim
 from memdec.mixing import mix_logprobs
@@ -86,8 +86,9 @@ class KNNLM(MixtureLM):
     ) -> None:
         if not datastore:
             raise ValueError("knnlm: give datastore=DIR in --model_args (a folder written by `memdec datastore`)")
+        k = _as_int(k, "knnlm: k")
         ds = Datastore.open(datastore)  # one-line FormatError for a missing / incomplete datastore
-        if not 1 <= int(k) <= ds.n:  # checked again by KNNDistribution; here before the base model loads
+        if not 1 <= k <= ds.n:  # checked again by KNNDistribution; here before the base model loads
             raise ValueError(f"knnlm: k = {k} must be between 1 and the size of datastore {datastore} ({ds.n} entries)")
         super().__init__(**kwargs)
         ds.check_tokenizer(self.tokenizer)

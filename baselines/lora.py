@@ -20,7 +20,6 @@ from torch import nn
 
 from baselines import BASELINE_JSON
 from memdec.data import CorpusSpec
-from memdec.formats import write_json
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -111,14 +110,21 @@ def lora(
     from peft import LoraConfig
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from memdec.train import train
+    from memdec.joint import _first_line, resolve_model_path
+    from memdec.train import check_out, train
 
     if rank is not None and match_params is not None:
         raise ValueError("lora: give --rank or --match-params, not both")
     if rank is not None and int(rank) < 1:
         raise ValueError(f"lora: rank must be >= 1, got {rank}")
+    check_out(out, bool(train_kwargs.get("overwrite", False)))
+    name = resolve_model_path(str(model), "model")
+    try:
+        model_config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"model {model}: cannot read its config ({_first_line(e)})") from None
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model)))
+        skeleton = AutoModelForCausalLM.from_config(model_config)
     targets = list(target_modules) if target_modules else default_target_modules(skeleton)
     target_layers(skeleton, targets)  # one-line error for unknown targets, before any training
     info: dict = {"method": "lora", "base": str(model), "target_modules": targets}
@@ -131,6 +137,5 @@ def lora(
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
                         target_modules=targets, task_type="CAUSAL_LM")
     path = train(init=model, out=out, corpus=corpus, datastore=datastore, beta=0.0, lr=lr, peft_config=config,
-                 **train_kwargs)
-    write_json(Path(path) / BASELINE_JSON, info)
+                 extra_files={BASELINE_JSON: info}, **train_kwargs)
     return Path(path)

@@ -353,6 +353,10 @@ def _add_generate(sub) -> None:
     def run(args):
         from memdec.joint import generate_text
 
+        if any(prompt == "" for prompt in args.prompt):
+            raise ValueError("--prompt: an empty prompt (give at least one character of text to continue)")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {args.top_p:g}")
         if args.seed is not None:
             import torch
 
@@ -382,15 +386,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(device: str | None) -> None:
+    """One-line error for a --device torch cannot use here (an unknown name, CUDA missing, no such GPU)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device}: not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no CUDA GPU on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type != "cpu" and not (dev.type == "mps" and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device}: not available here (use cpu, cuda or cuda:N)")
+
+
+def error_text(e: BaseException) -> str:
+    """An exception's message on one line (a KeyError's without the quotes its str() adds)."""
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e
+    return " ".join(str(text).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memdec` command."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        if args.command != "bench":  # bench checks its own --device (cuda or cpu)
+            check_device(getattr(args, "device", None))
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        msg = str(e).strip("'\"")
-        print(f"memdec {args.command}: error: {msg}", file=sys.stderr)
+        print(f"memdec {args.command}: error: {error_text(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -37,6 +37,10 @@ class CorpusSpec:
     text_column: str = "text"
     max_docs: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.max_docs is not None and (isinstance(self.max_docs, bool) or int(self.max_docs) < 1):
+            raise ValueError(f"max_docs (--max-docs) must be >= 1, got {self.max_docs}")
+
     def describe(self) -> str:
         if self.path is not None:
             return str(self.path)
@@ -120,16 +124,32 @@ def iter_records(path: str) -> Iterator[tuple[str, dict]]:
         yield f"record {i}", row
 
 
-def _read_file(path: str, column: str) -> Iterable[str]:
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            yield f.read()
-        return
+def _not_utf8(path: str) -> ValueError:
+    """A one-line error naming the first byte of `path` (decompressed for .gz) that is not UTF-8."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
     try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = "of its decompressed text " if path.endswith(".gz") else ""
+        return ValueError(f"corpus {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start} "
+                          f"{where}cannot be decoded)")
+    return ValueError(f"corpus {path}: not UTF-8 text")
+
+
+def _read_file(path: str, column: str) -> Iterable[str]:
+    try:
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                yield f.read()
+            return
         for where, row in iter_records(path):
             if column not in row:
                 raise ValueError(f"{path}, {where}: no field {column!r} (has {sorted(row)})")
             yield row[column]
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except ValueError as e:
         raise ValueError(f"corpus {e}") from None
 

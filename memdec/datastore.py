@@ -29,6 +29,8 @@ import torch
 from memdec.data import CorpusSpec, check_min_tokens, corpus_tokens, sliding_windows, window_batch
 from memdec.formats import (
     FormatError,
+    check_output_dir,
+    check_replaceable,
     load_npy,
     partial_dir,
     read_json,
@@ -315,6 +317,11 @@ def build_datastore(
     from tqdm.auto import tqdm
 
     out = Path(out)
+    if shard_rows is not None and shard_rows < 1:
+        raise ValueError(f"shard_rows (--shard-rows) must be >= 1, got {shard_rows}")
+    check_output_dir(out, "output folder")
+    if overwrite:
+        check_replaceable(out, KIND)
     dist = dist_state()
     device = resolve_device(device, dist)
     torch_dtype = _dtype(dtype, device)

@@ -102,6 +102,70 @@ def is_complete(folder: str | os.PathLike, kind: str) -> bool:
         return False
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest of `path`'s parents (or `path` itself) that exists."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_parent(path: Path, what: str) -> None:
+    """One-line error unless `path`'s missing folders can be made and `path` written in its parent."""
+    parent = _existing_ancestor(path.parent)
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
+    if not writable(parent):
+        raise ValueError(f"{what} {path}: folder {parent} is not writable")
+
+
+def writable(folder: str | os.PathLike) -> bool:
+    """True if new files can be made in the existing folder `folder` (os.access: W_OK and X_OK)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output") -> None:
+    """One-line error, before any work, unless output folder `path` (and its `.partial` sibling) can be
+    written: `path` must not be a file, and it (if present) or its nearest existing parent must be a
+    writable folder. `what` names the output in the message (e.g. "datastore --out")."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{what} {path}: exists and is a file, not a folder")
+    _check_parent(path, what)
+    if path.is_dir() and not writable(path):
+        raise ValueError(f"{what} {path}: folder is not writable")
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output", make_parent: bool = False) -> None:
+    """One-line error, before any work, unless file `path` can be written (replaced if present):
+    `path` must not be a folder and its parent must be a writable folder (with `make_parent`, one
+    that can be made)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{what} {path}: is a folder, not a file")
+    parent = Path(os.path.abspath(path)).parent
+    if not make_parent and not parent.exists():
+        raise FileNotFoundError(f"{what} {path}: folder {parent} does not exist")
+    _check_parent(path, what)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path}: file is not writable")
+
+
+def check_replaceable(path: str | os.PathLike, kind: str) -> None:
+    """One-line error unless overwrite may delete output folder `path`: it is missing, empty, or a memdec
+    output of `kind` (its manifest.json says so). A folder of other files is never deleted."""
+    path = Path(path)
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    try:
+        if read_json(path / MANIFEST).get("kind") == kind:
+            return
+    except FormatError:
+        pass
+    raise FileExistsError(f"{path}: a folder that is not a {kind} (no {kind} {MANIFEST}); overwrite replaces only "
+                          f"memdec's own output, so remove it or choose another output folder")
+
+
 def partial_dir(final: str | os.PathLike) -> Path:
     """The temporary folder a stage writes into (kept across a kill, so the stage can resume)."""
     final = Path(final)

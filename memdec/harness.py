@@ -361,6 +361,16 @@ def _as_bool(value: Any, name: str) -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
+def _as_int(value: Any, name: str) -> int:
+    """A model_arg given as an int or as integer text (one-line error naming `name` otherwise)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return int(value) if isinstance(value, int) else int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
 def _hub_sha(name: str | None, revision: str | None) -> str:
     """The hub commit of a model id ('' for a local folder or when the hub cannot be asked)."""
     if not name or os.path.isdir(name):
@@ -475,8 +485,83 @@ def _task_manager_hook(args):
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().strip("'\"") or type(e).__name__
-    return " ".join(text.split())
+    from memdec.cli import error_text
+
+    return error_text(e)
+
+
+#: placeholders shown by `memdec-eval --help` for model_args that have no default
+_ARG_PLACEHOLDERS = {"pretrained": "BASE", "memory": "MEMDEC_DIR", "datastore": "DATASTORE_DIR", "corpus": "CORPUS"}
+
+
+def _model_args_help(cls) -> str:
+    """`key=default, ...` of an lm-eval model class's own constructor arguments (pretrained first; a path
+    it needs shown as a placeholder)."""
+    import inspect
+
+    shown = ["pretrained=BASE"]
+    for p in inspect.signature(cls.__init__).parameters.values():
+        if p.name in ("self", "pretrained") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        value = _ARG_PLACEHOLDERS.get(p.name) or ("?" if p.default is p.empty else repr(p.default))
+        shown.append(f"{p.name}={value}")
+    return ", ".join(shown)
+
+
+def memdec_help() -> str:
+    """The memdec section of `memdec-eval --help`: memdec's models and their model_args, the baselines, the tasks."""
+    import re
+    import textwrap
+
+    from lm_eval.api.registry import get_model
+
+    register_models()
+    lines = ["", "memdec (memdec-eval is lm-eval with these models and tasks added):",
+             "  models: --model NAME --model_args KEY=VALUE,... (lm-eval's hf model_args work too: dtype, "
+             "max_length, revision, ...)"]
+    about = {"memdec": "base mixed with a Memory Decoder (lmbda None: the memory's memdec.json, else 0.5)",
+             "knnlm": "base mixed with a kNN-LM over a `memdec datastore` folder",
+             "incontext_rag": "base reading a BM25-retrieved corpus chunk before its context"}
+    for name, what in about.items():
+        lines.append(f"    {name:<14} {what}")
+        lines += textwrap.wrap(_model_args_help(get_model(name)), 100, initial_indent=" " * 19,
+                               subsequent_indent=" " * 19)
+    lines += ["  baselines trained by memdec, evaluated as lm-eval's hf model:",
+              f"    {'dapt':<14} memdec dapt ... --out DIR, then --model hf --model_args pretrained=DIR",
+              f"    {'lora':<14} memdec lora ... --out DIR, then --model hf --model_args pretrained=BASE,peft=DIR"]
+    names = []
+    for f in sorted(Path(tasks_dir()).glob("*.yaml")):
+        found = re.search(r"^(?:task|group):\s*(\S+)\s*$", f.read_text(encoding="utf-8"), re.MULTILINE)
+        if found:
+            names.append(found.group(1))
+    lines += [f"  tasks folder (always on the task path; --include_path adds more): {tasks_dir()}"]
+    lines += textwrap.wrap(", ".join(names), 100, initial_indent="    ", subsequent_indent="    ")
+    lines += ["  bad input ends with one line `memdec-eval: error: ...` and exit status 2 (MEMDEC_DEBUG=1: the "
+              "traceback)"]
+    return "\n".join(lines)
+
+
+def _check_output_path(args) -> None:
+    """One-line error, before evaluating, where lm-eval 0.4.13 would not save results to --output_path
+    (it only logs a warning after the run). Like lm-eval: a path ending in .json names a results file
+    (written as STEM_DATE.json beside it, its folder made if missing); any other path is a folder
+    (results go to PATH/MODEL_NAME/, made if missing). Refused: that folder is a file or lies under
+    one, or cannot be written."""
+    path = getattr(args, "output_path", None)
+    if path is None and getattr(args, "config", None):
+        from lm_eval.config.evaluate_config import EvaluatorConfig
+
+        path = EvaluatorConfig.load_yaml_config(args.config).get("output_path")
+    if not path:
+        return
+    from memdec.formats import check_output_dir
+
+    path = Path(path)
+    folder = path.parent if path.suffix == ".json" else path
+    try:
+        check_output_dir(folder, "--output_path" if folder == path else f"--output_path {path}: its folder")
+    except FileExistsError as e:
+        raise FileExistsError(f"{e}; lm-eval saves results into a folder, or beside a path ending in .json") from None
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -495,14 +580,23 @@ def cli_main(argv: list[str] | None = None) -> int:
     saved, sys.argv = sys.argv, ["memdec-eval", *argv]
     try:
         args = parser.parse_args()
+    except SystemExit as e:  # --help: lm-eval's help, then memdec's section
+        if e.code in (0, None) and any(a in ("-h", "--help") for a in argv):
+            print(memdec_help())
+        raise
     finally:
         sys.argv = saved
     try:
+        if getattr(args, "command", None) == "run":
+            from memdec.cli import check_device
+
+            check_device(getattr(args, "device", None))
+        _check_output_path(args)
         register_models()
         _add_task_path(args)
         with _task_manager_hook(args):
             parser.execute(args)
-    except (ValueError, FileNotFoundError, TokenizerMismatchError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TokenizerMismatchError) as e:
         if os.environ.get("MEMDEC_DEBUG"):
             raise
         print(f"memdec-eval: error: {_one_line(e)}", file=sys.stderr)

@@ -134,6 +134,7 @@ def check_context(model, length: int, what: str, hint: str = "") -> None:
 def load_causal_lm(name: str, what: str, revision: str | None = None, dtype: Any = "auto",
                    device: str | torch.device | None = None, trust_remote_code: bool = False):
     """AutoModelForCausalLM.from_pretrained (eval mode, on `device`), one-line error if it cannot be loaded."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
@@ -141,6 +142,9 @@ def load_causal_lm(name: str, what: str, revision: str | None = None, dtype: Any
                                                      trust_remote_code=trust_remote_code)
     except OSError as e:
         raise FileNotFoundError(f"{what} {name}: cannot load the model ({_first_line(e)})") from None
+    except SafetensorError as e:
+        raise ValueError(f"{what} {name}: cannot load the model, its weights file is truncated or corrupt "
+                         f"({_first_line(e)})") from None
     if device is not None:
         model = model.to(device)
     return model.eval()

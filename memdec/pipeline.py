@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from memdec.data import CorpusSpec
-from memdec.formats import is_complete, read_json
+from memdec.formats import check_output_dir, is_complete, read_json
 from memdec.train import MEMDEC_JSON
 
 SECTIONS = ("output", "corpus", "base_model", "datastore", "index", "targets", "train")
@@ -116,12 +116,27 @@ def stage_complete(stage: str, path: Path) -> bool:
     return is_complete(path, stage)
 
 
+def _check_targets_k(cfg: dict[str, Any], datastore: Path) -> None:
+    """One-line error if the config's targets.k is more neighbours than the datastore's rows allow."""
+    import inspect
+
+    from memdec.datastore import Datastore
+    from memdec.targets import build_targets, check_k
+
+    k = cfg["targets"].get("k", inspect.signature(build_targets).parameters["k"].default)
+    try:
+        check_k(k, Datastore.open(datastore))
+    except ValueError as e:
+        raise ValueError(f"pipeline config: targets.k: {e}") from None
+
+
 def run_pipeline(config: str | os.PathLike | dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run every stage whose output is not complete yet, and every stage after one that ran (its complete
     output was made from the old inputs and is replaced); returns {"paths": {...}, "ran": [...], "skipped": [...]}."""
     cfg = load_config(config)
     check_sections(cfg, "pipeline config" if isinstance(config, dict) else f"pipeline config {config}")
     paths = stage_paths(cfg)
+    check_output_dir(cfg["output"], "pipeline config: output")
     Path(cfg["output"]).mkdir(parents=True, exist_ok=True)
     ran, skipped = [], []
 
@@ -145,6 +160,7 @@ def run_pipeline(config: str | os.PathLike | dict[str, Any], progress: bool = Tr
         corpus = CorpusSpec.from_arg(cfg["corpus"])
         build_datastore(cfg["base_model"], corpus, paths["datastore"], progress=progress, overwrite=False,
                         **cfg["datastore"])
+    _check_targets_k(cfg, paths["datastore"])  # the row count is known now: before any index or targets work
     if todo("index"):
         from memdec.search import build_index
 

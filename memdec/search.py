@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from memdec.datastore import Datastore
-from memdec.formats import FormatError, partial_dir, read_manifest, write_manifest
+from memdec.formats import (
+    FormatError,
+    check_output_dir,
+    check_replaceable,
+    partial_dir,
+    read_manifest,
+    write_manifest,
+)
 
 KIND = "index"
 BACKENDS = ("torch", "faiss-flat", "faiss-ivfpq")
@@ -279,7 +286,13 @@ def build_index(
     ds = _as_datastore(datastore)
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    for name, value in (("nprobe", nprobe), ("nlist", nlist), ("m", m), ("train_size", train_size)):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
     out = Path(out) if out is not None else ds.path / f"index-{backend}"
+    check_output_dir(out, "output folder")
+    if overwrite:
+        check_replaceable(out, KIND)
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")

@@ -25,7 +25,16 @@ import numpy as np
 import torch
 
 from memdec.datastore import Datastore, dist_state, maybe_kill, prepare_partial, resolve_device
-from memdec.formats import FormatError, load_npy, partial_dir, read_manifest, save_npy, write_manifest
+from memdec.formats import (
+    FormatError,
+    check_output_dir,
+    check_replaceable,
+    load_npy,
+    partial_dir,
+    read_manifest,
+    save_npy,
+    write_manifest,
+)
 
 KIND = "targets"
 FIX_ROUNDS = 3  # fp16 renormalisation passes
@@ -112,6 +121,17 @@ def _part_done(tmp: Path, c: int, rows: int) -> bool:
         return False
 
 
+def check_k(k: Any, ds: Datastore) -> int:
+    """`k` as an int, or a one-line error unless 1 <= k <= rows - 1 of datastore `ds` (its own row is excluded)."""
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > ds.n - 1:
+        raise ValueError(f"k = {k}: datastore {ds.path} has {ds.n} rows, so at most {ds.n - 1} neighbours "
+                         "per row (its own row is excluded)")
+    return k
+
+
 def build_targets(
     datastore: Datastore | str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -135,17 +155,15 @@ def build_targets(
     from memdec.search import BACKENDS, open_index
 
     ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
-    k, temperature = int(k), float(temperature)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if k > ds.n - 1:
-        raise ValueError(f"k = {k}: datastore {ds.path} has {ds.n} rows, so at most {ds.n - 1} neighbours "
-                         "per row (its own row is excluded)")
+    k, temperature = check_k(k, ds), float(temperature)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
     out = Path(out) if out is not None else default_out(ds.path, k, temperature)
+    check_output_dir(out, "output folder")
+    if overwrite:
+        check_replaceable(out, KIND)
     dist = dist_state()
     dev = resolve_device(device, dist)
     batch_size = batch_size or (1024 if dev.type == "cuda" else 256)

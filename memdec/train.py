@@ -39,7 +39,7 @@ from memdec.data import (
     sliding_windows,
     window_batch,
 )
-from memdec.formats import partial_dir, read_json, write_json
+from memdec.formats import FormatError, check_output_dir, partial_dir, read_json, write_json
 from memdec.mixing import align_vocab, tokenizer_fingerprint
 from memdec.scoring import check_window, max_positions
 
@@ -248,6 +248,72 @@ def find_targets(datastore: str | os.PathLike) -> Path:
     return found[0]
 
 
+# ------------------------------------------------------------------------------------------- output
+
+
+def is_finished_model(out: str | os.PathLike) -> bool:
+    """True if `out` is a folder holding a model `train` finished: its memdec.json is there (train writes
+    it into OUT.partial last, just before moving the model into OUT)."""
+    return (Path(out) / MEMDEC_JSON).is_file()
+
+
+def check_out(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """One-line error, before any work, for an output folder `train` must not write into.
+
+    OUT may be missing or an empty folder. A finished model (`is_finished_model`) or a folder with
+    other files is refused unless `overwrite`; a file, or a place that cannot be written, always is.
+    """
+    out = Path(out)
+    check_output_dir(out, "output folder")
+    if overwrite or not out.is_dir():
+        return
+    if is_finished_model(out):
+        raise FileExistsError(f"{out}: a trained model is already there (pass overwrite / --overwrite to replace it)")
+    if any(out.iterdir()):
+        raise FileExistsError(f"{out}: a folder with other files, not a trained model (no {MEMDEC_JSON}); pass "
+                              "overwrite / --overwrite to write the model into it (its other files are kept)")
+
+
+def _own_files(out: Path) -> list[str]:
+    """The names a finished model in `out` lists as written by memdec (its memdec.json "files"), else []."""
+    if not is_finished_model(out):
+        return []
+    try:
+        files = read_json(out / MEMDEC_JSON).get("files")
+    except FormatError:
+        return []
+    return [f for f in files if isinstance(f, str) and f and "/" not in f and f not in (".", "..")] \
+        if isinstance(files, list) else []
+
+
+def move_into(work: Path, out: Path) -> None:
+    """Put the finished model in `work` at `out`, replacing only what memdec wrote there.
+
+    A missing or empty `out` is replaced by `work` in one rename. Otherwise each entry of `work` is moved
+    in (replacing an entry of the same name), the entries a former model listed in its memdec.json that
+    the new one lacks are removed, and every other file of `out` is left as it was. The old memdec.json
+    goes first and the new one comes last, so `out` reads as a finished model only when it is one.
+    """
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        os.replace(work, out)
+        return
+    new = set(os.listdir(work))
+    stale = set(_own_files(out)) - new
+    (out / MEMDEC_JSON).unlink(missing_ok=True)  # a move cut short leaves no finished-looking mixture of models
+    for name in sorted(stale):
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+    for name in sorted(new - {MEMDEC_JSON}) + [MEMDEC_JSON]:  # memdec.json last: the model is whole once it is in
+        src, dst = work / name, out / name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+    work.rmdir()
+
+
 # ------------------------------------------------------------------------------------------- train
 
 
@@ -278,6 +344,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
+    extra_files: dict[str, dict] | None = None,
 ) -> Path:
     """Train `init` (an HF causal LM dir or hub id) and save it to `out`; returns `out`.
 
@@ -287,7 +354,11 @@ def train(
     `steps` optimizer steps (default: `epochs` passes over the windows), each of
     `batch_size` windows per process x `grad_accum`. `warmup` is a fraction of steps (< 1) or a count.
     Checkpoints every `save_every` steps in OUT.partial; a rerun resumes from the latest one.
-    `callback(step, stats)` is called after every optimizer step.
+    `callback(step, stats)` is called after every optimizer step. `extra_files` (name -> JSON content)
+    are written into the model folder with it (the baselines' baseline.json).
+
+    OUT must be missing, an empty folder, or (with `overwrite`) a finished model or a folder with other
+    files: only the files memdec writes are replaced there, others are kept (`check_out`, `move_into`).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -303,12 +374,15 @@ def train(
         raise ValueError("train: give exactly one of datastore, corpus or texts")
     if beta > 0 and datastore is None:
         raise ValueError(f"train: beta={beta} needs a datastore and its kNN targets (or use beta=0)")
+    if datastore is not None:
+        from memdec.datastore import Datastore
+
+        Datastore.open(datastore)  # a missing or interrupted datastore is named as such, before its targets
     if beta > 0 and targets is None:
         targets = find_targets(datastore)
     if batch_size < 1 or grad_accum < 1 or save_every < 1:
         raise ValueError("train: batch_size, grad_accum and save_every must be >= 1")
-    if (out / MEMDEC_JSON).exists() and not overwrite:
-        raise FileExistsError(f"{out}: a trained model is already there (pass overwrite / --overwrite to replace it)")
+    check_out(out, overwrite)
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -362,10 +436,8 @@ def train(
                          "rerun with the same settings to resume, or delete it")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if overwrite:
-            shutil.rmtree(out, ignore_errors=True)
-            if diff:
-                shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)
+        if overwrite and diff:
+            shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         write_json(work / SETTINGS_JSON, settings)
     accelerator.wait_for_everyone()
@@ -453,6 +525,8 @@ def train(
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         final.save_pretrained(str(work))
+        if peft_config is not None:
+            (work / "README.md").unlink(missing_ok=True)  # peft's blank model card: OUT may hold a README of its own
         tok.save_pretrained(str(work))
         meta = {
             "format_version": 1,
@@ -462,11 +536,12 @@ def train(
             "training": {**settings, "final_loss": ema},
             "lmbda": lmbda,
         }
-        write_json(work / MEMDEC_JSON, json.loads(json.dumps(meta, default=str)))
         shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)
         (work / SETTINGS_JSON).unlink(missing_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
+        for name, content in (extra_files or {}).items():
+            write_json(work / name, content)
+        meta["files"] = sorted({*os.listdir(work), MEMDEC_JSON})
+        write_json(work / MEMDEC_JSON, json.loads(json.dumps(meta, default=str)))
+        move_into(work, out)
     accelerator.wait_for_everyone()
     return out

@@ -19,7 +19,15 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from memdec.formats import FORMAT_VERSION, load_npy, read_json, save_npy, write_json
+from memdec.formats import (
+    FORMAT_VERSION,
+    check_output_dir,
+    check_output_file,
+    load_npy,
+    read_json,
+    save_npy,
+    write_json,
+)
 from memdec.joint import MEMDEC_JSON, load_causal_lm, load_tokenizer, resolve_model_path
 from memdec.mixing import check_lmbda, check_same_tokenizer, mix_logprobs, tokenizer_fingerprint
 from memdec.scoring import max_positions, perplexity, token_logprobs
@@ -175,6 +183,12 @@ def tune_lambda(
     base, memory = resolve_model_path(base, "base"), resolve_model_path(memory, "memory")
     if write and not Path(memory).is_dir():
         raise FileNotFoundError(f"memory {memory}: not a local folder, cannot write its {MEMDEC_JSON}")
+    if write:  # every output is checked before any scoring, and written last
+        check_output_file(Path(memory) / MEMDEC_JSON, "--write")
+    if plot:
+        check_output_file(plot, "--plot")
+    if cache_dir:
+        check_output_dir(cache_dir, "--cache")
     tok = load_tokenizer(base, "base")
     check_same_tokenizer(tok, load_tokenizer(memory, "memory"), "base", "memory")
     spec = CorpusSpec.from_arg(data, split=split, text_column=text_column, max_docs=max_docs)
@@ -203,12 +217,12 @@ def tune_lambda(
     best = int(np.argmin(ppls))
     result = TuneResult(grid=values, perplexities=ppls, best_lmbda=values[best], best_perplexity=ppls[best],
                         n_tokens=int(len(base_lp)), window=window, stride=stride, data=spec.describe())
+    if plot:
+        plot_curve(result, plot)
     if write:
         tuning = {k: v for k, v in asdict(result).items() if k != "written"}
         tuning["base"] = str(base)
         result.written = str(write_lmbda(memory, result.best_lmbda, tok, tuning))
-    if plot:
-        plot_curve(result, plot)
     return result
 
 

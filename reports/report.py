@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from memdec.formats import check_output_file
 from reports.load import SkippedFileWarning, find_conflicts, load_results
 from reports.plots import lmbda_curve, plot_lmbda, plot_size, size_curve
 from reports.tables import (
@@ -50,6 +51,8 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict
     out = Path(out)
     if out.suffix in (".md", ".csv"):
         out = out.with_suffix("")
+    for suffix in (".md", ".csv", "_lmbda.png", "_size.png"):  # every output checked before any work
+        check_output_file(out.with_name(out.name + suffix), "--out", make_parent=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedFileWarning)
         df = load_results(paths)
