@@ -192,6 +192,24 @@ def corpus_tokens(corpus: CorpusSpec | Sequence[str] | str | dict, tokenizer, pr
     return tokenize(texts, tokenizer, progress=progress), desc, what
 
 
+#: the longest window any stage picks by itself (the paper's setting)
+DEFAULT_WINDOW = 1024
+
+
+def default_window(*limits: int | None) -> int:
+    """The window every stage uses when none is given: min(DEFAULT_WINDOW, each known limit).
+
+    The limits are the context lengths of the models involved (and, for training on a datastore,
+    the datastore's window); None (unknown) is skipped.
+    """
+    return min([DEFAULT_WINDOW, *(int(x) for x in limits if x)])
+
+
+def default_stride(window: int) -> int:
+    """The stride of the scoring stages (tune-lambda, perplexity) when none is given: half the window."""
+    return max(1, int(window) // 2)
+
+
 @dataclass(frozen=True)
 class Window:
     """Input tokens[start:end]; the scored targets are positions [score_start, end)."""
