@@ -163,7 +163,8 @@ def tokenize(texts: Sequence[str], tokenizer, batch_size: int = 1000, progress: 
     parts: list[np.ndarray] = []
     bar = tqdm(total=len(texts), desc="tokenize", unit="doc", disable=not progress or len(texts) < 2 * batch_size)
     for i in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[i : i + batch_size]), add_special_tokens=False)["input_ids"]
+        # verbose=False: no "longer than the model's maximum sequence length" warning; windows cut the stream
+        batch = tokenizer(list(texts[i : i + batch_size]), add_special_tokens=False, verbose=False)["input_ids"]
         for ids in batch:
             parts.append(np.asarray(ids, dtype=np.int32))
             if eos is not None:

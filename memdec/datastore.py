@@ -46,7 +46,7 @@ from memdec.formats import (
 )
 from memdec.keys import capture_keys, key_dim, key_layer, key_module
 from memdec.mixing import check_fingerprint, tokenizer_fingerprint
-from memdec.scoring import check_window, context_length
+from memdec.scoring import check_window, check_window_fits, context_length
 
 KIND = "datastore"
 DEFAULT_SHARD_BYTES = 1 << 30  # about 1 GiB of keys per shard
@@ -328,7 +328,10 @@ def build_datastore(
     torch_dtype = _dtype(dtype, device)
     tok = load_tokenizer(model_or_path, tokenizer, revision)
     tokens, corpus_desc, what = corpus_tokens(corpus, tok, progress and dist.is_main)
-    window = int(window or default_window(context_length(model_or_path, "model", revision)))
+    limit = context_length(model_or_path, "model", revision)
+    window = int(window or default_window(limit))
+    if isinstance(model_or_path, (str, os.PathLike)):  # before the weights load
+        check_window_fits(limit, window, f"model {model_or_path}")
     check_min_tokens(len(tokens), window, what)
     windows = sliding_windows(len(tokens), window, stride)
     stride = window if stride is None else stride

@@ -52,9 +52,12 @@ def context_length(model_or_name, what: str = "model", revision: str | None = No
 
 def check_window(model, window: int, what: str | None = None) -> None:
     """Raise a one-line error naming the model if `window` is longer than its context length."""
-    limit = max_positions(model)
+    check_window_fits(max_positions(model), window, what or f"model {model_name(model)}")
+
+
+def check_window_fits(limit: int | None, window: int, what: str) -> None:
+    """Raise a one-line error naming `what` (the model) if `window` is longer than the context length `limit`."""
     if limit is not None and window > limit:
-        what = what or f"model {model_name(model)}"
         raise ValueError(f"{what}: window {window} is longer than its context length {limit} (lower the window)")
 
 
