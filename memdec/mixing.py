@@ -69,7 +69,7 @@ def log_softmax(logits: torch.Tensor, vocab_size: int, temperature: float = 1.0)
     return torch.log_softmax(logits, dim=-1)
 
 
-#: text tokenized into every fingerprint: the normalizer, pre-tokenizer and post-processor's effect on ids
+#: text tokenized into every fingerprint: the normalizer's and pre-tokenizer's effect on ids
 FINGERPRINT_PROBE = (
     "Hello, world!  The year 2025: 3.14159 + 42 = 45.14159\n\tnew\tline\r\n"
     " leading space, trailing space \u00a0nbsp \u00c9t\u00e9 na\u00efve CAF\u00c9 \u00df\u00e4\u00f6\u00fc "
@@ -104,10 +104,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of what decides token ids; equal iff the tokenizers give the same ids.
 
     Covered: the token -> id mapping (added tokens included), the BPE merges, the ids of the probe
-    text FINGERPRINT_PROBE with and without special tokens (the normalizer, pre-tokenizer and
-    post-processor at work), and the EOS/BOS/UNK ids. Not covered: the pad token (lm-eval's HFLM
-    sets one on tokenizers without it, reusing UNK/EOS or adding `<|pad|>`; such an added pad token
-    is left out of the mapping too), padding/truncation settings, model_max_length and the decoder.
+    text FINGERPRINT_PROBE (the normalizer and pre-tokenizer at work), and the EOS/BOS/UNK ids.
+    Not covered: the pad token (lm-eval's HFLM sets one on tokenizers without it, reusing UNK/EOS or
+    adding `<|pad|>`; such an added pad token is left out of the mapping too), the special tokens a
+    post-processor adds around a text (memdec tokenizes corpora without them; lm-eval's add_bos_token
+    changes them), padding/truncation settings, model_max_length and the decoder.
     Form `sha256-v2:` + 16 hex digits; `check_fingerprint` also accepts the older `sha256:` form.
     """
     pad = _padding_only_id(tokenizer)
@@ -116,7 +117,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "vocab": vocab,
         "merges": _merges(tokenizer),
         "probe": tokenizer(FINGERPRINT_PROBE, add_special_tokens=False)["input_ids"],
-        "probe_special": tokenizer(FINGERPRINT_PROBE, add_special_tokens=True)["input_ids"],
         "ids": {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("eos", "bos", "unk")},
     }
     text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))

@@ -125,6 +125,8 @@ def test_fingerprint_covers_token_ids_not_padding(gpt2_style, tok):
     added = AutoTokenizer.from_pretrained(gpt2_style["tok"])
     added.add_special_tokens({"pad_token": "<|pad|>"})
     assert len(added) == len(tok) + 1 and added.pad_token_id == len(tok) and fp(added) == f
+    bos = AutoTokenizer.from_pretrained(gpt2_style["tok"], add_bos_token=True)  # HFLM's add_bos_token=True
+    assert bos("hi")["input_ids"][0] == tok.bos_token_id != tok("hi")["input_ids"][0] and fp(bos) == f
     # one merge, one vocabulary entry, the EOS id: each changes the fingerprint
     merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
     in_merges = {part for m in merges for part in (m.split(" ", 1) if isinstance(m, str) else m)}
