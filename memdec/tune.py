@@ -21,7 +21,7 @@ import torch
 from memdec.formats import FORMAT_VERSION, load_npy, read_json, save_npy, write_json
 from memdec.joint import MEMDEC_JSON, load_causal_lm, load_tokenizer, resolve_model_path
 from memdec.mixing import check_lmbda, check_same_tokenizer, mix_logprobs, tokenizer_fingerprint
-from memdec.scoring import context_length, perplexity, token_logprobs
+from memdec.scoring import check_window_fits, context_length, perplexity, token_logprobs
 
 
 @dataclass
@@ -156,7 +156,6 @@ def tune_lambda(
     rerun (another grid, or after a kill) scores only what is missing.
     """
     from memdec.data import (
-        DEFAULT_WINDOW,
         CorpusSpec,
         check_min_tokens,
         default_stride,
@@ -174,13 +173,11 @@ def tune_lambda(
     check_same_tokenizer(tok, load_tokenizer(memory, "memory"), "base", "memory")
     spec = CorpusSpec.from_arg(data, split=split, text_column=text_column, max_docs=max_docs)
     tokens = tokenize(load_texts(spec), tok, progress=progress)
-    limits = {what: context_length(name, what) for name, what in ((base, "base"), (memory, "memory"))}
+    limits = {f"{what} {name}": context_length(name, what) for name, what in ((base, "base"), (memory, "memory"))}
     window = int(window or default_window(*limits.values()))
     stride = int(stride or default_stride(window))
-    for (name, what), limit in zip(((base, "base"), (memory, "memory")), limits.values(), strict=True):
-        if limit is not None and window > limit:
-            raise ValueError(f"tune-lambda: window {window} is longer than {what} {name}'s context length {limit} "
-                             f"(lower --window; default: min({DEFAULT_WINDOW}, the models' context lengths))")
+    for what, limit in limits.items():  # before any scoring
+        check_window_fits(limit, window, what)
     check_min_tokens(len(tokens), window, f"data {spec.describe()}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

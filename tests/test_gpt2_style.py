@@ -182,7 +182,8 @@ def test_windows_longer_than_a_context_name_the_model(gpt2_style, run, tmp_path,
     law = str(FIXTURES / f"{TASK}.jsonl")
     assert main(["tune-lambda", "--base", gpt2_style["base"], "--memory", run["memory"], "--data", law,
                  "--window", "1024"]) == 2
-    _one_line_error(capsys, "memdec tune-lambda: error:", f"memory {run['memory']}'s context length 256")
+    _one_line_error(capsys, "memdec tune-lambda: error:", f"memory {run['memory']}: window 1024 is longer than its "
+                    "context length 256")
 
 
 # ---------------------------------------------------------------- baselines and the Memory Decoder in memdec-eval
