@@ -228,8 +228,9 @@ def _count_words(text: str) -> int:
 class SlidingPerplexityTask(ConfigurableTask):
     """Token perplexity (sliding windows), word perplexity and bits per byte of a corpus's "text" field.
 
-    Window and stride come from the task metadata (`ppl_window`, `ppl_stride`; defaults 1024 and 512,
-    the paper's setting), settable with `--metadata '{"ppl_window": 2048, "ppl_stride": 1024}'`. (Not
+    Window and stride come from the task metadata (`ppl_window`, default 1024, the paper's setting;
+    `ppl_stride`, default half of `ppl_window`, as memdec.data.default_stride), settable with
+    `--metadata '{"ppl_window": 2048, "ppl_stride": 1024}'` or just `'{"ppl_window": 256}'`. (Not
     plain `window`/`stride`: lm-eval copies --model_args into the task metadata, and a model argument
     such as incontext_rag's retrieval `stride` would land there.)
     """
@@ -237,10 +238,12 @@ class SlidingPerplexityTask(ConfigurableTask):
     def __init__(self, config: dict | None = None, **kwargs) -> None:
         config = {k: v for k, v in (config or {}).items() if k != "class"}
         super().__init__(config=config, **kwargs)
+        from memdec.data import default_stride
+
         meta = self.config.metadata or {}
         try:
             self.window = int(meta.get("ppl_window", 1024))
-            self.stride = int(meta.get("ppl_stride", self.window // 2))
+            self.stride = int(meta["ppl_stride"]) if "ppl_stride" in meta else default_stride(self.window)
         except (TypeError, ValueError):
             raise ValueError(f"{self.config.task}: ppl_window and ppl_stride must be integers, got "
                              f"{meta.get('ppl_window')!r}, {meta.get('ppl_stride')!r}") from None

@@ -66,7 +66,8 @@ def _add_train(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.05, help="warmup steps, or a fraction of steps if < 1")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--window", type=int, help="window length (default: the datastore's)")
+    p.add_argument("--window", type=int,
+                   help="window length (default: min(1024, the datastore's window, the init model's context length))")
     p.add_argument("--stride", type=int, help="window stride (default: the window)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (resumed automatically)")
     p.add_argument("--seed", type=int, default=0)
@@ -98,7 +99,8 @@ def _baseline_train_args(p) -> None:
     _add_corpus_options(p)
     p.add_argument("--model", required=True, help="base model: HF dir or hub id")
     p.add_argument("--out", required=True, help="output folder (written as OUT.partial, resumed after a kill)")
-    p.add_argument("--window", type=int, help="tokens per window (default: the datastore's, else min(context, 1024))")
+    p.add_argument("--window", type=int,
+                   help="tokens per window (default: min(1024, the model's context length[, the datastore's window]))")
     p.add_argument("--stride", type=int, help="window stride (default: the window)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs passes)")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -163,7 +165,7 @@ def _add_datastore(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (written as OUT.partial, resumed after a kill)")
     _add_corpus_options(p)
     p.add_argument("--revision", help="model revision on the hub")
-    p.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument("--window", type=int, help="tokens per window (default: min(1024, the model's context length))")
     p.add_argument("--stride", type=int, help="window stride (default: the window)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
@@ -278,7 +280,8 @@ def _add_tune_lambda(sub) -> None:
     p.add_argument("--memory", required=True, help="memory decoder folder (or hub name)")
     p.add_argument("--data", required=True, help=f"validation text: {CORPUS_FORMS}")
     _add_corpus_options(p)
-    p.add_argument("--window", type=int, default=None, help="window (default: min(1024, context length))")
+    p.add_argument("--window", type=int, default=None,
+                   help="window (default: min(1024, the two models' context lengths))")
     p.add_argument("--stride", type=int, default=None, help="stride (default: window / 2)")
     p.add_argument("--grid", default="0:1:0.05", help="START:STOP:STEP (STOP included) or a,b,c (default 0:1:0.05)")
     p.add_argument("--batch-size", type=int, default=8)

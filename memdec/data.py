@@ -183,7 +183,8 @@ def tokenize(texts: Sequence[str], tokenizer, batch_size: int = 1000, progress: 
     parts: list[np.ndarray] = []
     bar = tqdm(total=len(texts), desc="tokenize", unit="doc", disable=not progress or len(texts) < 2 * batch_size)
     for i in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[i : i + batch_size]), add_special_tokens=False)["input_ids"]
+        # verbose=False: no "longer than the model's maximum sequence length" warning; windows cut the stream
+        batch = tokenizer(list(texts[i : i + batch_size]), add_special_tokens=False, verbose=False)["input_ids"]
         for ids in batch:
             parts.append(np.asarray(ids, dtype=np.int32))
             if eos is not None:
@@ -210,6 +211,24 @@ def corpus_tokens(corpus: CorpusSpec | Sequence[str] | str | dict, tokenizer, pr
             raise ValueError("corpus: no text found (an empty list of documents)")
         desc, what = {"texts": len(texts)}, f"corpus of {len(texts)} documents"
     return tokenize(texts, tokenizer, progress=progress), desc, what
+
+
+#: the longest window any stage picks by itself (the paper's setting)
+DEFAULT_WINDOW = 1024
+
+
+def default_window(*limits: int | None) -> int:
+    """The window every stage uses when none is given: min(DEFAULT_WINDOW, each known limit).
+
+    The limits are the context lengths of the models involved (and, for training on a datastore,
+    the datastore's window); None (unknown) is skipped.
+    """
+    return min([DEFAULT_WINDOW, *(int(x) for x in limits if x)])
+
+
+def default_stride(window: int) -> int:
+    """The stride of the scoring stages (tune-lambda, perplexity) when none is given: half the window."""
+    return max(1, int(window) // 2)
 
 
 @dataclass(frozen=True)

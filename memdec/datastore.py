@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from memdec.data import CorpusSpec, check_min_tokens, corpus_tokens, sliding_windows, window_batch
+from memdec.data import (
+    CorpusSpec,
+    check_min_tokens,
+    corpus_tokens,
+    default_window,
+    sliding_windows,
+    window_batch,
+)
 from memdec.formats import (
     FormatError,
     check_output_dir,
@@ -41,7 +48,7 @@ from memdec.formats import (
 )
 from memdec.keys import capture_keys, key_dim, key_layer, key_module
 from memdec.mixing import check_fingerprint, tokenizer_fingerprint
-from memdec.scoring import check_window
+from memdec.scoring import check_window, check_window_fits, context_length
 
 KIND = "datastore"
 DEFAULT_SHARD_BYTES = 1 << 30  # about 1 GiB of keys per shard
@@ -298,7 +305,7 @@ def build_datastore(
     model_or_path,
     corpus: CorpusSpec | Sequence[str] | str,
     out: str | os.PathLike,
-    window: int = 1024,
+    window: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
     dtype: str | torch.dtype | None = "auto",
@@ -312,7 +319,8 @@ def build_datastore(
     """Build the datastore of `model_or_path` over `corpus` in `out`; resume a killed run. Returns `out`.
 
     `corpus` is a CorpusSpec, a local path / `hf:NAME[:CONFIG]`, or a list of documents. `dtype` is
-    the model's dtype ("auto": bfloat16 on GPU, float32 on CPU); keys are stored as float16.
+    the model's dtype ("auto": bfloat16 on GPU, float32 on CPU); keys are stored as float16. `window`
+    defaults to memdec.data.default_window (min(1024, the model's context length)), `stride` to the window.
     """
     from tqdm.auto import tqdm
 
@@ -327,6 +335,10 @@ def build_datastore(
     torch_dtype = _dtype(dtype, device)
     tok = load_tokenizer(model_or_path, tokenizer, revision)
     tokens, corpus_desc, what = corpus_tokens(corpus, tok, progress and dist.is_main)
+    limit = context_length(model_or_path, "model", revision)
+    window = int(window or default_window(limit))
+    if isinstance(model_or_path, (str, os.PathLike)):  # before the weights load
+        check_window_fits(limit, window, f"model {model_or_path}")
     check_min_tokens(len(tokens), window, what)
     windows = sliding_windows(len(tokens), window, stride)
     stride = window if stride is None else stride

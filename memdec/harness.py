@@ -44,6 +44,7 @@ from memdec.joint import (
     resolve_model_path,
 )
 from memdec.mixing import TokenizerMismatchError, check_lmbda, mix_logprobs
+from memdec.scoring import max_positions
 
 __all__ = ["MixtureLM", "MemDecLM", "cpu_data_parallel", "register_models", "cli_main", "tasks_dir"]
 
@@ -281,7 +282,10 @@ def _base_tokenizer(pretrained: Any, kwargs: dict[str, Any]):
 
 
 class MemDecLM(MixtureLM):
-    """`--model memdec --model_args pretrained=BASE,memory=MEMDEC[,lmbda=...,mem_temperature=...]`."""
+    """`--model memdec --model_args pretrained=BASE,memory=MEMDEC[,lmbda=...,mem_temperature=...]`.
+
+    Without max_length in --model_args, max_length is the shorter of the two models' contexts.
+    """
 
     fast_scoring = True
 
@@ -302,6 +306,11 @@ class MemDecLM(MixtureLM):
         check_memory_tokenizer(_base_tokenizer(pretrained, kwargs), memory, memory_revision, trust)
         super().__init__(pretrained, lmbda=lmbda, **kwargs)
         mem_model = load_causal_lm(memory, "memory", memory_revision, self.model.dtype, self.device, trust)
+        mem_limit = max_positions(mem_model)
+        if kwargs.get("max_length") is None and mem_limit is not None and mem_limit < self.max_length:
+            print(f"memdec: max_length {mem_limit}, the context length of memory {memory} (the base takes "
+                  f"{self.max_length}; pass max_length in --model_args to choose)", file=sys.stderr)
+            self._max_length = mem_limit  # no max_length given: the shorter of the two contexts
         check_context(mem_model, self.max_length, f"memory {memory}",
                       f" (max_length {self.max_length}); pass a smaller max_length in --model_args")
         self.joint = MemoryDecoder(self.model, mem_model, self.tokenizer, self.lmbda, mem_temperature, memory,

@@ -395,17 +395,21 @@ class MemoryDecoder:
 
     # -- perplexity --
 
-    def perplexity(self, texts: Sequence[str], window: int = 1024, stride: int = 512, batch_size: int = 8,
-                   progress: bool = False) -> dict[str, float]:
+    def perplexity(self, texts: Sequence[str], window: int | None = None, stride: int | None = None,
+                   batch_size: int = 8, progress: bool = False) -> dict[str, float]:
         """Token-level perplexity of the documents (concatenated with EOS between) under sliding windows.
 
+        `window` defaults to min(1024, both context lengths), `stride` to half the window.
         Returns {'perplexity', 'nll' (mean per token), 'tokens', 'base_perplexity', 'memory_perplexity'}.
         """
-        from memdec.data import tokenize
+        from memdec.data import default_stride, default_window, tokenize
+        from memdec.scoring import model_name
 
         if isinstance(texts, str):
             texts = [texts]
-        check_context(self.base, window, "base model", " (lower window)")
+        window = int(window or default_window(max_positions(self.base), max_positions(self.memory)))
+        stride = int(stride or default_stride(window))
+        check_context(self.base, window, f"base model {model_name(self.base)}", " (lower window)")
         check_context(self.memory, window, f"memory {self.memory_name}", " (lower window)")
         tokens = tokenize(texts, self.tokenizer, progress=progress)
         if len(tokens) < 2:

@@ -69,12 +69,79 @@ def log_softmax(logits: torch.Tensor, vocab_size: int, temperature: float = 1.0)
     return torch.log_softmax(logits, dim=-1)
 
 
+#: text tokenized into every fingerprint: the normalizer's and pre-tokenizer's effect on ids
+FINGERPRINT_PROBE = (
+    "Hello, world!  The year 2025: 3.14159 + 42 = 45.14159\n\tnew\tline\r\n"
+    " leading space, trailing space \u00a0nbsp \u00c9t\u00e9 na\u00efve CAF\u00c9 \u00df\u00e4\u00f6\u00fc "
+    "\u0394\u03b5\u03bb\u03c4\u03b1 \u0436\u0443\u0440\u043d\u0430\u043b \u4e2d\u6587\u5b57 "
+    "\u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4 \u0627\u0644\u0639\u0631\u0628\u064a\u0629 "
+    "\U0001f600\U0001f44d\ufb01 \u2460 x\u00b2 def f(x): return x**2  # code\n"
+)
+
+
+def _padding_only_id(tokenizer) -> int | None:
+    """The pad token's id if it was added for padding only (an added token past the base vocabulary
+    that is not also EOS/BOS/UNK, as lm-eval adds `<|pad|>`), else None."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        return None
+    others = {getattr(tokenizer, f"{k}_token_id", None) for k in ("eos", "bos", "unk")}
+    base = getattr(tokenizer, "vocab_size", None)
+    return pad if pad not in others and isinstance(base, int) and pad >= base else None
+
+
+def _merges(tokenizer) -> list[list[str]]:
+    """BPE merges in rank order as [left, right] pairs ([] for other models)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        merges = json.loads(backend.to_str()).get("model", {}).get("merges") or []
+        return [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges]
+    ranks = getattr(tokenizer, "bpe_ranks", None)  # a slow BPE tokenizer
+    return [list(pair) for pair, _ in sorted(ranks.items(), key=lambda kv: kv[1])] if ranks else []
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the token -> id mapping and the special tokens: equal iff the tokenizers agree."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
-    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+    """A short hash of what decides token ids; equal iff the tokenizers give the same ids.
+
+    Covered: the token -> id mapping (added tokens included), the BPE merges, the ids of the probe
+    text FINGERPRINT_PROBE (the normalizer and pre-tokenizer at work), and the EOS/BOS/UNK ids.
+    Not covered: the pad token (lm-eval's HFLM sets one on tokenizers without it, reusing UNK/EOS or
+    adding `<|pad|>`; such an added pad token is left out of the mapping too), the special tokens a
+    post-processor adds around a text (memdec tokenizes corpora without them; lm-eval's add_bos_token
+    changes them), padding/truncation settings, model_max_length and the decoder.
+    Form `sha256-v2:` + 16 hex digits; `check_fingerprint` also accepts the older `sha256:` form.
+    """
+    pad = _padding_only_id(tokenizer)
+    vocab = sorted(((t, i) for t, i in tokenizer.get_vocab().items() if i != pad), key=lambda kv: (kv[1], kv[0]))
+    payload = {
+        "vocab": vocab,
+        "merges": _merges(tokenizer),
+        "probe": tokenizer(FINGERPRINT_PROBE, add_special_tokens=False)["input_ids"],
+        "ids": {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("eos", "bos", "unk")},
+    }
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return "sha256-v2:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _legacy_fingerprints(tokenizer) -> set[str]:
+    """The fingerprint as memdec <= 0.1 computed it (vocab + special tokens map, pad token included),
+    for the tokenizer as it is and without its pad token (as it was before lm-eval added one)."""
+    out = set()
+    for drop_pad in (False, True):
+        pad = _padding_only_id(tokenizer) if drop_pad else None
+        vocab = sorted(((t, i) for t, i in tokenizer.get_vocab().items() if i != pad), key=lambda kv: kv[1])
+        special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())
+                   if not (drop_pad and k == "pad_token")}
+        payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
+        out.add("sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16])
+    return out
+
+
+def same_fingerprint(tokenizer, fingerprint: str) -> bool:
+    """True if `tokenizer` matches a recorded fingerprint (the current form, or the older `sha256:` one)."""
+    if fingerprint.startswith("sha256-v2:"):
+        return tokenizer_fingerprint(tokenizer) == fingerprint
+    return fingerprint in _legacy_fingerprints(tokenizer)
 
 
 def tokenizer_name(tokenizer) -> str:
@@ -95,8 +162,8 @@ def check_same_tokenizer(tok_a, tok_b, what_a: str = "base", what_b: str = "memo
 
 def check_fingerprint(tokenizer, fingerprint: str, what: str) -> None:
     """Raise TokenizerMismatchError unless `tokenizer` has the fingerprint recorded for `what`."""
-    mine = tokenizer_fingerprint(tokenizer)
-    if mine != fingerprint:
+    if not same_fingerprint(tokenizer, fingerprint):
+        mine = tokenizer_fingerprint(tokenizer)
         raise TokenizerMismatchError(
             f"tokenizer {tokenizer_name(tokenizer)!r} ({mine}) differs from the one {what} was built "
             f"with ({fingerprint})"

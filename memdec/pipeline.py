@@ -4,7 +4,7 @@ The config (YAML, or a dict) names each stage's settings; every stage writes und
 skipped when its complete output is already there, so a rerun after a kill picks up where it
 stopped (a stage interrupted half-way resumes from its own partial output):
 
-    output: runs/gpt2-wikitext103          # OUT/datastore, OUT/datastore/index-<backend>, OUT/targets, OUT/memdec
+    output: runs/gpt2-wikitext103          # OUT/datastore, OUT/datastore/{index-<backend>,targets-k<K>-t<T>}, OUT/memdec
     corpus: {dataset: wikitext, config: wikitext-103-raw-v1, split: train}   # or {path: my/files/}
     base_model: gpt2-xl                    # builds the datastore (keys, values)
     datastore: {window: 1024, stride: 512, batch_size: 8}
@@ -100,10 +100,20 @@ def check_sections(cfg: dict[str, Any], where: str = "pipeline config") -> None:
 
 def stage_paths(cfg: dict[str, Any]) -> dict[str, Path]:
     """Where each stage's output lives."""
+    import inspect
+
+    from memdec.targets import build_targets, default_out
+
     root = Path(cfg["output"])
     backend = cfg["index"].get("backend", "torch")
+    defaults = inspect.signature(build_targets).parameters
+    k = cfg["targets"].get("k", defaults["k"].default)
+    temperature = float(cfg["targets"].get("temperature", defaults["temperature"].default))
+    targets = root / "targets"  # where memdec <= 0.1 put them: a complete one there is still used
+    if not is_complete(targets, "targets"):
+        targets = default_out(root / "datastore", k, temperature)  # as `memdec targets` writes them
     return {"datastore": root / "datastore", "index": root / "datastore" / f"index-{backend}",
-            "targets": root / "targets", "train": root / "memdec"}
+            "targets": targets, "train": root / "memdec"}
 
 
 def stage_complete(stage: str, path: Path) -> bool:

@@ -8,6 +8,7 @@ only needs each model's log-probability of that token: `perplexity` of a joint m
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -26,11 +27,38 @@ def max_positions(model) -> int | None:
     return None
 
 
-def check_window(model, window: int, what: str = "model") -> None:
-    """Raise a one-line error if `window` is longer than the model's context length."""
-    limit = max_positions(model)
+def model_name(model) -> str:
+    """The name a model was loaded from (its config's name_or_path), else its class name."""
+    return str(getattr(model.config, "_name_or_path", "") or getattr(model.config, "name_or_path", "")
+               or type(model).__name__)
+
+
+def context_length(model_or_name, what: str = "model", revision: str | None = None) -> int | None:
+    """max_positions of a loaded model, or of a local folder / hub id from its config alone (no weights)."""
+    if hasattr(model_or_name, "config"):
+        return max_positions(model_or_name)
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(str(model_or_name)), revision=revision,
+                                            trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{what} {model_or_name}: cannot read its config "
+                                f"({str(e).strip().splitlines()[0]})") from None
+    return max_positions(SimpleNamespace(config=config))
+
+
+def check_window(model, window: int, what: str | None = None) -> None:
+    """Raise a one-line error naming the model if `window` is longer than its context length."""
+    check_window_fits(max_positions(model), window, what or f"model {model_name(model)}")
+
+
+def check_window_fits(limit: int | None, window: int, what: str) -> None:
+    """Raise a one-line error naming `what` (the model) if `window` is longer than the context length `limit`."""
     if limit is not None and window > limit:
-        raise ValueError(f"{what}: window {window} is longer than its context length {limit}")
+        raise ValueError(f"{what}: window {window} is longer than its context length {limit} (lower the window)")
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:

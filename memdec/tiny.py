@@ -10,22 +10,43 @@ import torch
 EOS = "<|endoftext|>"
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 512, name: str = "memdec-tiny-bpe"):
-    """A byte-level BPE tokenizer trained on `texts`, as a `PreTrainedTokenizerFast` (EOS = pad = <|endoftext|>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 512, name: str = "memdec-tiny-bpe",
+                    gpt2_style: bool = False):
+    """A byte-level BPE tokenizer trained on `texts`, as a `PreTrainedTokenizerFast`.
+
+    Default: <|endoftext|> is id 0 and EOS = BOS = UNK = pad. `gpt2_style` lays it out as GPT-2's
+    tokenizer: <|endoftext|> is the last id (in the BPE vocabulary and an added special token),
+    EOS = BOS = UNK, no pad token, a byte-level post-processor and model_max_length 1024.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
+        vocab_size=vocab_size - 1 if gpt2_style else vocab_size,
+        special_tokens=[] if gpt2_style else [EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
+    if not gpt2_style:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                                       pad_token=EOS)
+        fast.name_or_path = name
+        return fast
+    import json
+
+    model = json.loads(tok.to_str())["model"]
+    vocab = {**model["vocab"], EOS: len(model["vocab"])}
+    gpt2 = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in model["merges"]]))
+    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    gpt2.post_processor = processors.ByteLevel(trim_offsets=False)
+    gpt2.decoder = decoders.ByteLevel()
+    gpt2.add_special_tokens([EOS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=gpt2, eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                                   model_max_length=1024)
     fast.name_or_path = name
     return fast
 

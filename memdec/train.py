@@ -36,6 +36,7 @@ from memdec.data import (
     Window,
     check_min_tokens,
     corpus_tokens,
+    default_window,
     sliding_windows,
     window_batch,
 )
@@ -235,10 +236,19 @@ def _open_targets(targets: str | os.PathLike, ds) -> Any:
 
 
 def find_targets(datastore: str | os.PathLike) -> Path:
-    """The one complete kNN targets folder inside `datastore` (DATASTORE/targets-k*-t*), or a one-line error."""
-    from memdec.formats import is_complete
+    """The one complete kNN targets folder of `datastore`, or a one-line error.
+
+    Looked for inside it (DATASTORE/targets-k*-t*, where `memdec targets` and `memdec pipeline` write
+    them) and, for pipeline outputs of memdec <= 0.1, in the sibling folder DATASTORE/../targets.
+    """
+    from memdec.formats import is_complete, read_manifest
 
     found = sorted(p for p in Path(datastore).glob("targets-*") if p.is_dir() and is_complete(p, "targets"))
+    sibling = Path(datastore).parent / "targets"
+    if is_complete(sibling, "targets") and is_complete(datastore, "datastore"):
+        of = read_manifest(sibling, "targets").get("datastore", {}).get("created")
+        if of is not None and of == read_manifest(datastore, "datastore").get("created"):
+            found.append(sibling)
     if not found:
         raise FileNotFoundError(f"datastore {datastore}: no kNN targets inside it; run `memdec targets "
                                 f"--datastore {datastore}` first or pass targets")
@@ -348,8 +358,8 @@ def train(
 ) -> Path:
     """Train `init` (an HF causal LM dir or hub id) and save it to `out`; returns `out`.
 
-    Memory Decoder: give `datastore` and `targets` (kNN targets folder; default: the one complete
-    DATASTORE/targets-* folder), beta in (0, 1].
+    Memory Decoder: give `datastore` and `targets` (kNN targets folder; default: `find_targets`, the one
+    complete DATASTORE/targets-* folder), beta in (0, 1].
     Plain fine-tuning (DAPT/LoRA baselines): beta = 0 and `datastore`, `corpus` or `texts`.
     `steps` optimizer steps (default: `epochs` passes over the windows), each of
     `batch_size` windows per process x `grad_accum`. `warmup` is a fraction of steps (< 1) or a count.
@@ -401,14 +411,14 @@ def train(
         ds.check_tokenizer(tok)
         ds_manifest = dict(ds.manifest)
         tokens = np.asarray(ds.tokens)
-        window = int(window or ds_manifest["window"])
+        window = int(window or default_window(ds_manifest["window"], max_positions(model)))
         source = f"datastore {datastore}"
         if beta > 0:
             knn = _open_targets(targets, ds)
     else:
         tokens, _, source = corpus_tokens(corpus if corpus is not None else texts, tok,
                                           progress=progress and accelerator.is_main_process)
-        window = int(window or min(max_positions(model) or 1024, 1024))
+        window = int(window or default_window(max_positions(model)))
     check_min_tokens(len(tokens), window, source)
     _check_model(model, tok, str(init), window, int(tokens.max()) + 1 if len(tokens) else None, source)
     windows = sliding_windows(len(tokens), window, stride or window)

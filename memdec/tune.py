@@ -14,7 +14,6 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -30,9 +29,7 @@ from memdec.formats import (
 )
 from memdec.joint import MEMDEC_JSON, load_causal_lm, load_tokenizer, resolve_model_path
 from memdec.mixing import check_lmbda, check_same_tokenizer, mix_logprobs, tokenizer_fingerprint
-from memdec.scoring import max_positions, perplexity, token_logprobs
-
-DEFAULT_WINDOW = 1024
+from memdec.scoring import check_window_fits, context_length, perplexity, token_logprobs
 
 
 @dataclass
@@ -98,16 +95,6 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     if value is None:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     return value
-
-
-def _context_length(name: str, what: str) -> int | None:
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{what} {name}: cannot read its config ({str(e).strip().splitlines()[0]})") from None
-    return max_positions(SimpleNamespace(config=config))
 
 
 def _hub_snapshot(name: str) -> str:
@@ -176,7 +163,14 @@ def tune_lambda(
     per-token log-probs are kept there (.npy, keyed by model files or hub commit, tokens, window, stride, dtype), so a
     rerun (another grid, or after a kill) scores only what is missing.
     """
-    from memdec.data import CorpusSpec, check_min_tokens, load_texts, tokenize
+    from memdec.data import (
+        CorpusSpec,
+        check_min_tokens,
+        default_stride,
+        default_window,
+        load_texts,
+        tokenize,
+    )
 
     values = parse_grid(grid)
     torch_dtype = _torch_dtype(dtype)
@@ -193,9 +187,11 @@ def tune_lambda(
     check_same_tokenizer(tok, load_tokenizer(memory, "memory"), "base", "memory")
     spec = CorpusSpec.from_arg(data, split=split, text_column=text_column, max_docs=max_docs)
     tokens = tokenize(load_texts(spec), tok, progress=progress)
-    limits = [x for x in (_context_length(base, "base"), _context_length(memory, "memory")) if x]
-    window = int(window or min([DEFAULT_WINDOW, *limits]))
-    stride = int(stride or max(1, window // 2))
+    limits = {f"{what} {name}": context_length(name, what) for name, what in ((base, "base"), (memory, "memory"))}
+    window = int(window or default_window(*limits.values()))
+    stride = int(stride or default_stride(window))
+    for what, limit in limits.items():  # before any scoring
+        check_window_fits(limit, window, what)
     check_min_tokens(len(tokens), window, f"data {spec.describe()}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -55,6 +55,27 @@ def tiny(tmp_path_factory, texts):
     return paths
 
 
+@pytest.fixture(scope="session")
+def gpt2_style(tmp_path_factory, texts):
+    """Paths of tiny models with a GPT-2-style tokenizer (memdec.tiny.train_tokenizer(gpt2_style=True):
+    <|endoftext|> = EOS = BOS = UNK is the last id, no pad token, model_max_length 1024).
+
+    - `tok`: the tokenizer alone; `base`: GPT-2 with 1024 positions (2 layers, 64 wide);
+      `memory`: GPT-2 with 256 positions (1 layer, 32 wide).
+    """
+    from memdec.tiny import save_model, tiny_model, train_tokenizer
+
+    root = tmp_path_factory.mktemp("gpt2_style")
+    tok = train_tokenizer(texts["general"] + texts["domain"], vocab_size=400, name="gpt2-style-bpe", gpt2_style=True)
+    tok.save_pretrained(root / "tok")
+    paths = {"root": root, "tok": str(root / "tok")}
+    paths["base"] = save_model(tiny_model(tok, "gpt2", n_layer=2, hidden=64, max_positions=1024, seed=5), tok,
+                               root / "base")
+    paths["memory"] = save_model(tiny_model(tok, "gpt2", n_layer=1, hidden=32, n_head=2, max_positions=256, seed=6),
+                                 tok, root / "memory")
+    return paths
+
+
 # ---- datastore fixtures (memdec/datastore.py; used by test_datastore, test_search, test_targets) ----
 
 DATASTORE_ARGS = {"window": 64, "stride": 48, "batch_size": 3, "shard_rows": 2500, "device": "cpu", "progress": False}

@@ -200,7 +200,7 @@ def short_memory(tiny, tmp_path_factory):
     ("memory={memory},lmbda=1.5", r"lmbda must be in \[0, 1\], got 1.5"),
     ("memory={missing}", "memory .*missing: no such folder"),
     ("memory={other}", "base tokenizer .*base.* differs from memory tokenizer .*other"),
-    ("memory={short}", r"context length 32 is shorter than the 256 tokens requested \(max_length 256\)"),
+    ("memory={short},max_length=256", r"context length 32 is shorter than the 256 tokens requested \(max_length 256\)"),
     ("memory={memory},device=cpu", "device=cpu inside --model_args: pass it as --device cpu"),
     ("lmbda=0.5", "memory=PATH_OR_ID"),
 ])

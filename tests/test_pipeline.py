@@ -30,6 +30,11 @@ def config(tiny, tmp_path) -> dict:
 def test_pipeline_runs_each_stage_once(config, tmp_path, capsys):
     first = run_pipeline(config, progress=False)
     assert first["ran"] == ["datastore", "index", "targets", "train"] and first["skipped"] == []
+    # targets where `memdec targets` writes them, so `memdec train --datastore` finds them
+    from memdec.train import find_targets
+
+    ds = Path(first["paths"]["datastore"])
+    assert Path(first["paths"]["targets"]) == ds / "targets-k8-t4" == find_targets(ds)
     out = Path(first["paths"]["train"])
     meta = json.loads((out / "memdec.json").read_text())
     assert meta["datastore"]["path"] == first["paths"]["datastore"] and meta["training"]["steps"] == 3
@@ -56,6 +61,14 @@ def test_pipeline_runs_each_stage_once(config, tmp_path, capsys):
     assert third["ran"] == ["targets", "train"] and third["skipped"] == ["datastore", "index"]
     assert (out / "model.safetensors").stat().st_mtime_ns != stamp
     assert "train: targets was rebuilt, replacing it" in capsys.readouterr().out
+
+    # an output of memdec <= 0.1 (targets in OUT/targets) is still complete, and train finds its targets
+    shutil.move(ds / "targets-k8-t4", Path(config["output"]) / "targets")
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    old = run_pipeline(config, progress=False)
+    assert old["ran"] == [] and old["paths"]["targets"] == str(Path(config["output"]) / "targets")
+    assert find_targets(ds) == Path(config["output"]) / "targets"
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("text, message", [

@@ -133,6 +133,17 @@ def test_bad_window_or_stride_is_an_error():
     assert (task.window, task.stride) == (1024, 512)
 
 
+def test_stride_follows_a_given_window():
+    """--metadata '{"ppl_window": 256}' alone: stride 128 (was: the yaml's 512 > 256, an error)."""
+    from lm_eval.tasks import TaskManager
+
+    for meta, expected in (({"ppl_window": 256}, (256, 128)), ({"ppl_window": 7}, (7, 3)),
+                           ({"ppl_window": 256, "ppl_stride": 256}, (256, 256))):
+        tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"data_dir": str(FIXTURES), **meta})
+        tasks = tm.load(PPL_TASKS)["tasks"]
+        assert {(t.window, t.stride) for t in tasks.values()} == {expected}, meta
+
+
 def test_blank_documents_are_dropped(tmp_path):
     from lm_eval.tasks import TaskManager
 

@@ -327,6 +327,7 @@ def test_targets_of_another_datastore(tiny, texts, knn_store, tmp_path):
 
 
 def test_window_longer_than_init_model_on_a_datastore(tiny, knn_store, tmp_path):
+    """A given window longer than the init model's context is refused; the default fits it (min with the datastore's)."""
     from transformers import AutoTokenizer
 
     from memdec.tiny import save_model, tiny_model
@@ -334,7 +335,11 @@ def test_window_longer_than_init_model_on_a_datastore(tiny, knn_store, tmp_path)
     tok = AutoTokenizer.from_pretrained(tiny["tok"])
     short = save_model(tiny_model(tok, n_layer=1, hidden=16, n_head=2, max_positions=16), tok, tmp_path / "short")
     with pytest.raises(ValueError, match=r"init model .*short: window 32 is longer than its context length 16"):
-        train(short, tmp_path / "x", datastore=knn_store["datastore"], targets=knn_store["targets"], steps=1)
+        train(short, tmp_path / "x", datastore=knn_store["datastore"], targets=knn_store["targets"], window=32,
+              steps=1)
+    out = train(short, tmp_path / "y", datastore=knn_store["datastore"], targets=knn_store["targets"], steps=1,
+                progress=False)
+    assert json.loads((out / "memdec.json").read_text())["training"]["window"] == 16
 
 
 def test_targets_default_to_the_one_inside_the_datastore(tiny, texts, tmp_path):
