@@ -13,9 +13,9 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/memdec_e2e/inductor
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$RES/gpu.txt" 2>&1
-{ time python3 benchmarks/gpu_smoke.py cuda; } > "$RES/smoke.log" 2>&1
+[ -n "${SKIP_SMOKE:-}" ] || { time python3 benchmarks/gpu_smoke.py cuda; } > "$RES/smoke.log" 2>&1
 OUT="$RES/bench" benchmarks/run_gpu_bench.sh --skip-knn --budget "${BUDGET:-260}" > "$RES/bench_run.log" 2>&1
-python3 benchmarks/eval_e2e.py --work /tmp/memdec_e2e --out "$RES/e2e" --rounds 3 > "$RES/e2e_main.log" 2>&1
+python3 benchmarks/eval_e2e.py --work /tmp/memdec_e2e --out "$RES/e2e" --rounds "${ROUNDS:-3}" > "$RES/e2e_main.log" 2>&1
 python3 benchmarks/eval_e2e.py --work /tmp/memdec_e2e --out "$RES/e2e" --phase reuse > "$RES/e2e_reuse.log" 2>&1
 tar czf /tmp/all.tgz -C "$RES" . && mv /tmp/all.tgz "$RES/all.tgz"
 echo finished > "$RES/DONE"

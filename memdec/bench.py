@@ -717,7 +717,7 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"random-weight {s['base']} + {s['memory']}{' (small)' if s['small'] else ''}, {s['dtype']}, "
              f"lmbda {s['lmbda']}.",
              "Scoring ratios: time / the fastest base row at that shape (lm-eval `hf` computation or memdec's "
-             "compiled + graphed base). Decoding ratios: per-token time / the fastest base row; batch 1, prompt {s['prompt_len']}, {s['new_tokens']} new tokens, "
+             f"compiled + graphed base). Decoding ratios: per-token time / the fastest base row; batch 1, prompt {s['prompt_len']}, {s['new_tokens']} new tokens, "
              "(t(N) - t(1)) / (N - 1).",
              ]
     p = {k: v for k, v in (result.get("paired") or {}).items() if v is not None}

@@ -185,3 +185,4 @@ def test_scoring_ratios_are_against_the_fastest_base_row():
     lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in bench.markdown_table(result).splitlines()}
     assert "| 2.00x |" in lines["base"] and "| 1.00x |" in lines["base (compiled + graphed)"]
     assert "| 1.50x |" in lines["+MemDec (fast)"]  # 30 / 20, not 30 / 40
+    assert "batch 1, prompt 4, 4 new tokens" in bench.markdown_table(result)
