@@ -261,13 +261,14 @@ def score_memdec_plain(base, memory, ids: torch.Tensor, vocab: int, lmbda: float
 @torch.no_grad()
 def score_memdec_fast(base, memory, ids: torch.Tensor, vocab: int, lmbda: float,
                       per_token: bool = False) -> torch.Tensor:
-    """The fast path of the `memdec` lm-eval model for rolling windows (memdec.fast.score_tokens).
+    """The fast path of the `memdec` lm-eval model for rolling windows (memdec.fast.score_tokens), with the
+    base compiled and graphed too (`graph_base=true`).
 
     `memory` is the model or, as in the `memdec` lm-eval model, a memdec.fast.GraphedForward of it.
     """
     other = memory if isinstance(memory, fast.GraphedForward) else (
         lambda i, a, k: fast.lm_logits(memory, i, a, k))
-    lp, _ = fast.score_tokens(base, other, ids[:, :-1], ids[:, 1:], lmbda, vocab)
+    lp, _ = fast.score_tokens(base, other, ids[:, :-1], ids[:, 1:], lmbda, vocab, graph_base=True)
     return lp if per_token else lp.sum()
 
 

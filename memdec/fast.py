@@ -317,6 +317,23 @@ class GraphedForward:
         return out[:, lo : lo + (keep or t)]
 
 
+def graph_base_enabled() -> bool:
+    """Whether the base (and tune-lambda's / perplexity's models) are compiled and graphed too: MEMDEC_GRAPH_BASE=1.
+
+    Off by default: on one H200 (reports/speed/h200-2026-12-03-graphed-base/) the graphed base scores
+    8x1024 in 51 ms instead of 64 ms, but compiling it adds about two minutes to a run's first batch.
+    """
+    return os.environ.get("MEMDEC_GRAPH_BASE", "0") == "1"
+
+
+def base_forward(model, graph: bool | None = None) -> Callable[..., torch.Tensor]:
+    """`(input_ids, attention_mask, keep) -> logits` of a base: `graphed(model)` if `graph` (None: the
+    MEMDEC_GRAPH_BASE setting), else the plain forward."""
+    if graph if graph is not None else graph_base_enabled():
+        return graphed(model)
+    return lambda ids, mask=None, keep=0: lm_logits(model, ids, mask, keep)
+
+
 def graphed(model) -> GraphedForward:
     """The model's one GraphedForward (made on first use), shared by every scorer of that model.
 
@@ -374,15 +391,16 @@ def score_tokens(
     keep: int = 0,
     other_temperature: float = 1.0,
     greedy: bool = False,
+    graph_base: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mixed log-probs of `targets` (B, keep or T) after `input_ids`, and the mixture's argmax if `greedy`.
 
     `other(input_ids, attention_mask, keep)` returns the second model's logits (or log-probs) of the
-    same positions; it runs concurrently with the base, whose forward is `graphed(base)` (compiled and
-    CUDA-graphed on CUDA, the plain forward elsewhere). `targets[:, j]` is the token predicted
+    same positions; it runs concurrently with the base, whose forward is `base_forward(base, graph_base)`
+    (with graph_base, compiled and CUDA-graphed on CUDA; the plain forward elsewhere). `targets[:, j]` is the token predicted
     at the j-th kept position.
     """
-    b, o = run_concurrently(lambda: graphed(base)(input_ids, attention_mask, keep),
+    b, o = run_concurrently(lambda: base_forward(base, graph_base)(input_ids, attention_mask, keep),
                             lambda: other(input_ids, attention_mask, keep), input_ids.device)
     lp = mixture_target_logprobs(b, o, targets, lmbda, vocab_size, other_temperature)
     am = mixture_argmax(b, o, lmbda, vocab_size, other_temperature) if greedy else None

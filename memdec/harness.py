@@ -143,6 +143,8 @@ class MixtureLM(HFLM):
 
     #: whether `_loglikelihood_tokens` takes the fast path (a subclass opts in: it must define `other_scores`)
     fast_scoring: bool = False
+    #: whether the fast path compiles and CUDA-graphs the base too (None: MEMDEC_GRAPH_BASE; `graph_base=` model_arg)
+    graph_base: bool | None = None
 
     def other_scores(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         """The other distribution at the last `keep` positions, as logits or log-probs (B, keep, V')."""
@@ -219,12 +221,15 @@ class MixtureLM(HFLM):
         vocab = self.mix_vocab_size
         with torch.no_grad(), self._autocast():
             # lmbda 0 / 1: only the model that counts runs (the other's scores are never read)
+            def base_forward(ids: torch.Tensor, mask: None, keep: int) -> torch.Tensor:
+                return fast.base_forward(self.model, self.graph_base)(ids, mask, keep)
+
             if self.lmbda == 0.0:
-                base = other = fast.graphed(self.model)(ids, None, keep)
+                base = other = base_forward(ids, None, keep)
             elif self.lmbda == 1.0:
                 base = other = self.other_scores(ids, keep).to(self.device)
             else:
-                base, other = fast.run_concurrently(lambda: fast.graphed(self.model)(ids, None, keep),
+                base, other = fast.run_concurrently(lambda: base_forward(ids, None, keep),
                                                     lambda: self.other_scores(ids, keep).to(self.device),
                                                     self.device)
         temp = self.other_temperature
@@ -291,10 +296,11 @@ class MemDecLM(MixtureLM):
 
     def __init__(self, pretrained: Any, memory: str | None = None, memory_revision: str | None = None,
                  lmbda: float | None = None, mem_temperature: float = 1.0, fast: bool | str = True,
-                 **kwargs: Any) -> None:
+                 graph_base: bool | str | None = None, **kwargs: Any) -> None:
         if not memory:
             raise ValueError("memdec: give the Memory Decoder as memory=PATH_OR_ID in --model_args")
         fast = _as_bool(fast, "fast")
+        self.graph_base = None if graph_base is None else _as_bool(graph_base, "graph_base")
         if lmbda is not None:
             check_lmbda(lmbda)
         mem_temperature = check_temperature(mem_temperature)
@@ -348,13 +354,16 @@ class MemDecLM(MixtureLM):
         return self.joint.generate(input_ids, attention_mask, stopping_criteria=stopping_criteria, **kwargs)
 
     def get_model_info(self) -> dict:
-        """Adds the memory model, its revision, size and mem_temperature."""
+        """Adds the memory model, its revision, size, mem_temperature and whether the base was graphed."""
+        from memdec import fast
+
         info = super().get_model_info()
         mem = self.joint.memory
         info.update(memory=self.joint.memory_name, memory_revision=self.joint.memory_revision,
                     memory_sha=_hub_sha(self.joint.memory_name, self.joint.memory_revision),
                     mem_temperature=self.joint.mem_temperature, memory_num_parameters=mem.num_parameters(),
-                    memory_dtype=str(mem.dtype), fast=self.fast_scoring)
+                    memory_dtype=str(mem.dtype), fast=self.fast_scoring,
+                    graph_base=self.graph_base if self.graph_base is not None else fast.graph_base_enabled())
         return info
 
 

@@ -98,14 +98,15 @@ def token_logprobs(
     vocab_size = vocab_size or model.config.vocab_size
     device = next(model.parameters()).device
     windows = sliding_windows(n, window, stride)
-    if device.type == "cuda":
-        from memdec import fast  # the model compiled and CUDA-graphed, fused target log-probs
+    from memdec import fast
 
+    graph = device.type == "cuda" and fast.graph_base_enabled()
+    if graph:  # MEMDEC_GRAPH_BASE=1: the model compiled and CUDA-graphed, fused target log-probs
         forward = fast.graphed(model)
     for i in tqdm(range(0, len(windows), batch_size), desc="score", disable=not progress):
         chunk = windows[i : i + batch_size]
         ids, attn, score = window_batch(tokens, chunk, pad_id)
-        if device.type == "cuda":  # right padding changes no earlier position of a causal LM: no mask needed
+        if graph:  # right padding changes no earlier position of a causal LM: no mask needed
             x = ids.to(device)
             lp = fast.target_logprobs(forward(x[:, :-1]), x[:, 1:], vocab_size, temperature).cpu().double()
         else:

@@ -427,3 +427,19 @@ def test_graphed_is_one_runner_per_model_and_never_stale(tiny):
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(fast.graphed(model)(ids), model(ids).logits, atol=0, rtol=0)
+
+
+def test_base_forward_graphs_only_when_asked(tiny, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["memory"]).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    monkeypatch.delenv("MEMDEC_GRAPH_BASE", raising=False)
+    assert not fast.graph_base_enabled() and fast.base_forward(model, True) is fast.graphed(model)
+    assert not isinstance(fast.base_forward(model), fast.GraphedForward)
+    monkeypatch.setenv("MEMDEC_GRAPH_BASE", "1")
+    assert fast.base_forward(model) is fast.graphed(model)
+    with torch.no_grad():
+        want = model(ids).logits
+        for graph in (False, True):
+            torch.testing.assert_close(fast.base_forward(model, graph)(ids, None, 3), want[:, -3:], atol=0, rtol=0)

@@ -106,9 +106,9 @@ def test_lmbda_endpoints_run_only_the_model_that_counts(lms, monkeypatch):
     with monkeypatch.context() as m:  # lmbda 0: the memory never runs
         m.setattr(lm0, "other_scores", never)
         assert lm0.loglikelihood(ll_requests(PAIRS), disable_tqdm=True) == want0
-    real = fast.graphed
+    real = fast.base_forward
     with monkeypatch.context() as m:  # lmbda 1: the base never runs
-        m.setattr(fast, "graphed", lambda model: never() if model is lm1.model else real(model))
+        m.setattr(fast, "base_forward", lambda model, g=None: never() if model is lm1.model else real(model, g))
         assert lm1.loglikelihood(ll_requests(PAIRS), disable_tqdm=True) == want1
 
 
