@@ -71,6 +71,21 @@ def _env_bytes(name: str) -> int | None:
         raise ValueError(f"{name}={raw!r}: expected a byte count such as 4000000000, 512M or 4G") from None
 
 
+def _pread(filename: str, dest: np.ndarray, offset: int) -> None:
+    """Fill the contiguous array `dest` with the bytes of `filename` from `offset` on."""
+    view = memoryview(dest.reshape(-1).view(np.uint8))
+    fd = os.open(filename, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{filename}: ended {len(view) - done} bytes early")
+            done += got
+    finally:
+        os.close(fd)
+
+
 MAX_MEMORY_ENV = "MEMDEC_SEARCH_MAX_MEMORY"
 _F16_LIMIT = 6.0e4  # |scaled score| bound, below float16's 65504
 
@@ -208,10 +223,14 @@ class TorchIndex:
         for j, arr in enumerate(ds._keys):
             lo, hi = max(start, int(ds._starts[j])), min(stop, int(ds._starts[j + 1]))
             if lo < hi:
-                piece = arr[lo - ds._starts[j] : hi - ds._starts[j]]
-                with warnings.catch_warnings():  # a read-only memory map: torch only reads it
-                    warnings.simplefilter("ignore", UserWarning)
-                    out[at : at + hi - lo].copy_(torch.from_numpy(piece))
+                dest = out[at : at + hi - lo]
+                if isinstance(arr, np.memmap) and arr.filename and dest.dtype == torch.float16:
+                    # straight from the shard file into the (pinned) buffer: no mapped pages kept
+                    _pread(arr.filename, dest.numpy(), int(arr.offset) + (lo - int(ds._starts[j])) * arr.strides[0])
+                else:
+                    with warnings.catch_warnings():  # a read-only memory map: torch only reads it
+                        warnings.simplefilter("ignore", UserWarning)
+                        dest.copy_(torch.from_numpy(arr[lo - ds._starts[j] : hi - ds._starts[j]]))
                 at += hi - lo
         return out
 
@@ -223,8 +242,11 @@ class TorchIndex:
                 yield start, self._keys[start : start + rows]
             return
         if not self.cuda:
+            buf = torch.empty((rows, self.dim), dtype=torch.float16) if self._mem is None else None
             for start in range(0, self.n, rows):
-                yield start, self._read(start, min(start + rows, self.n)).to(self._key_dtype)
+                stop = min(start + rows, self.n)
+                part = self._read(start, stop, buf[: stop - start] if buf is not None else None)
+                yield start, part.to(self._key_dtype)  # used before the next block is read
             return
         # streamed: two pinned host buffers and two device buffers; the copy of block j + 1 runs on a
         # side stream while block j is searched
