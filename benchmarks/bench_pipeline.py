@@ -113,43 +113,200 @@ def bench_datastore(args, shape: dict, device: torch.device, dtype: torch.dtype,
             "build_vs_forward": round(build_tps / fwd_tps, 3)}
 
 
-def bench_targets(args, device: torch.device) -> dict:
+def matmul_rate(device: torch.device, n: int = 8192, reps: int = 20) -> dict:
+    """Measured dense matmul rate (FLOP/s) of an n x n x n product in bfloat16 and float16: the floors' unit."""
+    out = {}
+    for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        if device.type != "cuda":
+            dt, n, reps = torch.float32, 512, 3
+        a = torch.randn((n, n), device=device).to(dt)
+        b = torch.randn((n, n), device=device).to(dt)
+        for _ in range(3):
+            a @ b
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        out[name] = 2.0 * n**3 * reps / (time.perf_counter() - t0)
+    return out
+
+
+def random_keys(n: int, dim: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    keys = torch.empty((n, dim), dtype=torch.float16, device=device)
+    for s in range(0, n, 1 << 20):
+        e = min(s + (1 << 20), n)
+        keys[s:e] = torch.randn((e - s, dim), generator=gen, device=device).to(torch.float16)
+    return keys
+
+
+def float64_recall(keys: torch.Tensor, q_rows: torch.Tensor, ids: torch.Tensor, k: int) -> float:
+    """Share of the returned ids whose float64 distance is within the float64 k nearest (ties counted)."""
+    q = keys[q_rows].double()
+    best = None
+    for s in range(0, len(keys), 1 << 19):
+        c = keys[s : s + (1 << 19)].double()
+        d = (q**2).sum(1)[:, None] - 2 * q @ c.T + (c**2).sum(1)[None, :]
+        best = d if best is None else torch.cat([best, d], 1)
+        best = best.topk(min(k, best.shape[1]), dim=1, largest=False).values
+    kth = best.max(1).values
+    got = ((keys[ids.clamp_min(0)].double() - q[:, None, :]) ** 2).sum(-1)
+    return float((got <= kth[:, None] * (1 + 1e-9)).double().mean())
+
+
+def bench_targets(args, device: torch.device, n: int, dim: int, rate: float, group: int | None = None,
+                  tile_bytes: int | None = None, distribution: bool = True) -> dict:
+    """Exact search (+ kNN distribution) of `args.queries` stored keys over n random float16 keys on the device."""
     from memdec.search import TorchIndex
     from memdec.targets import knn_distribution
 
-    n, dim, k = args.keys, args.dim, args.k
-    key_dtype = torch.float16
-    gen = torch.Generator(device=device).manual_seed(0)
-    keys = torch.empty((n, dim), dtype=key_dtype, device=device)
-    for s in range(0, n, 1 << 20):
-        e = min(s + (1 << 20), n)
-        keys[s:e] = torch.randn((e - s, dim), generator=gen, device=device).to(key_dtype)
+    k = args.k
+    keys = random_keys(n, dim, device)
+    gen = torch.Generator(device=device).manual_seed(1)
     values = torch.randint(0, 50257, (n,), generator=gen, device=device, dtype=torch.int32)
     sync(device)
     t0 = time.perf_counter()
-    index = TorchIndex(keys, device=device, query_batch=args.query_batch)
+    index = TorchIndex(keys, device=device, query_batch=args.query_batch, group=group, tile_bytes=tile_bytes)
     sync(device)
     t_setup = time.perf_counter() - t0
-    rows = torch.randperm(n, generator=gen, device=device)[: args.queries + args.query_batch]
-
-    def step(ids):
-        d, i = index.search(keys[ids], k + 1)
-        return knn_distribution(d, i, ids, values, k, args.temperature)
-
-    step(rows[: args.query_batch])  # warm-up
+    qb = index.query_batch
+    rows = torch.randperm(n, generator=gen, device=device)[: args.queries + qb]
+    index.search(keys[rows[:qb]], k + 1)  # warm-up (compiles the re-ranking kernel)
     sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    nnz = 0
-    for s in range(args.query_batch, args.query_batch + args.queries, args.query_batch):
-        counts, _, _ = step(rows[s : s + args.query_batch])
-        nnz += int(counts.sum())
+    for s in range(qb, qb + args.queries, qb):
+        d, i = index.search(keys[rows[s : s + qb]], k + 1)
     sync(device)
-    t = time.perf_counter() - t0
-    qps = args.queries / t
-    return {"keys": n, "dim": dim, "k": k, "key_dtype": "float16", "queries": args.queries,
-            "query_batch": args.query_batch, "index_setup_s": round(t_setup, 3), "search_s": round(t, 3),
-            "queries_per_s": round(qps, 1), "mean_support": round(nnz / args.queries, 1),
-            "full_datastore_hours": round(n / qps / 3600, 3), "resident_on_device": bool(index.resident)}
+    t_search = time.perf_counter() - t0
+    out = {"keys": n, "dim": dim, "k": k, "group": index.group, "tile_keys": index.chunk_rows, "queries": args.queries,
+           "query_batch": qb, "index_setup_s": round(t_setup, 3), "search_s": round(t_search, 3),
+           "search_queries_per_s": round(args.queries / t_search, 1)}
+    floor = 2.0 * args.queries * n * dim / rate
+    out.update(floor_s=round(floor, 4), search_vs_floor=round(floor / t_search, 3))
+    out["recall_vs_float64"] = round(float64_recall(keys, rows[s : s + 64], i[:64], k + 1), 5)
+    if device.type == "cuda":
+        out["peak_device_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    if distribution:
+        def step(ids):
+            d, i = index.search(keys[ids], k + 1)
+            return knn_distribution(d, i, ids, values, k, args.temperature)
+
+        sync(device)
+        t0 = time.perf_counter()
+        nnz = 0
+        for s in range(qb, qb + args.queries, qb):
+            counts, _, _ = step(rows[s : s + qb])
+            nnz += int(counts.sum())
+        sync(device)
+        t = time.perf_counter() - t0
+        qps = args.queries / t
+        out.update(queries_per_s=round(qps, 1), targets_vs_floor=round(floor / t, 3),
+                   mean_support=round(nnz / args.queries, 1), full_datastore_hours=round(n / qps / 3600, 4))
+    del index, keys, values
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+class PeakRSS:
+    """Peak resident set size of this process (sampled every 10 ms) while the block runs."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self.start, self._stop = 0, self.rss(), threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.01):
+                self.peak = max(self.peak, self.rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+        except OSError:
+            return 0
+
+
+def write_random_datastore(keys: torch.Tensor, folder: Path, shard_rows: int = 1 << 21) -> Path:
+    """A datastore folder of the given keys (random values and tokens), shard by shard."""
+    from memdec.formats import write_manifest
+
+    folder.mkdir(parents=True)
+    n, dim = keys.shape
+    rng = np.random.default_rng(0)
+    shards = []
+    for j, s in enumerate(range(0, n, shard_rows)):
+        e = min(s + shard_rows, n)
+        np.save(folder / f"keys_{j:05d}.npy", keys[s:e].cpu().numpy())
+        np.save(folder / f"values_{j:05d}.npy", rng.integers(0, 50257, e - s, dtype=np.int32))
+        shards.append({"keys": f"keys_{j:05d}.npy", "values": f"values_{j:05d}.npy", "rows": e - s})
+    np.save(folder / "tokens.npy", rng.integers(0, 50257, n + 1, dtype=np.int32))
+    write_manifest(folder, "datastore", dim=dim, n_tokens=n + 1, n_entries=n, shards=shards, window=1024,
+                   tokenizer_fingerprint="sha256:random", model="random keys")
+    return folder
+
+
+def bench_stream(args, device: torch.device, n: int, dim: int, rate: float, source: str, work: Path) -> dict:
+    """Exact search with the keys kept off the device (capped memory): streamed from a host tensor or
+    read from a datastore's shard files."""
+    from memdec.datastore import Datastore
+    from memdec.search import TorchIndex
+
+    k = args.k
+    dev_keys = random_keys(n, dim, device, seed=2)
+    gen = torch.Generator(device=device).manual_seed(3)
+    qb = args.stream_query_batch
+    rows = torch.randperm(n, generator=gen, device=device)[: qb * 2]
+    queries = dev_keys[rows].clone()
+    check = dev_keys if source == "host" else None
+    t0 = time.perf_counter()
+    if source == "host":
+        keys: object = dev_keys.cpu()
+    else:
+        keys = Datastore.open(write_random_datastore(dev_keys, work / f"ds-{n}"))
+    t_prepare = time.perf_counter() - t0
+    if check is None:
+        del dev_keys
+    torch.cuda.empty_cache()
+    cap = args.stream_cap
+    index = TorchIndex(keys, device=device, max_memory=cap, query_batch=qb)
+    assert not index.resident
+    index.search(queries[:qb], k + 1)  # warm-up, and the key norms (one pass)
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        d, i = index.search(queries[qb:], k + 1)
+        sync(device)
+        t = time.perf_counter() - t0
+    key_gb = n * dim * 2 / 1e9
+    floor = 2.0 * qb * n * dim / rate
+    out = {"source": source, "keys": n, "dim": dim, "k": k, "key_gb": round(key_gb, 2), "cap_gb": round(cap / 1e9, 2),
+           "query_batch": qb, "tile_keys": index.chunk_rows, "prepare_s": round(t_prepare, 2), "search_s": round(t, 3),
+           "queries_per_s": round(qb / t, 1), "floor_s": round(floor, 4), "search_vs_floor": round(floor / t, 3),
+           "host_gb_per_s": round(2 * key_gb / t, 1),
+           "peak_device_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
+           "rss_before_gb": round(rss.start / 1e9, 2), "peak_rss_gb": round(rss.peak / 1e9, 2)}
+    if check is not None:
+        out["recall_vs_float64"] = round(float64_recall(check, rows[qb : qb + 64], i[:64], k + 1), 5)
+        ref = TorchIndex(check, device=device, query_batch=4096).search(queries[qb : qb + 4096], k + 1)[1]
+        out["same_ids_as_resident"] = round(float((ref == i[:4096]).double().mean()), 5)
+    del index, keys
+    torch.cuda.empty_cache()
+    return out
 
 
 def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype) -> dict:

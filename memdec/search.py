@@ -71,17 +71,36 @@ def _env_bytes(name: str) -> int | None:
         raise ValueError(f"{name}={raw!r}: expected a byte count such as 4000000000, 512M or 4G") from None
 
 
+def _pread_part(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"a key shard ended {len(view) - done} bytes early")
+        done += got
+
+
+_POOL: dict[str, Any] = {}
+
+
 def _pread(filename: str, dest: np.ndarray, offset: int) -> None:
-    """Fill the contiguous array `dest` with the bytes of `filename` from `offset` on."""
+    """Fill the contiguous array `dest` with the bytes of `filename` from `offset` on (several threads)."""
     view = memoryview(dest.reshape(-1).view(np.uint8))
     fd = os.open(filename, os.O_RDONLY)
     try:
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise OSError(f"{filename}: ended {len(view) - done} bytes early")
-            done += got
+        parts = max(1, min(8, len(view) >> 24))  # 16 MiB or more per thread
+        if parts == 1:
+            _pread_part(fd, view, offset)
+            return
+        if "pool" not in _POOL:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL["pool"] = ThreadPoolExecutor(8, thread_name_prefix="memdec-read")
+        step = -(-len(view) // parts)
+        jobs = [_POOL["pool"].submit(_pread_part, fd, view[a : a + step], offset + a)
+                for a in range(0, len(view), step)]
+        for job in jobs:
+            job.result()
     finally:
         os.close(fd)
 
@@ -184,7 +203,7 @@ class TorchIndex:
             resident = self.cuda and key_bytes <= 0.8 * max_memory
         self.resident = resident
         # queries per pass over the keys: streamed keys need more work per byte copied
-        self.query_batch = query_batch or ((8192 if resident else 32768) if self.cuda else 256)
+        self.query_batch = query_batch or ((8192 if resident else 65536) if self.cuda else 256)
         tile_bytes = tile_bytes or ((1 << 32) if self.cuda else (1 << 24))
         if self.cuda and not resident and max_memory is not None:
             tile_bytes = min(tile_bytes, max(1 << 20, max_memory // 2))
