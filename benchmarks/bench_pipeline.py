@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -205,9 +206,6 @@ def bench_targets(args, device: torch.device, n: int, dim: int, rate: float, gro
         qps = args.queries / t
         out.update(queries_per_s=round(qps, 1), targets_vs_floor=round(floor / t, 3),
                    mean_support=round(nnz / args.queries, 1), full_datastore_hours=round(n / qps / 3600, 4))
-    del index, keys, values
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -304,66 +302,96 @@ def bench_stream(args, device: torch.device, n: int, dim: int, rate: float, sour
         out["recall_vs_float64"] = round(float64_recall(check, rows[qb : qb + 64], i[:64], k + 1), 5)
         ref = TorchIndex(check, device=device, query_batch=4096).search(queries[qb : qb + 4096], k + 1)[1]
         out["same_ids_as_resident"] = round(float((ref == i[:4096]).double().mean()), 5)
-    del index, keys
-    torch.cuda.empty_cache()
     return out
 
 
-def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype, rate: float, compiled: bool = True) -> dict:
+    """Optimizer steps as memdec.train's loop runs them on a GPU: (compiled) model under autocast, the
+    step loss on the flat logit rows with `--support`-entry kNN targets, fused AdamW, no host sync."""
     try:
-        from memdec.train import memdec_loss
+        from memdec.train import _step_loss
     except ImportError as e:
-        return {"skipped": f"memdec.train.memdec_loss not available ({e})"}
+        return {"skipped": f"memdec.train._step_loss not available ({e})"}
     model = gpt2(shape, device, torch.float32).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if compiled:
+        model.compile()
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
     b, length, s = args.train_batch, shape["window"], args.support
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, shape["vocab"], (b, length), generator=gen, device=device)
     score = torch.ones((b, length), dtype=torch.bool, device=device)
     score[:, 0] = False
-    n = int(score[:, 1:].sum())
-    knn_ids = torch.randint(0, shape["vocab"], (n, s), generator=gen, device=device)
-    knn_probs = torch.softmax(torch.randn((n, s), generator=gen, device=device), -1)
-    autocast = device.type == "cuda" and dtype != torch.float32
+    b_idx, j_idx = score[:, 1:].nonzero(as_tuple=True)
+    rows, labels = b_idx * length + j_idx, ids[:, 1:][score[:, 1:]]
+    n = len(rows)
+    knn_ids = torch.randint(0, shape["vocab"], (n, s), generator=gen, device=device, dtype=torch.int32)
+    knn_probs = torch.softmax(torch.randn((n, s), generator=gen, device=device), -1).half()
+    autocast = cuda and dtype != torch.float32
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             logits = model(input_ids=ids, use_cache=False).logits
-        loss, _ = memdec_loss(logits, ids, score, knn_ids, knn_probs, beta=0.5)
-        loss.backward()
+        loss, _ = _step_loss(logits, rows, labels, knn_ids, knn_probs, 0.5, None)
+        (loss / n).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
+    t0 = time.perf_counter()
+    for _ in range(3):
         step()
     sync(device)
+    t_warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(args.train_steps):
         step()
     sync(device)
     t = time.perf_counter() - t0
-    return {"batch": b, "window": length, "support": s, "steps": args.train_steps, "autocast": autocast,
-            "dtype": str(dtype).removeprefix("torch.") if autocast else "float32",
-            "tokens_per_s": round(b * length * args.train_steps / t)}
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_token = 6 * n_params + 12 * shape["layers"] * shape["dim"] * length  # nanoGPT's count
+    tps = b * length * args.train_steps / t
+    return {"batch": b, "window": length, "support": s, "steps": args.train_steps, "compiled": compiled,
+            "autocast": autocast, "dtype": str(dtype).removeprefix("torch.") if autocast else "float32",
+            "params": n_params, "flops_per_token": flops_token, "warmup_s": round(t_warm, 1),
+            "step_ms": round(1000 * t / args.train_steps, 1), "tokens_per_s": round(tps),
+            "mfu": round(tps * flops_token / rate, 3)}
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# memdec pipeline benchmark ({res['device_name']}, {res['date']})", ""]
-    a, b, c = res["datastore"], res["targets"], res.get("train", {})
-    lines += ["| stage | measure | value |", "|---|---|---|"]
-    lines += [f"| datastore | plain forward, tokens/s | {a['forward_tokens_per_s']:,} |",
-              f"| datastore | build, tokens/s | {a['build_tokens_per_s']:,} |",
-              f"| datastore | build / forward | {a['build_vs_forward']:.1%} |",
-              f"| targets | exact search + distribution, queries/s ({b['keys']:,} keys x {b['dim']}, k={b['k']}) "
-              f"| {b['queries_per_s']:,} |",
-              f"| targets | hours for all {b['keys']:,} rows | {b['full_datastore_hours']} |"]
-    if "tokens_per_s" in c:
-        lines.append(f"| train | tokens/s (batch {c['batch']} x {c['window']}, support {c['support']}) "
-                     f"| {c['tokens_per_s']:,} |")
-    elif c:
-        lines.append(f"| train | skipped | {c.get('skipped', '')} |")
+    m = res["matmul"]
+    lines = [f"# memdec pipeline benchmark ({res['device_name']}, {res['date']})", "",
+             f"Measured 8192^3 matmul rate: bfloat16 {m['bfloat16'] / 1e12:.0f} TFLOP/s, float16 "
+             f"{m['float16'] / 1e12:.0f} TFLOP/s. Floors: search 2 x queries x keys x dim FLOP at the float16 "
+             "rate; training (6 N + 12 L d T) FLOP per token at the bfloat16 rate.", ""]
+    lines += ["| stage | measure | value | vs floor |", "|---|---|---|---|"]
+    a = res.get("datastore")
+    if a:
+        lines += [f"| datastore | plain forward, tokens/s | {a['forward_tokens_per_s']:,} | |",
+                  f"| datastore | build, tokens/s | {a['build_tokens_per_s']:,} | {a['build_vs_forward']:.1%} of forward |"]
+    for t in res.get("targets", []):
+        what = f"{t['keys']:,} x {t['dim']}, k={t['k']}, g={t['group']}, {t['query_batch']} queries/pass"
+        lines.append(f"| targets | exact search, queries/s ({what}) | {t['search_queries_per_s']:,} "
+                     f"| {t['search_vs_floor']:.1%} |")
+        if "queries_per_s" in t:
+            lines.append(f"| targets | search + kNN distribution, queries/s ({t['keys']:,} x {t['dim']}) "
+                         f"| {t['queries_per_s']:,} | {t['targets_vs_floor']:.1%} |")
+    for t in res.get("stream", []):
+        lines.append(f"| targets | streamed exact search from {t['source']} ({t['keys']:,} x {t['dim']} = "
+                     f"{t['key_gb']} GB, cap {t['cap_gb']} GB), queries/s | {t['queries_per_s']:,} "
+                     f"| {t['search_vs_floor']:.1%} |")
+    for c in res.get("train", []):
+        if "tokens_per_s" in c:
+            lines.append(f"| train | tokens/s ({'compiled' if c['compiled'] else 'eager'}, batch {c['batch']} x "
+                         f"{c['window']}, support {c['support']}) | {c['tokens_per_s']:,} | {c['mfu']:.1%} MFU |")
+        else:
+            lines.append(f"| train | skipped | {c.get('skipped', '')} | |")
     lines += ["", f"Model: {res['model']}; torch {res['torch']}; {res['dtype']}."]
     return "\n".join(lines) + "\n"
+
+
+def shapes(text: str) -> list[tuple[int, int]]:
+    return [(int(float(a)), int(b)) for a, b in (x.split("x") for x in text.split(",") if x)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,27 +402,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--tokens", type=int, help="datastore corpus tokens (default 2M; --small 20k)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    p.add_argument("--keys", type=int, help="keys in the search benchmark (default 10M; --small 20k)")
-    p.add_argument("--dim", type=int, help="key dimension (default 768; --small 64)")
+    p.add_argument("--target-shapes", help="keys x dim of the exact-search runs (default 1.5e6x512,1e7x768)")
+    p.add_argument("--groups", default="", help="extra group sizes to time at the first shape (e.g. 8,32)")
     p.add_argument("--k", type=int, help="neighbours (default 1024; --small 64)")
-    p.add_argument("--queries", type=int, help="timed queries (default 8192; --small 512)")
-    p.add_argument("--query-batch", type=int, help="queries per search call (default 1024; --small 256)")
+    p.add_argument("--queries", type=int, help="timed queries (default 16384; --small 512)")
+    p.add_argument("--query-batch", type=int, help="queries per pass over the keys (default: the index's, 8192)")
+    p.add_argument("--stream", default="", help="keys x dim searched with the keys off the device (e.g. 1e7x768)")
+    p.add_argument("--stream-sources", default="host,datastore", help="host (a CPU tensor) and/or datastore (shards)")
+    p.add_argument("--stream-cap", default="8G", help="device memory the streamed search may use for keys")
+    p.add_argument("--stream-query-batch", type=int, default=65536)
     p.add_argument("--temperature", type=float, default=16.0)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-steps", type=int, default=10)
-    p.add_argument("--support", type=int, default=256, help="kNN target entries per position in (c)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["datastore", "targets", "train"])
+    p.add_argument("--train-eager", action="store_true", help="also time the uncompiled model")
+    p.add_argument("--support", type=int, default=1024, help="kNN target entries per position in (c)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["datastore", "targets", "stream", "train"])
     args = p.parse_args(argv)
     small = args.small
     shape = ({"vocab": 1000, "dim": 64, "layers": 2, "heads": 4, "window": 128} if small else
              {"vocab": 50257, "dim": 768, "layers": 12, "heads": 12, "window": 1024})
     args.tokens = args.tokens or (20_000 if small else 2_000_000)
-    args.keys = args.keys or (20_000 if small else 10_000_000)
-    args.dim = args.dim or (64 if small else 768)
+    target_shapes = shapes(args.target_shapes or ("20000x64" if small else "1500000x512,10000000x768"))
     args.k = args.k or (64 if small else 1024)
-    args.queries = args.queries or (512 if small else 8192)
-    args.query_batch = args.query_batch or (256 if small else 1024)
+    args.queries = args.queries or (512 if small else 16384)
     if small:
+        args.query_batch = args.query_batch or 256
         args.train_batch, args.train_steps = min(args.train_batch, 2), min(args.train_steps, 3)
         args.support = min(args.support, 32)
     device = torch.device(args.device)
@@ -406,23 +438,55 @@ def main(argv: list[str] | None = None) -> int:
                     f"window {shape['window']}", "small": small}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    res["matmul"] = matmul_rate(device)
+    print("matmul:", {key: f"{v / 1e12:.1f} TFLOP/s" for key, v in res["matmul"].items()}, flush=True)
+    search_rate = res["matmul"]["float16"]
+
+    def save():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the last stage's tensors are gone: give their memory back
+        (out / "bench_pipeline.json").write_text(json.dumps(res, indent=2) + "\n")
+        (out / "bench_pipeline.md").write_text(markdown(res))
+
     with tempfile.TemporaryDirectory(dir=out) as work:
         if "datastore" not in args.skip:
             res["datastore"] = bench_datastore(args, shape, device, dtype, Path(work))
             print("datastore:", res["datastore"], flush=True)
-    if "targets" not in args.skip:
-        res["targets"] = bench_targets(args, device)
-        print("targets:", res["targets"], flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            save()
+        if "targets" not in args.skip:
+            res["targets"] = []
+            for j, (n, dim) in enumerate(target_shapes):
+                groups = [None] + ([int(g) for g in args.groups.split(",") if g] if j == 0 else [])
+                for g in groups:
+                    r = bench_targets(args, device, n, dim, search_rate, group=g, distribution=g is None)
+                    print("targets:", r, flush=True)
+                    res["targets"].append(r)
+                    save()
+        if args.stream and "stream" not in args.skip and device.type == "cuda":
+            from memdec.search import _env_bytes
+
+            os.environ["MEMDEC_BENCH_CAP"] = args.stream_cap
+            args.stream_cap = _env_bytes("MEMDEC_BENCH_CAP")
+            res["stream"] = []
+            for n, dim in shapes(args.stream):
+                for source in args.stream_sources.split(","):
+                    r = bench_stream(args, device, n, dim, search_rate, source, Path(work))
+                    print("stream:", r, flush=True)
+                    res["stream"].append(r)
+                    save()
     if "train" not in args.skip:
-        res["train"] = bench_train(args, shape, device, dtype)
-        print("train:", res["train"], flush=True)
-    (out / "bench_pipeline.json").write_text(json.dumps(res, indent=2) + "\n")
-    if "datastore" in res and "targets" in res:
-        md = markdown(res)
-        (out / "bench_pipeline.md").write_text(md)
-        print(md)
+        res["train"] = []
+        for compiled in ([True, False] if args.train_eager else [True]):
+            if compiled and device.type != "cuda":
+                continue
+            r = bench_train(args, shape, device, dtype, res["matmul"]["bfloat16"], compiled=compiled)
+            print("train:", r, flush=True)
+            res["train"].append(r)
+            save()
+        if device.type != "cuda":
+            res["train"].append(bench_train(args, shape, device, dtype, res["matmul"]["bfloat16"], compiled=False))
+    save()
+    print(markdown(res))
     return 0
 
 
