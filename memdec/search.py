@@ -188,6 +188,7 @@ class TorchIndex:
             self._mem = None
             self.n, self.dim = self.datastore.n, self.datastore.dim
         self.group = int(group or (16 if self.cuda else 8))
+        self.merge_every = 4  # blocks between two compactions of the kept groups
         if self.group < 1:
             raise ValueError(f"group = {self.group}: must be >= 1")
         self.margin = margin
@@ -339,7 +340,8 @@ class TorchIndex:
         equal scores at the boundary is returned is arbitrary; the float32 re-ranking orders them).
         Groups are disjoint and tiles partition the keys, so keeping the best ksel groups across tiles
         keeps the same guarantee; padding past the last key scores +inf and is never taken while
-        ksel <= n.
+        ksel <= n. Compacting the kept groups to the best ksel only every few blocks keeps a superset
+        of what a compaction per block would keep, so the same argument holds.
         """
         g, b = self.group, len(q)
         if self.half:
@@ -350,7 +352,11 @@ class TorchIndex:
             bias = (self._norms / c).half()
         else:
             qm, bias = q * -2.0, self._norms
-        best_m = best_g = best_v = None
+        # kept groups of the blocks so far: slots for `merge_every` blocks, compacted to the best ksel
+        # groups when full (one top-k per few blocks instead of one per block)
+        width = ksel * (self.merge_every + 1)
+        buf_m = buf_g = buf_v = None
+        filled = 0
         for start, keys in self._chunks():
             rows = len(keys)
             s = torch.addmm(bias[start : start + rows], qm, keys.T)  # [b, rows] = ||k||^2 - 2 q.k (scaled)
@@ -358,17 +364,32 @@ class TorchIndex:
                 s = torch.nn.functional.pad(s, (0, g - rows % g), value=float("inf"))
             sv = s.view(b, -1, g)
             gmin = sv.amin(-1)  # [b, groups]
-            m, j = gmin.topk(min(ksel, gmin.shape[1]), dim=1, largest=False, sorted=False)
-            v = sv.gather(1, j[..., None].expand(-1, -1, g))  # the kept groups' scores [b, kept, g]
-            j = j + start // g
-            if best_m is not None:
-                m, j, v = torch.cat([best_m, m], 1), torch.cat([best_g, j], 1), torch.cat([best_v, v], 1)
-                if m.shape[1] > ksel:
-                    m, t = m.topk(ksel, dim=1, largest=False, sorted=False)
-                    j, v = j.gather(1, t), v.gather(1, t[..., None].expand(-1, -1, g))
-            best_m, best_g, best_v = m, j, v
-        _, t = best_v.reshape(b, -1).topk(ksel, dim=1, largest=False, sorted=False)
-        return best_g.gather(1, t // g) * g + t % g
+            kk = min(ksel, gmin.shape[1])
+            m, j = gmin.topk(kk, dim=1, largest=False, sorted=False)
+            if buf_m is None:
+                buf_m = torch.empty((b, width), dtype=m.dtype, device=m.device)
+                buf_g = torch.empty((b, width), dtype=torch.long, device=m.device)
+                buf_v = torch.empty((b, width, g), dtype=s.dtype, device=m.device)
+            if filled + kk > width:
+                filled = self._compact(buf_m, buf_g, buf_v, filled, ksel)
+            buf_m[:, filled : filled + kk] = m
+            buf_g[:, filled : filled + kk] = j + start // g
+            buf_v[:, filled : filled + kk] = sv.gather(1, j[..., None].expand(-1, -1, g))  # the kept groups' scores
+            filled += kk
+        v = buf_v[:, :filled].reshape(b, -1)
+        _, t = v.topk(ksel, dim=1, largest=False, sorted=False)
+        return buf_g[:, :filled].gather(1, t // g) * g + t % g
+
+    @staticmethod
+    def _compact(buf_m: torch.Tensor, buf_g: torch.Tensor, buf_v: torch.Tensor, filled: int, ksel: int) -> int:
+        """Keep the ksel groups with the smallest minima of the first `filled` slots in slots [0, ksel)."""
+        if filled <= ksel:
+            return filled
+        m, t = buf_m[:, :filled].topk(ksel, dim=1, largest=False, sorted=False)
+        gid = buf_g[:, :filled].gather(1, t)
+        v = buf_v[:, :filled].gather(1, t[..., None].expand(-1, -1, buf_v.shape[2]))
+        buf_m[:, :ksel], buf_g[:, :ksel], buf_v[:, :ksel] = m, gid, v
+        return ksel
 
     def _search_batch(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         margin = self.margin if self.margin is not None else max(16, k // 16)
