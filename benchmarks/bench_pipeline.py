@@ -67,6 +67,17 @@ def gpt2(shape: dict, device: torch.device, dtype: torch.dtype):
     return GPT2LMHeadModel(cfg).to(device=device, dtype=dtype).eval()
 
 
+def qwen05(shape: dict, device: torch.device):
+    """A Qwen2.5-0.5B-shaped model (24 x 896, 14 heads / 2 KV heads, MLP 4864, tied 151936 vocabulary), random."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["dim"], num_hidden_layers=shape["layers"],
+                      num_attention_heads=shape["heads"], num_key_value_heads=2, intermediate_size=4864,
+                      max_position_embeddings=shape["window"], tie_word_embeddings=True, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg).to(device=device)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -312,7 +323,7 @@ def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype, rat
         from memdec.train import _step_loss
     except ImportError as e:
         return {"skipped": f"memdec.train._step_loss not available ({e})"}
-    model = gpt2(shape, device, torch.float32).train()
+    model = (qwen05(shape, device) if shape.get("qwen") else gpt2(shape, device, torch.float32)).train()
     if compiled:
         model.compile()
     cuda = device.type == "cuda"
@@ -382,7 +393,8 @@ def markdown(res: dict) -> str:
                      f"| {t['search_vs_floor']:.1%} |")
     for c in res.get("train", []):
         if "tokens_per_s" in c:
-            lines.append(f"| train | tokens/s ({'compiled' if c['compiled'] else 'eager'}, batch {c['batch']} x "
+            lines.append(f"| train | tokens/s ({c.get('model', 'gpt2-small')}, {'compiled' if c['compiled'] else 'eager'}, "
+                         f"batch {c['batch']} x "
                          f"{c['window']}, support {c['support']}) | {c['tokens_per_s']:,} | {c['mfu']:.1%} MFU |")
         else:
             lines.append(f"| train | skipped | {c.get('skipped', '')} | |")
@@ -415,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--train-eager", action="store_true", help="also time the uncompiled model")
+    p.add_argument("--train-qwen", action="store_true", help="also time a Qwen2.5-0.5B-shaped model")
     p.add_argument("--support", type=int, default=1024, help="kNN target entries per position in (c)")
     p.add_argument("--skip", nargs="*", default=[], choices=["datastore", "targets", "stream", "train"])
     args = p.parse_args(argv)
@@ -481,7 +494,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r = bench_train(args, shape, device, dtype, res["matmul"]["bfloat16"], compiled=compiled)
             print("train:", r, flush=True)
-            res["train"].append(r)
+            res["train"].append(dict(r, model="gpt2-small"))
+            save()
+        if args.train_qwen and device.type == "cuda":
+            qwen = {"vocab": 151936, "dim": 896, "layers": 24, "heads": 14, "window": shape["window"], "qwen": True}
+            r = bench_train(args, qwen, device, dtype, res["matmul"]["bfloat16"], compiled=True)
+            print("train:", r, flush=True)
+            res["train"].append(dict(r, model="qwen2.5-0.5b"))
             save()
         if device.type != "cuda":
             res["train"].append(bench_train(args, shape, device, dtype, res["matmul"]["bfloat16"], compiled=False))
