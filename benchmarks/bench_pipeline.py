@@ -186,6 +186,8 @@ def bench_targets(args, device: torch.device, n: int, dim: int, rate: float, gro
     rows = torch.randperm(n, generator=gen, device=device)[: args.queries + qb]
     index.search(keys[rows[:qb]], k + 1)  # warm-up (compiles the re-ranking kernel)
     sync(device)
+    if args.profile and device.type == "cuda":
+        profile(lambda: index.search(keys[rows[:qb]], k + 1), Path(args.out), f"search {n} x {dim} g={index.group}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -316,7 +318,21 @@ def bench_stream(args, device: torch.device, n: int, dim: int, rate: float, sour
     return out
 
 
-def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype, rate: float, compiled: bool = True) -> dict:
+def profile(fn, out: Path, title: str, rows: int = 25) -> None:
+    """Append the CUDA-time table of one call of fn() (torch.profiler) to out/profile.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        fn()
+        torch.cuda.synchronize()
+    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    with open(out / "profile.txt", "a") as f:
+        f.write(f"## {title}\n{table}\n")
+
+
+def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype, rate: float, compiled: bool = True,
+                loss: str = "compiled") -> dict:
     """Optimizer steps as memdec.train's loop runs them on a GPU: (compiled) model under autocast, the
     step loss on the flat logit rows with `--support`-entry kNN targets, fused AdamW, no host sync."""
     try:
@@ -349,11 +365,14 @@ def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype, rat
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    os.environ["MEMDEC_TRAIN_LOSS"] = loss
     t0 = time.perf_counter()
     for _ in range(3):
         step()
     sync(device)
     t_warm = time.perf_counter() - t0
+    if args.profile and cuda:
+        profile(lambda: [step() for _ in range(2)], Path(args.out), f"train {shape} compiled={compiled} loss={loss}")
     t0 = time.perf_counter()
     for _ in range(args.train_steps):
         step()
@@ -362,7 +381,11 @@ def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype, rat
     n_params = sum(p.numel() for p in model.parameters())
     flops_token = 6 * n_params + 12 * shape["layers"] * shape["dim"] * length  # nanoGPT's count
     tps = b * length * args.train_steps / t
+    from memdec import train as train_mod
+
+    os.environ.pop("MEMDEC_TRAIN_LOSS")
     return {"batch": b, "window": length, "support": s, "steps": args.train_steps, "compiled": compiled,
+            "loss": loss if cuda and "broken" not in train_mod._COMPILED else "blockwise",
             "autocast": autocast, "dtype": str(dtype).removeprefix("torch.") if autocast else "float32",
             "params": n_params, "flops_per_token": flops_token, "warmup_s": round(t_warm, 1),
             "step_ms": round(1000 * t / args.train_steps, 1), "tokens_per_s": round(tps),
@@ -393,7 +416,8 @@ def markdown(res: dict) -> str:
                      f"| {t['search_vs_floor']:.1%} |")
     for c in res.get("train", []):
         if "tokens_per_s" in c:
-            lines.append(f"| train | tokens/s ({c.get('model', 'gpt2-small')}, {'compiled' if c['compiled'] else 'eager'}, "
+            lines.append(f"| train | tokens/s ({c.get('model', 'gpt2-small')}, {'compiled' if c['compiled'] else 'eager'} "
+                         f"model, {c.get('loss', 'blockwise')} loss, "
                          f"batch {c['batch']} x "
                          f"{c['window']}, support {c['support']}) | {c['tokens_per_s']:,} | {c['mfu']:.1%} MFU |")
         else:
@@ -428,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--train-eager", action="store_true", help="also time the uncompiled model")
     p.add_argument("--train-qwen", action="store_true", help="also time a Qwen2.5-0.5B-shaped model")
+    p.add_argument("--profile", action="store_true", help="write torch.profiler tables to OUT/profile.txt")
     p.add_argument("--support", type=int, default=1024, help="kNN target entries per position in (c)")
     p.add_argument("--skip", nargs="*", default=[], choices=["datastore", "targets", "stream", "train"])
     args = p.parse_args(argv)
@@ -489,10 +514,11 @@ def main(argv: list[str] | None = None) -> int:
                     save()
     if "train" not in args.skip:
         res["train"] = []
-        for compiled in ([True, False] if args.train_eager else [True]):
+        variants = [(True, "compiled")] + ([(True, "blockwise"), (False, "blockwise")] if args.train_eager else [])
+        for compiled, loss in variants:
             if compiled and device.type != "cuda":
                 continue
-            r = bench_train(args, shape, device, dtype, res["matmul"]["bfloat16"], compiled=compiled)
+            r = bench_train(args, shape, device, dtype, res["matmul"]["bfloat16"], compiled=compiled, loss=loss)
             print("train:", r, flush=True)
             res["train"].append(dict(r, model="gpt2-small"))
             save()
@@ -503,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             res["train"].append(dict(r, model="qwen2.5-0.5b"))
             save()
         if device.type != "cuda":
-            res["train"].append(bench_train(args, shape, device, dtype, res["matmul"]["bfloat16"], compiled=False))
+            res["train"].append(bench_train(args, shape, device, dtype, res["matmul"]["bfloat16"], compiled=False,
+                                            loss="blockwise"))
     save()
     print(markdown(res))
     return 0

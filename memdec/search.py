@@ -83,24 +83,27 @@ def _pread_part(fd: int, view: memoryview, offset: int) -> None:
 _POOL: dict[str, Any] = {}
 
 
+def _parallel(fn, n: int, row_bytes: int) -> None:
+    """fn(a, b) over row ranges covering [0, n), on up to 8 threads (16 MiB or more each)."""
+    parts = max(1, min(8, (n * row_bytes) >> 24))
+    if parts == 1:
+        fn(0, n)
+        return
+    if "pool" not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL["pool"] = ThreadPoolExecutor(8, thread_name_prefix="memdec-read")
+    step = -(-n // parts)
+    for job in [_POOL["pool"].submit(fn, a, min(a + step, n)) for a in range(0, n, step)]:
+        job.result()
+
+
 def _pread(filename: str, dest: np.ndarray, offset: int) -> None:
     """Fill the contiguous array `dest` with the bytes of `filename` from `offset` on (several threads)."""
     view = memoryview(dest.reshape(-1).view(np.uint8))
     fd = os.open(filename, os.O_RDONLY)
     try:
-        parts = max(1, min(8, len(view) >> 24))  # 16 MiB or more per thread
-        if parts == 1:
-            _pread_part(fd, view, offset)
-            return
-        if "pool" not in _POOL:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _POOL["pool"] = ThreadPoolExecutor(8, thread_name_prefix="memdec-read")
-        step = -(-len(view) // parts)
-        jobs = [_POOL["pool"].submit(_pread_part, fd, view[a : a + step], offset + a)
-                for a in range(0, len(view), step)]
-        for job in jobs:
-            job.result()
+        _parallel(lambda a, b: _pread_part(fd, view[a:b], offset + a), len(view), 1)
     finally:
         os.close(fd)
 
@@ -235,7 +238,7 @@ class TorchIndex:
             part = self._mem[start:stop]
             if out is None:
                 return part
-            out.copy_(part)
+            _parallel(lambda a, b: out[a:b].copy_(part[a:b]), len(part), part[:1].nbytes)
             return out
         if out is None:
             return torch.from_numpy(self.datastore.keys(start, stop))
@@ -376,6 +379,7 @@ class TorchIndex:
             buf_g[:, filled : filled + kk] = j + start // g
             buf_v[:, filled : filled + kk] = sv.gather(1, j[..., None].expand(-1, -1, g))  # the kept groups' scores
             filled += kk
+        filled = self._compact(buf_m, buf_g, buf_v, filled, ksel)  # ksel groups: the final top-k reads ksel * g
         v = buf_v[:, :filled].reshape(b, -1)
         _, t = v.topk(ksel, dim=1, largest=False, sorted=False)
         return buf_g[:, :filled].gather(1, t // g) * g + t % g

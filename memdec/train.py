@@ -141,6 +141,24 @@ def memdec_loss(
     return loss, stats
 
 
+def _fused_terms(flat: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, knn_ids, knn_probs, beta: float):
+    """(loss, ce, kl) sums in float32 as memdec_loss computes them; compiled on a GPU so that the float32
+    logits are never written out (the upcast, log-partition and gathers fuse into a few passes)."""
+    pred = flat.index_select(0, rows).float()
+    lse = torch.logsumexp(pred, dim=-1)
+    ce = lse - pred.gather(1, labels[:, None]).squeeze(1)
+    if knn_ids is None:
+        return ce.sum(), ce.sum(), torch.zeros_like(lse[0])
+    p = knn_probs.float()
+    log_q = pred.gather(1, knn_ids.long()) - lse[:, None]
+    log_p = torch.where(p > 0, p, torch.ones_like(p)).log()
+    kl = (p * (log_p - log_q)).sum(-1)
+    return (beta * kl + (1.0 - beta) * ce).sum(), ce.sum(), kl.sum()
+
+
+_COMPILED: dict[str, Any] = {}
+
+
 def _step_loss(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, knn_ids, knn_probs,
                beta: float, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """memdec_loss(..., reduction="sum") for the training loop, with no host sync: `rows` [N] are the
@@ -149,6 +167,13 @@ def _step_loss(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, k
     flat = logits.reshape(-1, logits.shape[-1])
     if vocab_size is not None:
         flat = align_vocab(flat, vocab_size)
+    if flat.is_cuda and os.environ.get("MEMDEC_TRAIN_LOSS", "compiled") == "compiled" and "broken" not in _COMPILED:
+        fn = _COMPILED.get("fn") or _COMPILED.setdefault("fn", torch.compile(_fused_terms))
+        try:
+            loss, ce_sum, kl_sum = fn(flat, rows, labels, knn_ids if beta > 0 else None, knn_probs, beta)
+            return loss, torch.stack([loss.detach(), ce_sum.detach(), kl_sum.detach()]).double()
+        except Exception as e:  # no compiler: the blockwise path computes the same sums
+            _COMPILED["broken"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     pred = flat.index_select(0, rows)
     per_pos, ce, kl = _loss_terms(pred, labels, knn_ids, knn_probs, beta)
     loss = per_pos.sum()
