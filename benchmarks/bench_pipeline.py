@@ -201,6 +201,9 @@ def bench_targets(args, device: torch.device, n: int, dim: int, rate: float, gro
     floor = 2.0 * args.queries * n * dim / rate
     out.update(floor_s=round(floor, 4), search_vs_floor=round(floor / t_search, 3))
     out["recall_vs_float64"] = round(float64_recall(keys, rows[s : s + 64], i[:64], k + 1), 5)
+    from memdec import search as search_mod
+
+    out["rerank"] = "eager (" + search_mod._RERANK["broken"] + ")" if "broken" in search_mod._RERANK else "compiled"
     if device.type == "cuda":
         out["peak_device_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
     if distribution:
@@ -386,6 +389,7 @@ def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype, rat
     os.environ.pop("MEMDEC_TRAIN_LOSS")
     return {"batch": b, "window": length, "support": s, "steps": args.train_steps, "compiled": compiled,
             "loss": loss if cuda and "broken" not in train_mod._COMPILED else "blockwise",
+            "loss_compile_error": train_mod._COMPILED.get("broken"),
             "autocast": autocast, "dtype": str(dtype).removeprefix("torch.") if autocast else "float32",
             "params": n_params, "flops_per_token": flops_token, "warmup_s": round(t_warm, 1),
             "step_ms": round(1000 * t / args.train_steps, 1), "tokens_per_s": round(tps),
