@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -64,6 +65,17 @@ def gpt2(shape: dict, device: torch.device, dtype: torch.dtype):
                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
     torch.manual_seed(0)
     return GPT2LMHeadModel(cfg).to(device=device, dtype=dtype).eval()
+
+
+def qwen05(shape: dict, device: torch.device):
+    """A Qwen2.5-0.5B-shaped model (24 x 896, 14 heads / 2 KV heads, MLP 4864, tied 151936 vocabulary), random."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["dim"], num_hidden_layers=shape["layers"],
+                      num_attention_heads=shape["heads"], num_key_value_heads=2, intermediate_size=4864,
+                      max_position_embeddings=shape["window"], tie_word_embeddings=True, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg).to(device=device)
 
 
 def sync(device: torch.device) -> None:
@@ -113,100 +125,313 @@ def bench_datastore(args, shape: dict, device: torch.device, dtype: torch.dtype,
             "build_vs_forward": round(build_tps / fwd_tps, 3)}
 
 
-def bench_targets(args, device: torch.device) -> dict:
+def matmul_rate(device: torch.device, n: int = 8192, reps: int = 20) -> dict:
+    """Measured dense matmul rate (FLOP/s) of an n x n x n product in bfloat16 and float16: the floors' unit."""
+    out = {}
+    for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        if device.type != "cuda":
+            dt, n, reps = torch.float32, 512, 3
+        a = torch.randn((n, n), device=device).to(dt)
+        b = torch.randn((n, n), device=device).to(dt)
+        for _ in range(3):
+            a @ b
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        out[name] = 2.0 * n**3 * reps / (time.perf_counter() - t0)
+    return out
+
+
+def random_keys(n: int, dim: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    keys = torch.empty((n, dim), dtype=torch.float16, device=device)
+    for s in range(0, n, 1 << 20):
+        e = min(s + (1 << 20), n)
+        keys[s:e] = torch.randn((e - s, dim), generator=gen, device=device).to(torch.float16)
+    return keys
+
+
+def float64_recall(keys: torch.Tensor, q_rows: torch.Tensor, ids: torch.Tensor, k: int) -> float:
+    """Share of the returned ids whose float64 distance is within the float64 k nearest (ties counted)."""
+    q = keys[q_rows].double()
+    best = None
+    for s in range(0, len(keys), 1 << 19):
+        c = keys[s : s + (1 << 19)].double()
+        d = (q**2).sum(1)[:, None] - 2 * q @ c.T + (c**2).sum(1)[None, :]
+        best = d if best is None else torch.cat([best, d], 1)
+        best = best.topk(min(k, best.shape[1]), dim=1, largest=False).values
+    kth = best.max(1).values
+    got = ((keys[ids.clamp_min(0)].double() - q[:, None, :]) ** 2).sum(-1)
+    return float((got <= kth[:, None] * (1 + 1e-9)).double().mean())
+
+
+def bench_targets(args, device: torch.device, n: int, dim: int, rate: float, group: int | None = None,
+                  tile_bytes: int | None = None, distribution: bool = True) -> dict:
+    """Exact search (+ kNN distribution) of `args.queries` stored keys over n random float16 keys on the device."""
     from memdec.search import TorchIndex
     from memdec.targets import knn_distribution
 
-    n, dim, k = args.keys, args.dim, args.k
-    key_dtype = torch.float16
-    gen = torch.Generator(device=device).manual_seed(0)
-    keys = torch.empty((n, dim), dtype=key_dtype, device=device)
-    for s in range(0, n, 1 << 20):
-        e = min(s + (1 << 20), n)
-        keys[s:e] = torch.randn((e - s, dim), generator=gen, device=device).to(key_dtype)
+    k = args.k
+    keys = random_keys(n, dim, device)
+    gen = torch.Generator(device=device).manual_seed(1)
     values = torch.randint(0, 50257, (n,), generator=gen, device=device, dtype=torch.int32)
     sync(device)
     t0 = time.perf_counter()
-    index = TorchIndex(keys, device=device, query_batch=args.query_batch)
+    index = TorchIndex(keys, device=device, query_batch=args.query_batch, group=group, tile_bytes=tile_bytes)
     sync(device)
     t_setup = time.perf_counter() - t0
-    rows = torch.randperm(n, generator=gen, device=device)[: args.queries + args.query_batch]
-
-    def step(ids):
-        d, i = index.search(keys[ids], k + 1)
-        return knn_distribution(d, i, ids, values, k, args.temperature)
-
-    step(rows[: args.query_batch])  # warm-up
+    qb = index.query_batch
+    rows = torch.randperm(n, generator=gen, device=device)[: args.queries + qb]
+    index.search(keys[rows[:qb]], k + 1)  # warm-up (compiles the re-ranking kernel)
     sync(device)
+    if args.profile and device.type == "cuda":
+        profile(lambda: index.search(keys[rows[:qb]], k + 1), Path(args.out), f"search {n} x {dim} g={index.group}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    nnz = 0
-    for s in range(args.query_batch, args.query_batch + args.queries, args.query_batch):
-        counts, _, _ = step(rows[s : s + args.query_batch])
-        nnz += int(counts.sum())
+    for s in range(qb, qb + args.queries, qb):
+        d, i = index.search(keys[rows[s : s + qb]], k + 1)
     sync(device)
-    t = time.perf_counter() - t0
-    qps = args.queries / t
-    return {"keys": n, "dim": dim, "k": k, "key_dtype": "float16", "queries": args.queries,
-            "query_batch": args.query_batch, "index_setup_s": round(t_setup, 3), "search_s": round(t, 3),
-            "queries_per_s": round(qps, 1), "mean_support": round(nnz / args.queries, 1),
-            "full_datastore_hours": round(n / qps / 3600, 3), "resident_on_device": bool(index.resident)}
+    t_search = time.perf_counter() - t0
+    out = {"keys": n, "dim": dim, "k": k, "group": index.group, "tile_keys": index.chunk_rows, "queries": args.queries,
+           "query_batch": qb, "index_setup_s": round(t_setup, 3), "search_s": round(t_search, 3),
+           "search_queries_per_s": round(args.queries / t_search, 1)}
+    floor = 2.0 * args.queries * n * dim / rate
+    out.update(floor_s=round(floor, 4), search_vs_floor=round(floor / t_search, 3))
+    out["recall_vs_float64"] = round(float64_recall(keys, rows[s : s + 64], i[:64], k + 1), 5)
+    from memdec import search as search_mod
+
+    out["rerank"] = "eager (" + search_mod._RERANK["broken"] + ")" if "broken" in search_mod._RERANK else "compiled"
+    if device.type == "cuda":
+        out["peak_device_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    if distribution:
+        def step(ids):
+            d, i = index.search(keys[ids], k + 1)
+            return knn_distribution(d, i, ids, values, k, args.temperature)
+
+        sync(device)
+        t0 = time.perf_counter()
+        nnz = 0
+        for s in range(qb, qb + args.queries, qb):
+            counts, _, _ = step(rows[s : s + qb])
+            nnz += int(counts.sum())
+        sync(device)
+        t = time.perf_counter() - t0
+        qps = args.queries / t
+        out.update(queries_per_s=round(qps, 1), targets_vs_floor=round(floor / t, 3),
+                   mean_support=round(nnz / args.queries, 1), full_datastore_hours=round(n / qps / 3600, 4))
+    return out
 
 
-def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
+class PeakRSS:
+    """Peak resident set size of this process (sampled every 10 ms) while the block runs."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self.start, self._stop = 0, self.rss(), threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.01):
+                self.peak = max(self.peak, self.rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+        except OSError:
+            return 0
+
+
+def write_random_datastore(keys: torch.Tensor, folder: Path, shard_rows: int = 1 << 21) -> Path:
+    """A datastore folder of the given keys (random values and tokens), shard by shard."""
+    from memdec.formats import write_manifest
+
+    folder.mkdir(parents=True)
+    n, dim = keys.shape
+    rng = np.random.default_rng(0)
+    shards = []
+    for j, s in enumerate(range(0, n, shard_rows)):
+        e = min(s + shard_rows, n)
+        np.save(folder / f"keys_{j:05d}.npy", keys[s:e].cpu().numpy())
+        np.save(folder / f"values_{j:05d}.npy", rng.integers(0, 50257, e - s, dtype=np.int32))
+        shards.append({"keys": f"keys_{j:05d}.npy", "values": f"values_{j:05d}.npy", "rows": e - s})
+    np.save(folder / "tokens.npy", rng.integers(0, 50257, n + 1, dtype=np.int32))
+    write_manifest(folder, "datastore", dim=dim, n_tokens=n + 1, n_entries=n, shards=shards, window=1024,
+                   tokenizer_fingerprint="sha256:random", model="random keys")
+    return folder
+
+
+def bench_stream(args, device: torch.device, n: int, dim: int, rate: float, source: str, work: Path) -> dict:
+    """Exact search with the keys kept off the device (capped memory): streamed from a host tensor or
+    read from a datastore's shard files."""
+    from memdec.datastore import Datastore
+    from memdec.search import TorchIndex
+
+    k = args.k
+    dev_keys = random_keys(n, dim, device, seed=2)
+    gen = torch.Generator(device=device).manual_seed(3)
+    qb = args.stream_query_batch
+    rows = torch.randperm(n, generator=gen, device=device)[: qb * 2]
+    queries = dev_keys[rows].clone()
+    check = dev_keys if source == "host" else None
+    t0 = time.perf_counter()
+    if source == "host":
+        keys: object = dev_keys.cpu()
+    else:
+        keys = Datastore.open(write_random_datastore(dev_keys, work / f"ds-{n}"))
+    t_prepare = time.perf_counter() - t0
+    if check is None:
+        del dev_keys
+    torch.cuda.empty_cache()
+    cap = args.stream_cap
+    index = TorchIndex(keys, device=device, max_memory=cap, query_batch=qb)
+    assert not index.resident
+    index.search(queries[:qb], k + 1)  # warm-up, and the key norms (one pass)
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        d, i = index.search(queries[qb:], k + 1)
+        sync(device)
+        t = time.perf_counter() - t0
+    key_gb = n * dim * 2 / 1e9
+    floor = 2.0 * qb * n * dim / rate
+    out = {"source": source, "keys": n, "dim": dim, "k": k, "key_gb": round(key_gb, 2), "cap_gb": round(cap / 1e9, 2),
+           "query_batch": qb, "tile_keys": index.chunk_rows, "prepare_s": round(t_prepare, 2), "search_s": round(t, 3),
+           "queries_per_s": round(qb / t, 1), "floor_s": round(floor, 4), "search_vs_floor": round(floor / t, 3),
+           "host_gb_per_s": round(2 * key_gb / t, 1),
+           "peak_device_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
+           "rss_before_gb": round(rss.start / 1e9, 2), "peak_rss_gb": round(rss.peak / 1e9, 2)}
+    if check is not None:
+        out["recall_vs_float64"] = round(float64_recall(check, rows[qb : qb + 64], i[:64], k + 1), 5)
+        ref = TorchIndex(check, device=device, query_batch=4096).search(queries[qb : qb + 4096], k + 1)[1]
+        out["same_ids_as_resident"] = round(float((ref == i[:4096]).double().mean()), 5)
+    return out
+
+
+def profile(fn, out: Path, title: str, rows: int = 25) -> None:
+    """Append the CUDA-time table of one call of fn() (torch.profiler) to out/profile.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        fn()
+        torch.cuda.synchronize()
+    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    with open(out / "profile.txt", "a") as f:
+        f.write(f"## {title}\n{table}\n")
+
+
+def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype, rate: float, compiled: bool = True,
+                loss: str = "compiled") -> dict:
+    """Optimizer steps as memdec.train's loop runs them on a GPU: (compiled) model under autocast, the
+    step loss on the flat logit rows with `--support`-entry kNN targets, fused AdamW, no host sync."""
     try:
-        from memdec.train import memdec_loss
+        from memdec.train import _step_loss
     except ImportError as e:
-        return {"skipped": f"memdec.train.memdec_loss not available ({e})"}
-    model = gpt2(shape, device, torch.float32).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        return {"skipped": f"memdec.train._step_loss not available ({e})"}
+    model = (qwen05(shape, device) if shape.get("qwen") else gpt2(shape, device, torch.float32)).train()
+    if compiled:
+        model.compile()
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
     b, length, s = args.train_batch, shape["window"], args.support
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, shape["vocab"], (b, length), generator=gen, device=device)
     score = torch.ones((b, length), dtype=torch.bool, device=device)
     score[:, 0] = False
-    n = int(score[:, 1:].sum())
-    knn_ids = torch.randint(0, shape["vocab"], (n, s), generator=gen, device=device)
-    knn_probs = torch.softmax(torch.randn((n, s), generator=gen, device=device), -1)
-    autocast = device.type == "cuda" and dtype != torch.float32
+    b_idx, j_idx = score[:, 1:].nonzero(as_tuple=True)
+    rows, labels = b_idx * length + j_idx, ids[:, 1:][score[:, 1:]]
+    n = len(rows)
+    knn_ids = torch.randint(0, shape["vocab"], (n, s), generator=gen, device=device, dtype=torch.int32)
+    knn_probs = torch.softmax(torch.randn((n, s), generator=gen, device=device), -1).half()
+    autocast = cuda and dtype != torch.float32
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             logits = model(input_ids=ids, use_cache=False).logits
-        loss, _ = memdec_loss(logits, ids, score, knn_ids, knn_probs, beta=0.5)
-        loss.backward()
+        loss, _ = _step_loss(logits, rows, labels, knn_ids, knn_probs, 0.5, None)
+        (loss / n).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
+    os.environ["MEMDEC_TRAIN_LOSS"] = loss
+    t0 = time.perf_counter()
+    for _ in range(3):
         step()
     sync(device)
+    t_warm = time.perf_counter() - t0
+    if args.profile and cuda:
+        profile(lambda: [step() for _ in range(2)], Path(args.out), f"train {shape} compiled={compiled} loss={loss}")
     t0 = time.perf_counter()
     for _ in range(args.train_steps):
         step()
     sync(device)
     t = time.perf_counter() - t0
-    return {"batch": b, "window": length, "support": s, "steps": args.train_steps, "autocast": autocast,
-            "dtype": str(dtype).removeprefix("torch.") if autocast else "float32",
-            "tokens_per_s": round(b * length * args.train_steps / t)}
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_token = 6 * n_params + 12 * shape["layers"] * shape["dim"] * length  # nanoGPT's count
+    tps = b * length * args.train_steps / t
+    from memdec import train as train_mod
+
+    os.environ.pop("MEMDEC_TRAIN_LOSS")
+    return {"batch": b, "window": length, "support": s, "steps": args.train_steps, "compiled": compiled,
+            "loss": loss if cuda and "broken" not in train_mod._COMPILED else "blockwise",
+            "loss_compile_error": train_mod._COMPILED.get("broken"),
+            "autocast": autocast, "dtype": str(dtype).removeprefix("torch.") if autocast else "float32",
+            "params": n_params, "flops_per_token": flops_token, "warmup_s": round(t_warm, 1),
+            "step_ms": round(1000 * t / args.train_steps, 1), "tokens_per_s": round(tps),
+            "mfu": round(tps * flops_token / rate, 3)}
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# memdec pipeline benchmark ({res['device_name']}, {res['date']})", ""]
-    a, b, c = res["datastore"], res["targets"], res.get("train", {})
-    lines += ["| stage | measure | value |", "|---|---|---|"]
-    lines += [f"| datastore | plain forward, tokens/s | {a['forward_tokens_per_s']:,} |",
-              f"| datastore | build, tokens/s | {a['build_tokens_per_s']:,} |",
-              f"| datastore | build / forward | {a['build_vs_forward']:.1%} |",
-              f"| targets | exact search + distribution, queries/s ({b['keys']:,} keys x {b['dim']}, k={b['k']}) "
-              f"| {b['queries_per_s']:,} |",
-              f"| targets | hours for all {b['keys']:,} rows | {b['full_datastore_hours']} |"]
-    if "tokens_per_s" in c:
-        lines.append(f"| train | tokens/s (batch {c['batch']} x {c['window']}, support {c['support']}) "
-                     f"| {c['tokens_per_s']:,} |")
-    elif c:
-        lines.append(f"| train | skipped | {c.get('skipped', '')} |")
+    m = res["matmul"]
+    lines = [f"# memdec pipeline benchmark ({res['device_name']}, {res['date']})", "",
+             f"Measured 8192^3 matmul rate: bfloat16 {m['bfloat16'] / 1e12:.0f} TFLOP/s, float16 "
+             f"{m['float16'] / 1e12:.0f} TFLOP/s. Floors: search 2 x queries x keys x dim FLOP at the float16 "
+             "rate; training (6 N + 12 L d T) FLOP per token at the bfloat16 rate.", ""]
+    lines += ["| stage | measure | value | vs floor |", "|---|---|---|---|"]
+    a = res.get("datastore")
+    if a:
+        lines += [f"| datastore | plain forward, tokens/s | {a['forward_tokens_per_s']:,} | |",
+                  f"| datastore | build, tokens/s | {a['build_tokens_per_s']:,} | {a['build_vs_forward']:.1%} of forward |"]
+    for t in res.get("targets", []):
+        what = f"{t['keys']:,} x {t['dim']}, k={t['k']}, g={t['group']}, {t['query_batch']} queries/pass"
+        lines.append(f"| targets | exact search, queries/s ({what}) | {t['search_queries_per_s']:,} "
+                     f"| {t['search_vs_floor']:.1%} |")
+        if "queries_per_s" in t:
+            lines.append(f"| targets | search + kNN distribution, queries/s ({t['keys']:,} x {t['dim']}) "
+                         f"| {t['queries_per_s']:,} | {t['targets_vs_floor']:.1%} |")
+    for t in res.get("stream", []):
+        lines.append(f"| targets | streamed exact search from {t['source']} ({t['keys']:,} x {t['dim']} = "
+                     f"{t['key_gb']} GB, cap {t['cap_gb']} GB), queries/s | {t['queries_per_s']:,} "
+                     f"| {t['search_vs_floor']:.1%} |")
+    for c in res.get("train", []):
+        if "tokens_per_s" in c:
+            lines.append(f"| train | tokens/s ({c.get('model', 'gpt2-small')}, {'compiled' if c['compiled'] else 'eager'} "
+                         f"model, {c.get('loss', 'blockwise')} loss, "
+                         f"batch {c['batch']} x "
+                         f"{c['window']}, support {c['support']}) | {c['tokens_per_s']:,} | {c['mfu']:.1%} MFU |")
+        else:
+            lines.append(f"| train | skipped | {c.get('skipped', '')} | |")
     lines += ["", f"Model: {res['model']}; torch {res['torch']}; {res['dtype']}."]
     return "\n".join(lines) + "\n"
+
+
+def shapes(text: str) -> list[tuple[int, int]]:
+    return [(int(float(a)), int(b)) for a, b in (x.split("x") for x in text.split(",") if x)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,27 +442,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--tokens", type=int, help="datastore corpus tokens (default 2M; --small 20k)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    p.add_argument("--keys", type=int, help="keys in the search benchmark (default 10M; --small 20k)")
-    p.add_argument("--dim", type=int, help="key dimension (default 768; --small 64)")
+    p.add_argument("--target-shapes", help="keys x dim of the exact-search runs (default 1.5e6x512,1e7x768)")
+    p.add_argument("--groups", default="", help="extra group sizes to time at the first shape (e.g. 8,32)")
     p.add_argument("--k", type=int, help="neighbours (default 1024; --small 64)")
-    p.add_argument("--queries", type=int, help="timed queries (default 8192; --small 512)")
-    p.add_argument("--query-batch", type=int, help="queries per search call (default 1024; --small 256)")
+    p.add_argument("--queries", type=int, help="timed queries (default 16384; --small 512)")
+    p.add_argument("--query-batch", type=int, help="queries per pass over the keys (default: the index's, 8192)")
+    p.add_argument("--stream", default="", help="keys x dim searched with the keys off the device (e.g. 1e7x768)")
+    p.add_argument("--stream-sources", default="host,datastore", help="host (a CPU tensor) and/or datastore (shards)")
+    p.add_argument("--stream-cap", default="8G", help="device memory the streamed search may use for keys")
+    p.add_argument("--stream-query-batch", type=int, default=65536)
     p.add_argument("--temperature", type=float, default=16.0)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-steps", type=int, default=10)
-    p.add_argument("--support", type=int, default=256, help="kNN target entries per position in (c)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["datastore", "targets", "train"])
+    p.add_argument("--train-eager", action="store_true", help="also time the uncompiled model")
+    p.add_argument("--train-qwen", action="store_true", help="also time a Qwen2.5-0.5B-shaped model")
+    p.add_argument("--profile", action="store_true", help="write torch.profiler tables to OUT/profile.txt")
+    p.add_argument("--support", type=int, default=1024, help="kNN target entries per position in (c)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["datastore", "targets", "stream", "train"])
     args = p.parse_args(argv)
     small = args.small
     shape = ({"vocab": 1000, "dim": 64, "layers": 2, "heads": 4, "window": 128} if small else
              {"vocab": 50257, "dim": 768, "layers": 12, "heads": 12, "window": 1024})
     args.tokens = args.tokens or (20_000 if small else 2_000_000)
-    args.keys = args.keys or (20_000 if small else 10_000_000)
-    args.dim = args.dim or (64 if small else 768)
+    target_shapes = shapes(args.target_shapes or ("20000x64" if small else "1500000x512,10000000x768"))
     args.k = args.k or (64 if small else 1024)
-    args.queries = args.queries or (512 if small else 8192)
-    args.query_batch = args.query_batch or (256 if small else 1024)
+    args.queries = args.queries or (512 if small else 16384)
     if small:
+        args.query_batch = args.query_batch or 256
         args.train_batch, args.train_steps = min(args.train_batch, 2), min(args.train_steps, 3)
         args.support = min(args.support, 32)
     device = torch.device(args.device)
@@ -249,23 +480,63 @@ def main(argv: list[str] | None = None) -> int:
                     f"window {shape['window']}", "small": small}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    res["matmul"] = matmul_rate(device)
+    print("matmul:", {key: f"{v / 1e12:.1f} TFLOP/s" for key, v in res["matmul"].items()}, flush=True)
+    search_rate = res["matmul"]["float16"]
+
+    def save():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the last stage's tensors are gone: give their memory back
+        (out / "bench_pipeline.json").write_text(json.dumps(res, indent=2) + "\n")
+        (out / "bench_pipeline.md").write_text(markdown(res))
+
     with tempfile.TemporaryDirectory(dir=out) as work:
         if "datastore" not in args.skip:
             res["datastore"] = bench_datastore(args, shape, device, dtype, Path(work))
             print("datastore:", res["datastore"], flush=True)
-    if "targets" not in args.skip:
-        res["targets"] = bench_targets(args, device)
-        print("targets:", res["targets"], flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            save()
+        if "targets" not in args.skip:
+            res["targets"] = []
+            for j, (n, dim) in enumerate(target_shapes):
+                groups = [None] + ([int(g) for g in args.groups.split(",") if g] if j == 0 else [])
+                for g in groups:
+                    r = bench_targets(args, device, n, dim, search_rate, group=g, distribution=g is None)
+                    print("targets:", r, flush=True)
+                    res["targets"].append(r)
+                    save()
+        if args.stream and "stream" not in args.skip and device.type == "cuda":
+            from memdec.search import _env_bytes
+
+            os.environ["MEMDEC_BENCH_CAP"] = args.stream_cap
+            args.stream_cap = _env_bytes("MEMDEC_BENCH_CAP")
+            res["stream"] = []
+            for n, dim in shapes(args.stream):
+                for source in args.stream_sources.split(","):
+                    r = bench_stream(args, device, n, dim, search_rate, source, Path(work))
+                    print("stream:", r, flush=True)
+                    res["stream"].append(r)
+                    save()
     if "train" not in args.skip:
-        res["train"] = bench_train(args, shape, device, dtype)
-        print("train:", res["train"], flush=True)
-    (out / "bench_pipeline.json").write_text(json.dumps(res, indent=2) + "\n")
-    if "datastore" in res and "targets" in res:
-        md = markdown(res)
-        (out / "bench_pipeline.md").write_text(md)
-        print(md)
+        res["train"] = []
+        variants = [(True, "compiled")] + ([(True, "blockwise"), (False, "blockwise")] if args.train_eager else [])
+        for compiled, loss in variants:
+            if compiled and device.type != "cuda":
+                continue
+            r = bench_train(args, shape, device, dtype, res["matmul"]["bfloat16"], compiled=compiled, loss=loss)
+            print("train:", r, flush=True)
+            res["train"].append(dict(r, model="gpt2-small"))
+            save()
+        if args.train_qwen and device.type == "cuda":
+            qwen = {"vocab": 151936, "dim": 896, "layers": 24, "heads": 14, "window": shape["window"], "qwen": True}
+            r = bench_train(args, qwen, device, dtype, res["matmul"]["bfloat16"], compiled=True)
+            print("train:", r, flush=True)
+            res["train"].append(dict(r, model="qwen2.5-0.5b"))
+            save()
+        if device.type != "cuda":
+            res["train"].append(bench_train(args, shape, device, dtype, res["matmul"]["bfloat16"], compiled=False,
+                                            loss="blockwise"))
+    save()
+    print(markdown(res))
     return 0
 
 

@@ -216,7 +216,7 @@ def _add_targets(sub) -> None:
     p.add_argument("--backend", default="torch", choices=["torch", "faiss-flat", "faiss-ivfpq"],
                    help="search backend (a missing faiss index is built and saved)")
     p.add_argument("--out", help="output folder (default DATASTORE/targets-kK-tT)")
-    p.add_argument("--batch-size", type=int, help="queries per search (default 1024 on GPU, 256 on CPU)")
+    p.add_argument("--batch-size", type=int, help="queries per search (default: the index's, 8192 on GPU, 256 on CPU)")
     p.add_argument("--device", help="cpu, cuda (default: cuda if available; accelerate's under accelerate launch)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and an unfinished run with other settings)")
 

@@ -166,7 +166,6 @@ def build_targets(
         check_replaceable(out, KIND)
     dist = dist_state()
     dev = resolve_device(device, dist)
-    batch_size = batch_size or (1024 if dev.type == "cuda" else 256)
     described = ds.describe()
     plan = {"k": k, "temperature": temperature, "backend": backend, "chunk_rows": chunk_rows,
             "datastore": {key: v for key, v in described.items() if key != "path"}}
@@ -182,6 +181,8 @@ def build_targets(
     if todo:
         index = open_index(ds, backend, device=dev, **index_options)
         values = torch.from_numpy(ds.values).to(dev)
+        # queries per search call: the exact index's own batch (8192 on a GPU: one pass over the keys each)
+        batch_size = batch_size or getattr(index, "query_batch", None) or (8192 if dev.type == "cuda" else 256)
     left = {c for c, _, _ in todo}
     bar = tqdm(total=sum(b - a for _, a, b in mine), initial=sum(b - a for c, a, b in mine if c not in left),
                desc=f"targets[{dist.rank}]" if dist.world > 1 else "targets", unit="row", disable=not progress,

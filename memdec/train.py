@@ -52,6 +52,56 @@ CHECKPOINTS = "checkpoints"
 # ---------------------------------------------------------------------------------------------- loss
 
 
+LSE_BLOCK = 1 << 26  # logits per block of the log-partition (256 MiB in float32)
+
+
+class _LogSumExp(torch.autograd.Function):
+    """Row log-partition of [N, V] logits, computed in float32 (float64 for float64 input) in blocks of
+    rows: no float32 copy of the whole matrix is made or kept; the backward recomputes each block's
+    softmax and writes the gradient in the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = torch.empty(x.shape[0], dtype=dt, device=x.device)
+        step = ctx.step = max(1, LSE_BLOCK // max(1, x.shape[1]))
+        for a in range(0, x.shape[0], step):
+            out[a : a + step] = torch.logsumexp(x[a : a + step].to(dt), dim=-1)
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        x, out = ctx.saved_tensors
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for a in range(0, x.shape[0], ctx.step):
+            e = (x[a : a + ctx.step].to(out.dtype) - out[a : a + ctx.step, None]).exp_()
+            grad[a : a + ctx.step] = e.mul_(g[a : a + ctx.step, None])
+        return grad
+
+
+def _loss_terms(pred: torch.Tensor, labels: torch.Tensor, knn_ids: torch.Tensor | None,
+                knn_probs: torch.Tensor | None, beta: float):
+    """Per-position (loss, ce, kl or None) tensors from the scored positions' logits `pred` [N, V]."""
+    lse = _LogSumExp.apply(pred)  # log-partition; log q_j = logit_j - lse
+    ce = lse - pred.gather(1, labels[:, None]).squeeze(1).to(lse.dtype)  # CE of each position
+    if beta <= 0.0:
+        return ce, ce, None
+    p = knn_probs.to(lse.dtype)
+    log_q = pred.gather(1, knn_ids.long()).to(lse.dtype) - lse[:, None]
+    log_p = torch.where(p > 0, p, torch.ones_like(p)).log()
+    kl = (p * (log_p - log_q)).sum(-1)
+    return beta * kl + (1.0 - beta) * ce, ce, kl
+
+
+def _check_knn(beta: float, knn_ids, knn_probs, n: int) -> None:
+    if beta > 0.0:
+        if knn_ids is None or knn_probs is None:
+            raise ValueError("memdec_loss: beta > 0 needs kNN targets (knn_ids, knn_probs)")
+        if knn_ids.shape[0] != n:
+            raise ValueError(f"memdec_loss: {knn_ids.shape[0]} kNN target rows for {n} scored positions")
+
+
 def memdec_loss(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -69,6 +119,7 @@ def memdec_loss(
     per scored position in row-major order, zero-probability padding past each row's support.
     `vocab_size` (the tokenizer's length) cuts padded embedding rows off the softmax.
     `reduction` "mean" or "sum" over positions. Returns (loss, {"ce": mean, "kl": mean, "positions": N}).
+    The log-partition is computed in float32 (float64 for float64 logits) without a float32 copy of the logits.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -77,36 +128,69 @@ def memdec_loss(
     if vocab_size is not None:
         logits = align_vocab(logits, vocab_size)
     sel = score_mask[:, 1:]
-    pred = logits[:, :-1][sel].float()  # [N, V]
+    pred = logits[:, :-1][sel]  # [N, V]
     labels = input_ids[:, 1:][sel]  # [N]
     n = pred.shape[0]
     if n == 0:
         raise ValueError("memdec_loss: no scored positions in the batch")
-    lse = torch.logsumexp(pred, dim=-1)  # log-partition; log q_j = logit_j - lse
-    per_pos = lse - pred.gather(1, labels[:, None]).squeeze(1)  # CE of each position
-    stats = {"ce": float(per_pos.detach().mean()), "positions": n}
-    if beta > 0.0:
-        if knn_ids is None or knn_probs is None:
-            raise ValueError("memdec_loss: beta > 0 needs kNN targets (knn_ids, knn_probs)")
-        if knn_ids.shape[0] != n:
-            raise ValueError(f"memdec_loss: {knn_ids.shape[0]} kNN target rows for {n} scored positions")
-        p = knn_probs.float()
-        log_q = pred.gather(1, knn_ids.long()) - lse[:, None]
-        log_p = torch.where(p > 0, p, torch.ones_like(p)).log()
-        kl = (p * (log_p - log_q)).sum(-1)
+    _check_knn(beta, knn_ids, knn_probs, n)
+    per_pos, ce, kl = _loss_terms(pred, labels, knn_ids, knn_probs, beta)
+    stats = {"ce": float(ce.detach().mean()), "positions": n}
+    if kl is not None:
         stats["kl"] = float(kl.detach().mean())
-        per_pos = beta * kl + (1.0 - beta) * per_pos
     loss = per_pos.sum() if reduction == "sum" else per_pos.mean()
     return loss, stats
+
+
+def _fused_terms(flat: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, knn_ids, knn_probs, beta: float):
+    """(loss, ce, kl) sums in float32 as memdec_loss computes them; compiled on a GPU so that the float32
+    logits are never written out (the upcast, log-partition and gathers fuse into a few passes)."""
+    pred = flat.index_select(0, rows).float()
+    lse = torch.logsumexp(pred, dim=-1)
+    ce = lse - pred.gather(1, labels[:, None]).squeeze(1)
+    if knn_ids is None:
+        return ce.sum(), ce.sum(), torch.zeros_like(lse[0])
+    p = knn_probs.float()
+    log_q = pred.gather(1, knn_ids.long()) - lse[:, None]
+    log_p = torch.where(p > 0, p, torch.ones_like(p)).log()
+    kl = (p * (log_p - log_q)).sum(-1)
+    return (beta * kl + (1.0 - beta) * ce).sum(), ce.sum(), kl.sum()
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _step_loss(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, knn_ids, knn_probs,
+               beta: float, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """memdec_loss(..., reduction="sum") for the training loop, with no host sync: `rows` [N] are the
+    flat [B * L] indices of the logits that predict the scored positions (row-major), `labels` their
+    targets. Returns (loss sum, detached [loss, ce, kl] sums in float64)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if vocab_size is not None:
+        flat = align_vocab(flat, vocab_size)
+    if flat.is_cuda and os.environ.get("MEMDEC_TRAIN_LOSS", "compiled") == "compiled" and "broken" not in _COMPILED:
+        fn = _COMPILED.get("fn") or _COMPILED.setdefault("fn", torch.compile(_fused_terms))
+        try:
+            loss, ce_sum, kl_sum = fn(flat, rows, labels, knn_ids if beta > 0 else None, knn_probs, beta)
+            return loss, torch.stack([loss.detach(), ce_sum.detach(), kl_sum.detach()]).double()
+        except Exception as e:  # no compiler: the blockwise path computes the same sums
+            _COMPILED["broken"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    pred = flat.index_select(0, rows)
+    per_pos, ce, kl = _loss_terms(pred, labels, knn_ids, knn_probs, beta)
+    loss = per_pos.sum()
+    zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
+    sums = torch.stack([loss.detach(), ce.detach().sum(), kl.detach().sum() if kl is not None else zero]).double()
+    return loss, sums
 
 
 # ------------------------------------------------------------------------------------------ batches
 
 
-def knn_batch(targets, windows: Sequence[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_batch(targets, windows: Sequence[Window], compact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded (ids int64, probs float32) [N, max_support] for the scored positions of `windows`.
 
     Position p's row is targets row p - 1; rows come in the order memdec_loss flattens positions.
+    `compact`: ids int32 and probs float16 (the stored types: a third of the bytes to copy, no rounding).
     """
     lens, ids, probs = [], [], []
     for w in windows:
@@ -119,10 +203,10 @@ def knn_batch(targets, windows: Sequence[Window]) -> tuple[torch.Tensor, torch.T
     lens = np.concatenate(lens)
     width = max(int(lens.max()), 1)
     mask = np.arange(width)[None, :] < lens[:, None]
-    out_ids = np.zeros((len(lens), width), dtype=np.int64)
-    out_probs = np.zeros((len(lens), width), dtype=np.float32)
+    out_ids = np.zeros((len(lens), width), dtype=np.int32 if compact else np.int64)
+    out_probs = np.zeros((len(lens), width), dtype=np.float16 if compact else np.float32)
     out_ids[mask] = np.concatenate(ids)
-    out_probs[mask] = np.concatenate(probs).astype(np.float32)
+    out_probs[mask] = np.concatenate(probs)
     return torch.from_numpy(out_ids), torch.from_numpy(out_probs)
 
 
@@ -461,11 +545,15 @@ def train(
     model.train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    on_gpu = accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters on a GPU
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+        **({"fused": True} if on_gpu else {}),
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if on_gpu and os.environ.get("MEMDEC_TRAIN_COMPILE", "1") != "0":
+        accelerator.unwrap_model(model).compile()  # in place: parameter names and checkpoints unchanged
 
     step = 0
     ckpt = latest_checkpoint(work / CHECKPOINTS)
@@ -482,52 +570,82 @@ def train(
         """Window indices of global micro-batch `g` (all processes together)."""
         nonlocal schedule
         epoch, b = divmod(g, per_epoch)
-        if epoch not in schedule:
-            schedule = {epoch: _batches(len(windows), global_batch, seed, epoch, shuffle)}
-        return schedule[epoch][b]
+        sched = schedule  # read once: the batch-loading thread calls this too
+        if epoch not in sched:
+            sched = schedule = {epoch: _batches(len(windows), global_batch, seed, epoch, shuffle)}
+        return sched[epoch][b]
 
+    # host-side batches (token windows, kNN rows, the flat indices of the scored logits) are built one
+    # micro-batch ahead in a worker thread, pinned, and copied without blocking: the device never waits
+    cuda = on_gpu
+    rank = accelerator.process_index
+
+    def host_batch(g: int) -> dict[str, Any]:
+        mine = global_batch_at(g)[rank::world] or global_batch_at(g)[:1]
+        ws = [windows[i] for i in mine]
+        ids, attn, score = window_batch(tokens_t, ws, pad_id)
+        sel = score[:, 1:]
+        b_idx, j_idx = sel.nonzero(as_tuple=True)
+        out = {"ids": ids, "rows": b_idx * ids.shape[1] + j_idx, "labels": ids[:, 1:][sel]}
+        if not bool(attn.all()):  # no mask when every window is whole: the fused causal attention kernel
+            out["attn"] = attn
+        if knn is not None:
+            out["knn_ids"], out["knn_probs"] = knn_batch(knn, ws, compact=True)
+        return {key: v.pin_memory() for key, v in out.items()} if cuda else out
+
+    def device_batch(h: dict[str, Any]) -> dict[str, Any]:
+        return {key: v.to(accelerator.device, non_blocking=True) for key, v in h.items()}
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    loader = ThreadPoolExecutor(1, thread_name_prefix="memdec-batches")
+    total_micro = steps * grad_accum
+    pending = loader.submit(host_batch, step * grad_accum) if step < steps else None
+    log_every = 10  # host syncs (loss for the progress bar) only every log_every steps
+    ema_t = None
     ema = None
     while step < steps:
         # the step's loss is the mean over all its target positions (every micro-batch and process), so
         # N processes x batch b give the same gradient as one process with batch N*b, up to float rounding
         batches = [global_batch_at(step * grad_accum + micro) for micro in range(grad_accum)]
         n_step = sum(windows[i].n_scored for batch in batches for i in batch)
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
         for micro, batch in enumerate(batches):
-            mine, weight = batch[accelerator.process_index :: world], world / n_step
-            if not mine:  # fewer windows than processes: run one with weight 0 to keep DDP in step
-                mine, weight = batch[:1], 0.0
-            ws = [windows[i] for i in mine]
-            ids, attn, score = window_batch(tokens_t, ws, pad_id)
-            ids, attn, score = ids.to(accelerator.device), attn.to(accelerator.device), score.to(accelerator.device)
-            knn_ids = knn_probs = None
-            if knn is not None:
-                knn_ids, knn_probs = (t.to(accelerator.device) for t in knn_batch(knn, ws))
+            g = step * grad_accum + micro
+            weight = world / n_step if batch[rank::world] else 0.0  # fewer windows than processes: weight 0
+            h = pending.result()
+            pending = loader.submit(host_batch, g + 1) if g + 1 < total_micro else None
+            d = device_batch(h)
             sync = micro == grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
-                    logits = model(input_ids=ids, attention_mask=attn).logits
-                loss, st = memdec_loss(logits, ids, score, knn_ids, knn_probs, beta, vocab_size, reduction="sum")
+                    logits = model(input_ids=d["ids"], attention_mask=d.get("attn")).logits
+                loss, st = _step_loss(logits, d["rows"], d["labels"], d.get("knn_ids"), d.get("knn_probs"),
+                                      beta, vocab_size)
                 accelerator.backward(loss * weight)
             if weight:
-                n = st["positions"]
-                sums += torch.tensor([float(loss.detach()), st["ce"] * n, st.get("kl", 0.0) * n], dtype=torch.float64)
+                sums += st
         if world > 1:
-            sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
-        stats_acc = dict(zip(("loss", "ce", "kl"), (sums / n_step).tolist(), strict=True))
+            sums = accelerator.reduce(sums, "sum")
+        sums = sums / n_step
         if max_grad_norm and max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        ema = stats_acc["loss"] if ema is None else 0.9 * ema + 0.1 * stats_acc["loss"]
+        ema_t = sums[0] if ema_t is None else 0.9 * ema_t + 0.1 * sums[0]
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if step % save_every == 0 and step < steps:
+        saving = step % save_every == 0 and step < steps
+        if callback is not None or saving or step % log_every == 0 or step == steps:
+            ema = float(ema_t)
+            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if saving:
             _save_checkpoint(work / CHECKPOINTS, step, model, optimizer, scheduler, accelerator, {"loss": ema})
         if callback is not None:
+            stats_acc = dict(zip(("loss", "ce", "kl"), sums.tolist(), strict=True))
             callback(step, dict(stats_acc, step=step, lr=scheduler.get_last_lr()[0]))
+    loader.shutdown(wait=True)
     bar.close()
 
     # ---- the output folder: HF model + tokenizer + memdec.json, renamed into place when whole

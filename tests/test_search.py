@@ -119,3 +119,73 @@ def test_index_of_another_datastore_is_rejected(tiny, texts, tiny_datastore, tmp
         build_index(ds, "annoy")
     with pytest.raises(ValueError, match="m = 5 must divide the key dimension 64"):
         build_index(ds, "faiss-ivfpq", m=5, progress=False)
+
+
+def assert_same_neighbours(keys: np.ndarray, queries: np.ndarray, k: int, d: torch.Tensor, i: torch.Tensor) -> None:
+    """The search's answer equals a float64 brute force: the same sorted distances, each id's true
+    distance equal to the one returned, distinct ids, and the same ids wherever the distance is not
+    tied with the k-th (at a tie any of the equal keys is a right answer)."""
+    ref_d, ref_i = brute_force(keys, queries, k)
+    d, i = d.numpy().astype(np.float64), i.numpy()
+    assert d.shape == i.shape == (len(queries), k)
+    np.testing.assert_allclose(d, ref_d, rtol=1e-6, atol=1e-6)
+    true = ((keys.astype(np.float64)[i] - queries.astype(np.float64)[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(true, d, rtol=1e-6, atol=1e-6)
+    for row in range(len(queries)):
+        assert len(set(i[row])) == k
+        below = ref_d[row, -1] * (1 - 1e-9) - 1e-12  # clearly nearer than the k-th (float64 rounding aside)
+        assert set(i[row][true[row] < below]) == set(ref_i[row][ref_d[row] < below])
+        ties = true[row] == true[row, -1]
+        assert np.all(np.diff(i[row][ties]) > 0)  # equal distances come in id order
+
+
+@pytest.mark.parametrize("group", [1, 3, 8, 64])
+@pytest.mark.parametrize("half", [False, True])
+def test_group_selection_with_ties_and_duplicate_keys(group, half):
+    """Small-integer keys (many equal distances) and repeated rows; tiles that the group size does not divide."""
+    rng = np.random.default_rng(1)
+    base = rng.integers(-2, 3, size=(500, 6)).astype(np.float16)
+    keys = np.concatenate([base, base[:200], base[:50]])  # duplicate keys: equal distances by construction
+    queries = np.concatenate([keys[::37], rng.integers(-2, 3, size=(9, 6)).astype(np.float16)])
+    for k in (1, 17, 300):
+        index = TorchIndex(torch.from_numpy(keys), device="cpu", chunk_rows=97, query_batch=11, group=group,
+                           half=half, margin=4)
+        d, i = index.search(torch.from_numpy(queries).float(), k)
+        assert_same_neighbours(keys, queries, k, d, i)
+
+
+@pytest.mark.parametrize("n, k", [(40, 40), (40, 39), (40, 37), (5, 5), (33, 1)])
+def test_k_close_to_the_number_of_keys(n, k):
+    """k = n returns every key once; a group larger than the whole key set; fewer groups than k."""
+    rng = np.random.default_rng(n + k)
+    keys = rng.standard_normal((n, 5)).astype(np.float32)
+    queries = rng.standard_normal((7, 5)).astype(np.float32)
+    for group, chunk in ((16, None), (4, 12), (64, 8)):
+        index = TorchIndex(torch.from_numpy(keys), device="cpu", group=group, chunk_rows=chunk)
+        d, i = index.search(torch.from_numpy(queries), k)
+        assert_same_neighbours(keys, queries, k, d, i)
+        if k == n:
+            assert all(sorted(row) == list(range(n)) for row in i.tolist())
+
+
+def test_datastore_keys_streamed_in_blocks_equal_brute_force(tiny_datastore):
+    """Keys read block by block from the memory-mapped shards (not resident), blocks across shard ends."""
+    ds = Datastore.open(tiny_datastore)
+    keys = ds.keys()
+    queries = keys[5::211]
+    index = TorchIndex(ds, device="cpu", chunk_rows=333, group=5, resident=False)
+    assert index._keys is None
+    d, i = index.search(torch.from_numpy(queries).float(), 50)
+    assert_same_neighbours(keys, queries, 50, d, i)
+
+
+def test_memory_cap_from_the_environment(monkeypatch):
+    from memdec.search import MAX_MEMORY_ENV, _env_bytes
+
+    monkeypatch.setenv(MAX_MEMORY_ENV, "1.5G")
+    assert _env_bytes(MAX_MEMORY_ENV) == int(1.5 * (1 << 30))
+    monkeypatch.setenv(MAX_MEMORY_ENV, "512M")
+    assert TorchIndex(torch.zeros((10, 4)), device="cpu").max_memory == 512 << 20
+    monkeypatch.setenv(MAX_MEMORY_ENV, "lots")
+    with pytest.raises(ValueError, match="MEMDEC_SEARCH_MAX_MEMORY='lots': expected a byte count"):
+        TorchIndex(torch.zeros((10, 4)), device="cpu")

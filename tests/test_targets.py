@@ -83,6 +83,20 @@ def test_targets_equal_dense_float64_reference(small_ds, tmp_path, k, temperatur
     t.check_datastore(small_ds)
 
 
+def test_every_other_row_as_neighbour_equals_dense_reference(tiny, texts, tmp_path):
+    """k = n - 1: the search returns all n keys (k + 1 = n) and every other row is a neighbour."""
+    ds = Datastore.open(build_datastore(tiny["base"], [texts["general"][0][:300]], tmp_path / "ds", window=32,
+                                        shard_rows=40, device="cpu", progress=False))
+    assert 20 < ds.n < 400
+    k = ds.n - 1
+    t = Targets.open(build_targets(ds, tmp_path / "t", k=k, temperature=4.0, device="cpu", progress=False))
+    vocab = int(ds.values.max()) + 1
+    ref, _ = reference(ds, k, 4.0, vocab)
+    np.testing.assert_allclose(dense(t, vocab), ref, atol=1.5e-3)
+    with pytest.raises(ValueError, match=f"k = {ds.n}: datastore .* has {ds.n} rows, so at most {k} neighbours"):
+        build_targets(ds, tmp_path / "t2", k=ds.n, device="cpu", progress=False)
+
+
 def test_own_row_is_dropped_wherever_it_appears():
     values = torch.tensor([0, 10, 11, 10, 12, 13, 14, 15], dtype=torch.int32)
     dist = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])

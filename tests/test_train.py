@@ -66,6 +66,58 @@ def test_sparse_kl_matches_dense_float64(beta):
         assert stats["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_training_loss_and_gradients_equal_a_plain_float64_formula(beta, monkeypatch):
+    """The step loop's loss (flat logit rows, blockwise log-partition) and memdec_loss: the same sum and
+    the same gradient as autograd through log_softmax in float64."""
+    from memdec import train as train_mod
+    from memdec.train import _step_loss
+
+    monkeypatch.setattr(train_mod, "LSE_BLOCK", 13 * 3)  # blocks of 3 rows
+    logits, ids, score, knn_ids, knn_probs = _random_case(seed=11 + int(beta * 10), b=4, length=9, vocab=13)
+    sel = score[:, 1:]
+
+    def plain(x):
+        logq = torch.log_softmax(x[:, :-1][sel], -1)
+        ce = -logq.gather(1, ids[:, 1:][sel][:, None]).squeeze(1)
+        p = knn_probs
+        kl = (p * (torch.where(p > 0, p, torch.ones_like(p)).log() - logq.gather(1, knn_ids))).sum(-1)
+        return (beta * kl + (1 - beta) * ce).sum()
+
+    ref_x = logits.clone().requires_grad_(True)
+    want = plain(ref_x)
+    want.backward()
+    b_idx, j_idx = sel.nonzero(as_tuple=True)
+    for fn in ("step", "api"):
+        x = logits.clone().requires_grad_(True)
+        if fn == "step":
+            loss, sums = _step_loss(x, b_idx * ids.shape[1] + j_idx, ids[:, 1:][sel], knn_ids.int(),
+                                    knn_probs, beta, None)
+            assert sums[0].item() == pytest.approx(want.item(), rel=1e-12)
+        else:
+            loss, _ = memdec_loss(x, ids, score, knn_ids, knn_probs, beta, reduction="sum")
+        loss.backward()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_blockwise_log_partition_in_bfloat16_matches_float32(monkeypatch):
+    from memdec import train as train_mod
+    from memdec.train import _LogSumExp
+
+    monkeypatch.setattr(train_mod, "LSE_BLOCK", 5000 * 4)
+
+    x = (torch.randn(37, 5000, generator=torch.Generator().manual_seed(0)) * 4).bfloat16().requires_grad_(True)
+    g = torch.rand(37)
+    out = _LogSumExp.apply(x)
+    (out * g).sum().backward()
+    ref = x.detach().float().requires_grad_(True)
+    (torch.logsumexp(ref, -1) * g).sum().backward()
+    assert out.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out, torch.logsumexp(ref.detach(), -1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(x.grad.float(), ref.grad, rtol=1e-2, atol=1e-6)
+
+
 def test_kl_is_zero_when_model_equals_targets():
     logits, ids, score, knn_ids, knn_probs = _random_case(seed=5, vocab=6)
     sel = score[:, 1:]
