@@ -341,6 +341,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     p.add_argument("--lmbda", type=float, default=None, help="memory weight (default: memdec.json's, else 0.5)")
     p.add_argument("--mem-temperature", type=float, default=1.0, help="divides the memory's logits (default 1)")
+    p.add_argument("--router", default=None, help="per-token router folder (memdec train-router) instead of --lmbda")
+    p.add_argument("--router-threshold", type=float, default=None,
+                   help="memory weight at or below which a token uses the base alone")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
     p.add_argument("--temperature", type=float, default=None)
@@ -361,7 +364,7 @@ def _add_generate(sub) -> None:
                if v is not None}
         texts = generate_text(args.base, args.memory, args.prompt, lmbda=args.lmbda,
                               mem_temperature=args.mem_temperature, device=args.device, dtype=args.dtype,
-                              max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, **gen)
+                              router=args.router, router_threshold=args.router_threshold, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, **gen)
         for prompt, text in zip(args.prompt, texts, strict=True):
             print(prompt + text)
 
@@ -388,6 +391,8 @@ def _add_train_router(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--batch-tokens", type=int, default=4096, help="positions per AdamW step (default 4096)")
     p.add_argument("--valid-fraction", type=float, default=0.1, help="last part of each --data kept for validation")
+    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                   help="each --data weighs the same in the loss, whatever its length (default on)")
     p.add_argument("--lmbda-init", type=float, default=None, help="start at this fixed lmbda (default memdec.json's)")
     p.add_argument("--window", type=int, default=None, help="window (default: min(1024, context length))")
     p.add_argument("--stride", type=int, default=None, help="stride (default: window / 2)")
@@ -407,6 +412,7 @@ def _add_train_router(sub) -> None:
                            layers=args.layers, hidden=args.hidden, steps=args.steps, lr=args.lr,
                            weight_decay=args.weight_decay, batch_tokens=args.batch_tokens, window=args.window,
                            stride=args.stride, valid_fraction=args.valid_fraction, lmbda_init=args.lmbda_init,
+                           balance=args.balance,
                            save_every=args.save_every, seed=args.seed, batch_size=args.batch_size,
                            device=args.device, dtype=args.dtype, cache_dir=args.cache, max_docs=args.max_docs,
                            overwrite=args.overwrite)

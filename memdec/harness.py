@@ -34,6 +34,7 @@ from memdec.joint import (
     MemoryDecoder,
     check_context,
     check_memory_tokenizer,
+    check_router_args,
     check_temperature,
     default_lmbda,
     generate_tokens,
@@ -259,18 +260,24 @@ def _base_tokenizer(pretrained: Any, kwargs: dict[str, Any]):
 
 
 class MemDecLM(MixtureLM):
-    """`--model memdec --model_args pretrained=BASE,memory=MEMDEC[,lmbda=...,mem_temperature=...]`."""
+    """`--model memdec --model_args pretrained=BASE,memory=MEMDEC[,lmbda=...,mem_temperature=...]`.
+
+    `router=ROUTER[,router_threshold=t]` (memdec train-router) mixes with per-token weights instead of lmbda;
+    scoring then runs the plain path (full distributions and both models' final hidden states).
+    """
 
     fast_scoring = True
 
     def __init__(self, pretrained: Any, memory: str | None = None, memory_revision: str | None = None,
                  lmbda: float | None = None, mem_temperature: float = 1.0, fast: bool | str = True,
-                 **kwargs: Any) -> None:
+                 router: str | None = None, router_threshold: float | None = None, **kwargs: Any) -> None:
         if not memory:
             raise ValueError("memdec: give the Memory Decoder as memory=PATH_OR_ID in --model_args")
         fast = _as_bool(fast, "fast")
         if lmbda is not None:
             check_lmbda(lmbda)
+        router = None if router is None else str(router)
+        check_router_args(lmbda, router, router_threshold)
         mem_temperature = check_temperature(mem_temperature)
         memory = resolve_model_path(str(memory), "memory")
         memory_revision = None if memory_revision is None else str(memory_revision)
@@ -283,7 +290,9 @@ class MemDecLM(MixtureLM):
         check_context(mem_model, self.max_length, f"memory {memory}",
                       f" (max_length {self.max_length}); pass a smaller max_length in --model_args")
         self.joint = MemoryDecoder(self.model, mem_model, self.tokenizer, self.lmbda, mem_temperature, memory,
-                                   memory_revision)
+                                   memory_revision, router, router_threshold)
+        if router is not None:  # the router needs both final hidden states: the plain scoring path
+            self.fast_scoring = False
         if not fast:  # the plain paths: full mixtures for scoring, dynamic caches for decoding
             self.fast_scoring = False
             self.joint.fast_decode = False
@@ -294,6 +303,13 @@ class MemDecLM(MixtureLM):
 
     def other_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.joint.memory_logprobs(input_ids, attention_mask)
+
+    def mixed_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The lmbda mixture, or with a router the per-token routed mixture (memdec.router)."""
+        if self.joint.router is None:
+            return super().mixed_logprobs(input_ids, attention_mask)
+        with torch.no_grad(), self._autocast():
+            return self.joint.logprobs(input_ids, attention_mask)
 
     def other_scores(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         """The memory's raw logits at the last `keep` positions (normalised, after mem_temperature, by memdec.fast).
@@ -327,6 +343,9 @@ class MemDecLM(MixtureLM):
                     memory_sha=_hub_sha(self.joint.memory_name, self.joint.memory_revision),
                     mem_temperature=self.joint.mem_temperature, memory_num_parameters=mem.num_parameters(),
                     memory_dtype=str(mem.dtype), fast=self.fast_scoring)
+        if self.joint.router is not None:
+            info.update(lmbda=None, router=self.joint.router.path, router_threshold=self.joint.router.threshold,
+                        router_config=self.joint.router.summary())
         return info
 
 

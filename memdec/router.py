@@ -83,7 +83,7 @@ class RouterNetwork(nn.Module):
 
     def raw_input(self, base_hidden: torch.Tensor | None, memory_hidden: torch.Tensor | None,
                   scalars: torch.Tensor | None) -> torch.Tensor:
-        """[selected hidden states, scalars] (..., hidden_dim + num_scalars), float32."""
+        """[selected hidden states, scalars] (..., hidden_dim + num_scalars), in the network's dtype."""
         parts = []
         if self.inputs in ("both", "base"):
             parts.append(base_hidden)
@@ -93,7 +93,8 @@ class RouterNetwork(nn.Module):
             if scalars is None:
                 raise ValueError("router: this router needs the four scalar features")
             parts.append(scalars)
-        return torch.cat([p.float() for p in parts], dim=-1)
+        dtype = self.mlp[0].weight.dtype
+        return torch.cat([p.to(dtype) for p in parts], dim=-1)
 
     def set_normalization(self, mean: torch.Tensor | None, std: torch.Tensor | None) -> None:
         self._norm = None if mean is None else (mean.float(), std.float())
@@ -276,6 +277,15 @@ class Router:
         lw = self.net(base_hidden.to(dev), memory_hidden.to(dev), None if scalars is None else scalars.to(dev))
         return apply_threshold(lw, self.threshold).to(base_logp.device)
 
+    @torch.no_grad()
+    def feature_log_weights(self, base_feats: dict[str, np.ndarray], memory_feats: dict[str, np.ndarray]) -> torch.Tensor:
+        """Thresholded log weights (n, 2) on CPU from two `model_features` results."""
+        dev = next(self.net.parameters()).device
+        scalars = torch.from_numpy(np.concatenate([base_feats["scalars"], memory_feats["scalars"]], axis=1))
+        lw = self.net(torch.from_numpy(base_feats["hidden"]).to(dev), torch.from_numpy(memory_feats["hidden"]).to(dev),
+                      scalars.to(dev))
+        return apply_threshold(lw, self.threshold).cpu()
+
     def mix(self, base_logp: torch.Tensor, memory_logp: torch.Tensor, base_hidden: torch.Tensor,
             memory_hidden: torch.Tensor) -> torch.Tensor:
         """The routed mixture (..., V) of two models' next-token log-probs."""
@@ -359,8 +369,10 @@ def _load_features(path: Path) -> dict[str, np.ndarray]:
 # ---- training ----
 
 
-def _nll(net: RouterNetwork, x: torch.Tensor, blp: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
-    return -routed_target_logprobs(blp, mlp, net.forward_raw(x).double()).mean()
+def _nll(net: RouterNetwork, x: torch.Tensor, blp: torch.Tensor, mlp: torch.Tensor,
+         w: torch.Tensor | None = None) -> torch.Tensor:
+    lp = routed_target_logprobs(blp, mlp, net.forward_raw(x).double())
+    return -lp.mean() if w is None else -(w * lp).sum() / w.sum()
 
 
 def _opt_save(opt: torch.optim.Optimizer, folder: Path) -> dict:
@@ -403,6 +415,7 @@ def train_router(
     stride: int | None = None,
     valid_fraction: float = 0.1,
     lmbda_init: float | None = None,
+    balance: bool = True,
     save_every: int = 100,
     seed: int = 0,
     batch_size: int = 8,
@@ -417,7 +430,7 @@ def train_router(
 
     Each `data` (a path or hf:NAME, memdec.data's forms) is tokenized and scored once by each model
     (features cached in `cache_dir`, default OUT.partial/features); its last `valid_fraction` of tokens
-    is the validation part. The router is trained with AdamW on minibatches of `batch_tokens` cached
+    is the validation part; with `balance` each `data` weighs the same in the loss whatever its length. The router is trained with AdamW on minibatches of `batch_tokens` cached
     positions to minimise the routed mixture's NLL, starting from the fixed mixture `lmbda_init`
     (default the memory's memdec.json lmbda); the best valid checkpoint is kept. A killed run resumes
     from OUT.partial/checkpoint.
@@ -502,7 +515,7 @@ def train_router(
         del model
 
     def stack(part: str) -> dict[str, torch.Tensor]:
-        xs, bl, ml = [], [], []
+        xs, bl, ml, ws = [], [], [], []
         for fb, fm in zip(feats["base"], feats["memory"], strict=True):
             n = len(fb["logp"])
             cut = int(round(n * (1 - valid_fraction)))
@@ -517,8 +530,11 @@ def train_router(
             xs.append(np.concatenate(cols, axis=1))
             bl.append(fb["logp"][sl])
             ml.append(fm["logp"][sl])
+            k = len(bl[-1])
+            ws.append(np.full(k, 1.0 / (k * len(streams)) if balance else 1.0))
+        w = np.concatenate(ws)
         return {"x": torch.from_numpy(np.concatenate(xs)).float(), "b": torch.from_numpy(np.concatenate(bl)),
-                "m": torch.from_numpy(np.concatenate(ml))}
+                "m": torch.from_numpy(np.concatenate(ml)), "w": torch.from_numpy(w / w.sum())}
 
     tr, va = stack("train"), stack("valid")
 
@@ -532,7 +548,7 @@ def train_router(
     settings = {"inputs": inputs, "scalars": bool(scalars), "layers": layers, "hidden": hidden,
                 "scalar_proj_dim": scalar_proj_dim, "steps": steps, "lr": lr, "weight_decay": weight_decay,
                 "batch_tokens": batch_tokens, "window": window, "stride": stride, "valid_fraction": valid_fraction,
-                "lmbda_init": lmbda0, "seed": seed, "data": [s.describe() for s in specs], "dtype": dtype}
+                "lmbda_init": lmbda0, "balance": bool(balance), "seed": seed, "data": [s.describe() for s in specs], "dtype": dtype}
     ckpt = tmp / "checkpoint"
     step, best, best_state, history = 0, math.inf, None, []
     if (ckpt / "state.json").exists():
@@ -549,7 +565,7 @@ def train_router(
     def valid_loss() -> float:
         net.eval()
         with torch.no_grad():
-            return float(_nll(net, va["x"], va["b"], va["m"]))
+            return float(_nll(net, va["x"], va["b"], va["m"], va["w"]))
 
     def checkpoint() -> None:
         from safetensors.torch import save_file
@@ -565,7 +581,7 @@ def train_router(
     while step < steps:
         net.train()
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, n, (min(batch_tokens, n),), generator=g) if batch_tokens < n else torch.arange(n)
+        idx = torch.multinomial(tr["w"], batch_tokens, replacement=True, generator=g)  # each --data weighted
         loss = _nll(net, tr["x"][idx], tr["b"][idx], tr["m"][idx])
         opt.zero_grad()
         loss.backward()
@@ -584,13 +600,13 @@ def train_router(
     # -- reference losses on the valid part, the config, the rename --
     net.load_state_dict(best_state)
     with torch.no_grad():
-        vb, vm = va["b"], va["m"]
-        ref = {"base": float(-vb.mean()), "memory": float(-vm.mean())}
+        vb, vm, vw = va["b"], va["m"], va["w"]
+        ref = {"base": float(-(vw * vb).sum()), "memory": float(-(vw * vm).sum())}
         grid = [i / 20 for i in range(21)]
-        fixed = [float(-mix_logprobs(vb, vm, lm).mean()) for lm in grid]
+        fixed = [float(-(vw * mix_logprobs(vb, vm, lm)).sum()) for lm in grid]
         ref["best_fixed_lmbda"] = grid[int(np.argmin(fixed))]
         ref["best_fixed"] = min(fixed)
-        ref["lmbda_init"] = float(-mix_logprobs(vb, vm, lmbda0).mean())
+        ref["lmbda_init"] = float(-(vw * mix_logprobs(vb, vm, lmbda0)).sum())
     config = {
         "format_version": 1, "kind": "memdec-router", **{k: settings[k] for k in ("inputs", "scalars", "layers",
                                                                                    "hidden", "scalar_proj_dim")},
