@@ -245,3 +245,21 @@ def test_memdec_eval_routed_perplexity_matches_float64(tiny, trained, tmp_path, 
         p = lw[:, :1].exp() * bl.exp() + lw[:, 1:].exp() * ml.exp()
         want = float(torch.log(p).gather(-1, ids[0, 1:, None]).sum())
     assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_report_has_a_router_row(tmp_path):
+    import reports
+
+    src = Path(__file__).parent / "data" / "results" / "gpt2" / "results_2026-01-01T11-00-00.000001.json"
+    data = json.loads(src.read_text())
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "results_fixed.json").write_text(json.dumps(data))
+    data["config"]["model_args"] = {"pretrained": "openai-community/gpt2", "memory": "runs/memdec-gpt2-bio",
+                                    "router": "runs/router-gpt2-bio"}
+    data["config"]["lmbda"] = None
+    data["results"]["memdec_wikitext103"]["token_perplexity,none"] = 21.5
+    (tmp_path / "runs" / "results_router.json").write_text(json.dumps(data))
+    df = reports.load_results([tmp_path / "runs"])
+    t = reports.perplexity_table(df)
+    assert list(t.index) == ["+MemDec", "+MemDec (router)"]
+    assert t.at["+MemDec (router)", "gpt2"] == 21.5 and t.at["+MemDec", "gpt2"] == 14.57
