@@ -539,7 +539,7 @@ class MemoryDecoder:
 
     def _fast_decode_ok(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
         wanted = self.device.type == "cuda" if self.fast_decode is None else self.fast_decode
-        if not wanted or self.memory.device != self.base.device or self.router is not None:
+        if not wanted or self.memory.device != self.base.device:
             return False
         return attention_mask is None or bool(attention_mask.bool().all())  # left padding: the plain loop
 
@@ -548,16 +548,24 @@ class MemoryDecoder:
         size = -(-(total + 1) // 256) * 256
         if self.max_length is not None:
             size = max(total + 1, min(size, self.max_length))
-        lmbda, temperature, vocab = self.lmbda, self.mem_temperature, self.vocab_size
+        lmbda, temperature, vocab, router = self.lmbda, self.mem_temperature, self.vocab_size, self.router
+        widths = [m.get_output_embeddings().weight.shape[0] for m in (self.base, self.memory)]
 
         def mixture(logits: tuple[torch.Tensor, ...]) -> torch.Tensor:  # part of the captured step on CUDA
+            if router is not None:  # rows are [logits, final hidden state] (GraphedDecoder hidden=True)
+                from memdec.mixing import log_softmax
+
+                (bl, bh), (ml, mh) = ((x[:, :w], x[:, w:]) for x, w in zip(logits, widths, strict=True))
+                return router.mix(log_softmax(bl, vocab), log_softmax(ml, vocab, temperature).to(bl.device), bh,
+                                  mh.to(bl.device))
             return mixture_logprobs(logits[0], logits[1].to(logits[0].device), lmbda, vocab, temperature)
 
-        key = (batch, size, lmbda, temperature)
+        key = (batch, size, lmbda, temperature, id(router), router.threshold if router is not None else None)
         decoders = self.__dict__.setdefault("_decoders", {})
         if key not in decoders:
             decoders.clear()  # each holds two static KV caches
-            decoders[key] = GraphedDecoder([self.base, self.memory], batch, size, post=mixture)
+            decoders[key] = GraphedDecoder([self.base, self.memory], batch, size, post=mixture,
+                                           hidden=router is not None)
         return decoders[key]
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

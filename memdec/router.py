@@ -248,8 +248,9 @@ class Router:
 
     def check(self, base=None, memory=None, tokenizer=None) -> None:
         """One-line ValueError naming both sides if the models' hidden sizes or the tokenizer differ."""
+        reads = {"both": ("base", "memory"), "base": ("base",), "memory": ("memory",)}[self.net.inputs]
         for what, model, key in (("base", base, "base_hidden_size"), ("memory", memory, "memory_hidden_size")):
-            if model is not None and hidden_size(model) != int(self.config[key]):
+            if model is not None and what in reads and hidden_size(model) != int(self.config[key]):
                 raise ValueError(f"router {self.path}: trained for a {what} of hidden size {self.config[key]} "
                                  f"({self.config.get(what, '?')}), but {what} {getattr(model, 'name_or_path', '')} "
                                  f"has hidden size {hidden_size(model)}")

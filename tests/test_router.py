@@ -263,3 +263,31 @@ def test_report_has_a_router_row(tmp_path):
     t = reports.perplexity_table(df)
     assert list(t.index) == ["+MemDec", "+MemDec (router)"]
     assert t.at["+MemDec (router)", "gpt2"] == 21.5 and t.at["+MemDec", "gpt2"] == 14.57
+
+
+def test_fast_paths_with_a_router_match_the_plain_paths(tiny, trained, texts):
+    """The fast scoring path (GraphedForward hidden=True; plain forward on CPU) and the static-cache decoder
+    (GraphedDecoder hidden=True; eager on CPU) give the plain paths' numbers with a router."""
+    from lm_eval.api.instance import Instance
+
+    from memdec.harness import MemDecLM
+
+    common = dict(pretrained=tiny["base"], memory=tiny["memory"], router=str(trained), router_threshold=0.2,
+                  device="cpu", batch_size=2, dtype="float32")
+    fast, plain = MemDecLM(**common), MemDecLM(**common, fast=False)
+    assert fast.fast_scoring and not plain.fast_scoring
+    pairs = [("The river", " flows north"), ("Viral conjunctivitis", " due to adenovirus.")]
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    got, want = fast.loglikelihood(reqs, disable_tqdm=True), plain.loglikelihood(reqs, disable_tqdm=True)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [v for v, _ in got] == pytest.approx([v for v, _ in want], abs=1e-4)
+    roll = [Instance("loglikelihood_rolling", {}, (texts["domain"][0][:600],), 0)]
+    assert fast.loglikelihood_rolling(roll, disable_tqdm=True) == pytest.approx(
+        plain.loglikelihood_rolling(roll, disable_tqdm=True), abs=1e-3)
+    joint = fast.joint
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    joint.fast_decode = True
+    quick = joint.generate(ids, max_new_tokens=6)
+    assert "_decoders" in joint.__dict__  # the GraphedDecoder ran
+    joint.fast_decode = False
+    assert torch.equal(quick, joint.generate(ids, max_new_tokens=6))
