@@ -560,7 +560,7 @@ class MemoryDecoder:
                                   mh.to(bl.device))
             return mixture_logprobs(logits[0], logits[1].to(logits[0].device), lmbda, vocab, temperature)
 
-        key = (batch, size, lmbda, temperature, id(router), router.threshold if router is not None else None)
+        key = (batch, size, lmbda, temperature) + (() if router is None else (id(router), router.threshold))
         decoders = self.__dict__.setdefault("_decoders", {})
         if key not in decoders:
             decoders.clear()  # each holds two static KV caches
