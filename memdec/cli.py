@@ -344,6 +344,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     p.add_argument("--lmbda", type=float, default=None, help="memory weight (default: memdec.json's, else 0.5)")
     p.add_argument("--mem-temperature", type=float, default=1.0, help="divides the memory's logits (default 1)")
+    p.add_argument("--router", default=None, help="per-token router folder (memdec train-router) instead of --lmbda")
+    p.add_argument("--router-threshold", type=float, default=None,
+                   help="memory weight at or below which a token uses the base alone")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
     p.add_argument("--temperature", type=float, default=None)
@@ -368,9 +371,82 @@ def _add_generate(sub) -> None:
                if v is not None}
         texts = generate_text(args.base, args.memory, args.prompt, lmbda=args.lmbda,
                               mem_temperature=args.mem_temperature, device=args.device, dtype=args.dtype,
-                              max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, **gen)
+                              router=args.router, router_threshold=args.router_threshold, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, **gen)
         for prompt, text in zip(args.prompt, texts, strict=True):
             print(prompt + text)
+
+    p.set_defaults(func=run)
+
+
+# ---- train-router, export-router (memdec/router.py) ----
+
+
+def _add_train_router(sub) -> None:
+    p = sub.add_parser("train-router", help="train a per-token router between the base and the memory decoder")
+    p.add_argument("--base", required=True, help="base model (hub name or folder)")
+    p.add_argument("--memory", required=True, help="memory decoder folder (or hub name)")
+    p.add_argument("--data", action="append", required=True,
+                   help=f"held-out text, never a test split (repeat: domain valid text, general text): {CORPUS_FORMS}")
+    p.add_argument("--out", required=True, help="router folder (written as OUT.partial, resumed after a kill)")
+    p.add_argument("--inputs", default="both", choices=["both", "base", "memory"], help="hidden states read (default both)")
+    p.add_argument("--scalars", action=argparse.BooleanOptionalAction, default=True,
+                   help="also read each distribution's largest probability and entropy (default on)")
+    p.add_argument("--layers", type=int, default=2, choices=[1, 2])
+    p.add_argument("--hidden", type=int, default=128, help="width of the 2-layer router (default 128)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--batch-tokens", type=int, default=4096, help="positions per AdamW step (default 4096)")
+    p.add_argument("--valid-fraction", type=float, default=0.1, help="last part of each --data kept for validation")
+    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                   help="each --data weighs the same in the loss, whatever its length (default on)")
+    p.add_argument("--lmbda-init", type=float, default=None, help="start at this fixed lmbda (default memdec.json's)")
+    p.add_argument("--window", type=int, default=None, help="window (default: min(1024, context length))")
+    p.add_argument("--stride", type=int, default=None, help="stride (default: window / 2)")
+    p.add_argument("--max-docs", type=int, help="use only the first N documents of each --data")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--save-every", type=int, default=100, help="validate and checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--cache", default=None, metavar="DIR", help="keep the per-token features here (as tune-lambda)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and an unfinished run with other settings)")
+
+    def run(args):
+        from memdec.router import train_router
+
+        out = train_router(args.base, args.memory, args.data, args.out, inputs=args.inputs, scalars=args.scalars,
+                           layers=args.layers, hidden=args.hidden, steps=args.steps, lr=args.lr,
+                           weight_decay=args.weight_decay, batch_tokens=args.batch_tokens, window=args.window,
+                           stride=args.stride, valid_fraction=args.valid_fraction, lmbda_init=args.lmbda_init,
+                           balance=args.balance,
+                           save_every=args.save_every, seed=args.seed, batch_size=args.batch_size,
+                           device=args.device, dtype=args.dtype, cache_dir=args.cache, max_docs=args.max_docs,
+                           overwrite=args.overwrite)
+        from memdec.formats import read_json
+
+        cfg = read_json(out / "router_config.json")
+        ref = cfg["valid_reference_losses"]
+        print(f"valid NLL: router {cfg['final_valid_loss']:.4f}, best fixed lmbda {ref['best_fixed_lmbda']:g} "
+              f"{ref['best_fixed']:.4f}, base {ref['base']:.4f}, memory {ref['memory']:.4f}")
+        print(out)
+
+    p.set_defaults(func=run)
+
+
+def _add_export_router(sub) -> None:
+    p = sub.add_parser("export-router", help="write a router in a serving engine's format (lmdeploy memdecode)")
+    p.add_argument("router", help="router folder (memdec train-router)")
+    p.add_argument("--format", default="lmdeploy", choices=["lmdeploy"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="lambda_base_only_threshold written into memory_fusion_config.json (default off)")
+    p.add_argument("--overwrite", action="store_true")
+
+    def run(args):
+        from memdec.router import export_router
+
+        print(export_router(args.router, args.out, args.format, args.threshold, args.overwrite))
 
     p.set_defaults(func=run)
 
@@ -378,7 +454,7 @@ def _add_generate(sub) -> None:
 # ---- end of blocks ----
 
 REGISTER = [_add_demo, _add_train, _add_dapt, _add_lora, _add_datastore, _add_index, _add_targets, _add_pipeline,
-            _add_report, _add_tune_lambda, _add_bench, _add_generate]
+            _add_report, _add_tune_lambda, _add_bench, _add_generate, _add_train_router, _add_export_router]
 
 
 def build_parser() -> argparse.ArgumentParser:

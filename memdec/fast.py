@@ -195,6 +195,19 @@ def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return logits[:, -keep:] if keep else logits
 
 
+def lm_logits_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     keep: int = 0, forward: Callable | None = None) -> torch.Tensor:
+    """`lm_logits` with the final hidden state (the LM head's input) appended: (B, T or keep, V' + H)."""
+    kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
+    if keep and accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = int(keep)
+    out = (forward or model)(input_ids=input_ids, use_cache=False, output_hidden_states=True, **kwargs)
+    logits, hidden = out.logits, out.hidden_states[-1]
+    if keep:
+        logits, hidden = logits[:, -keep:], hidden[:, -keep:]
+    return torch.cat([logits, hidden.to(logits.dtype)], dim=-1)
+
+
 def padded_shape(t: int, keep: int, bucket: int, limit: int | None = None) -> tuple[int, int, int]:
     """Right padding of a (B, t) input keeping its last `keep` positions (0: all): (padded length,
     positions the padded forward keeps (0: all), index of position t - keep in that output).
@@ -220,12 +233,14 @@ class GraphedForward:
     ungraphed. At most `max_graphs` graphs whose outputs together take at most `max_graph_bytes` are
     kept (least recently used dropped; they share one memory pool). Elsewhere, or where compiling or
     capturing fails, the plain forward runs. The result of a graphed call is valid until the next call.
+    With `hidden`, each row is the logits followed by the final hidden state (`lm_logits_hidden`).
     """
 
     def __init__(self, model, bucket: int = 64, max_graphs: int = 4, max_tokens: int = 8192,
                  max_graph_bytes: int = 3 * 2**30, use_graph: bool | None = None,
-                 use_compile: bool | None = None) -> None:
+                 use_compile: bool | None = None, hidden: bool = False) -> None:
         self.model = model
+        self.hidden = bool(hidden)
         self.device = next(model.parameters()).device
         self.bucket = max(1, int(bucket))
         self.max_graphs = max(1, int(max_graphs))
@@ -242,7 +257,7 @@ class GraphedForward:
         return None  # a deep copy of the model gets no graphs of this one's weights (graphed() makes new ones)
 
     def _logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        return lm_logits(self.model, ids, None, keep, self._forward)
+        return (lm_logits_hidden if self.hidden else lm_logits)(self.model, ids, None, keep, self._forward)
 
     def _plain(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         if self.use_compile:
@@ -256,7 +271,10 @@ class GraphedForward:
     def _graph_bytes(self, b: int, t: int, k: int) -> int:
         """Bytes of a graph's output logits."""
         p = next(self.model.parameters())
-        return b * (k or t) * int(getattr(self.model.config, "vocab_size", 0) or 0) * p.element_size()
+        width = int(getattr(self.model.config, "vocab_size", 0) or 0)
+        if self.hidden:
+            width += int(getattr(self.model.config, "hidden_size", 0) or 0)
+        return b * (k or t) * width * p.element_size()
 
     def _make_room(self, need: int) -> None:
         """Drop the least recently used graphs until one more, with `need` bytes of output, fits the limits."""
@@ -289,7 +307,7 @@ class GraphedForward:
         keep = int(keep) if keep and keep < t else 0
         if not self.use_graph or attention_mask is not None or t == 0:
             if attention_mask is not None:
-                return lm_logits(self.model, input_ids, attention_mask, keep)
+                return (lm_logits_hidden if self.hidden else lm_logits)(self.model, input_ids, attention_mask, keep)
             return self._plain(input_ids, keep)
         tb, kb, lo = padded_shape(t, keep, self.bucket, getattr(self.model.config, "max_position_embeddings", None))
         need = self._graph_bytes(b, tb, kb)
@@ -432,13 +450,15 @@ class GraphedDecoder:
     model. With `post`, both return `(post(that tuple),)` instead, and on CUDA `post` (e.g. the
     mixture) is captured in the graph too. On CUDA each model's forward is compiled and both are
     captured into one graph per decoder, the second model on a side stream; elsewhere the same
-    static-cache calls run eagerly.
+    static-cache calls run eagerly. With `hidden`, each model's output row is its logits followed by
+    its final hidden state (for a router).
     """
 
     def __init__(self, models: list, batch_size: int, max_cache_len: int, use_graph: bool | None = None,
                  use_compile: bool | None = None,
-                 post: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None = None) -> None:
+                 post: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None = None, hidden: bool = False) -> None:
         self.models = list(models)
+        self.hidden = bool(hidden)
         self.post = post
         self.device = next(self.models[0].parameters()).device
         on_cuda = self.device.type == "cuda"
@@ -467,8 +487,15 @@ class GraphedDecoder:
     def _forward(self, i: int, ids: torch.Tensor, cpos: torch.Tensor) -> torch.Tensor:
         kwargs = {self.cache_kw[i]: self.caches[i]}
         out = self.forwards[i](input_ids=ids, cache_position=cpos,
-                               position_ids=cpos.unsqueeze(0).expand(ids.shape[0], -1), use_cache=True, **kwargs)
-        return out.logits[:, -1]
+                               position_ids=cpos.unsqueeze(0).expand(ids.shape[0], -1), use_cache=True,
+                               output_hidden_states=self.hidden, **kwargs)
+        return self._last(out)
+
+    def _last(self, out) -> torch.Tensor:
+        """The last position's logits (with the final hidden state appended when `hidden`)."""
+        if not self.hidden:
+            return out.logits[:, -1]
+        return torch.cat([out.logits[:, -1], out.hidden_states[-1][:, -1].to(out.logits.dtype)], dim=-1)
 
     def _step_eager(self, ids: torch.Tensor, cpos: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(self.models) == 1 or self.device.type != "cuda":
@@ -510,8 +537,9 @@ class GraphedDecoder:
         outs = []
         for m, c, kw in zip(self.models, self.caches, self.cache_kw, strict=True):
             kwargs = {kw: c, "logits_to_keep": 1} if accepts_logits_to_keep(m) else {kw: c}
-            outs.append(m(input_ids=input_ids, cache_position=cpos, position_ids=cpos.unsqueeze(0).expand(b, -1),
-                          use_cache=True, **kwargs).logits[:, -1])
+            outs.append(self._last(m(input_ids=input_ids, cache_position=cpos,
+                                     position_ids=cpos.unsqueeze(0).expand(b, -1), use_cache=True,
+                                     output_hidden_states=self.hidden, **kwargs)))
         self.pos = n
         return (self.post(tuple(outs)),) if self.post is not None else tuple(outs)
 

@@ -34,6 +34,7 @@ from memdec.joint import (
     MemoryDecoder,
     check_context,
     check_memory_tokenizer,
+    check_router_args,
     check_temperature,
     default_lmbda,
     generate_tokens,
@@ -199,10 +200,8 @@ class MixtureLM(HFLM):
         pbar.close()
         return re_ord.get_original(res)
 
-    def _fast_score_chunk(self, chunk, greedy: bool):
-        """Per request: (target log-probs, argmax or None, mixed log-probs at the last position, its index)."""
-        from memdec import fast
-
+    def _fast_inputs(self, chunk) -> tuple[torch.Tensor, torch.Tensor, list[int], int, int]:
+        """(input ids (B, T), targets (B, keep), input lengths, first kept position, keep) of a request chunk."""
         if any(not ctx or not cont for _, ctx, cont in chunk):
             raise ValueError("loglikelihood: every request needs a non-empty context and continuation")
         inps = [(list(ctx) + list(cont))[-(self.max_length + 1) :] for _, ctx, cont in chunk]
@@ -217,7 +216,13 @@ class MixtureLM(HFLM):
             ids[b, : inplens[b]] = torch.tensor(seq[:-1])
             tail = seq[start + 1 :]
             targets[b, : len(tail)] = torch.tensor(tail)
-        ids, targets = ids.to(self.device), targets.to(self.device)
+        return ids.to(self.device), targets.to(self.device), inplens, start, keep
+
+    def _fast_score_chunk(self, chunk, greedy: bool):
+        """Per request: (target log-probs, argmax or None, mixed log-probs at the last position, its index)."""
+        from memdec import fast
+
+        ids, targets, inplens, start, keep = self._fast_inputs(chunk)
         vocab = self.mix_vocab_size
         with torch.no_grad(), self._autocast():
             # lmbda 0 / 1: only the model that counts runs (the other's scores are never read)
@@ -290,19 +295,24 @@ class MemDecLM(MixtureLM):
     """`--model memdec --model_args pretrained=BASE,memory=MEMDEC[,lmbda=...,mem_temperature=...]`.
 
     Without max_length in --model_args, max_length is the shorter of the two models' contexts.
+    `router=ROUTER[,router_threshold=t]` (memdec train-router) mixes with per-token weights instead of lmbda;
+    scoring then runs the plain path (full distributions and both models' final hidden states).
     """
 
     fast_scoring = True
 
     def __init__(self, pretrained: Any, memory: str | None = None, memory_revision: str | None = None,
                  lmbda: float | None = None, mem_temperature: float = 1.0, fast: bool | str = True,
-                 graph_base: bool | str | None = None, **kwargs: Any) -> None:
+                 graph_base: bool | str | None = None, router: str | None = None,
+                 router_threshold: float | None = None, **kwargs: Any) -> None:
         if not memory:
             raise ValueError("memdec: give the Memory Decoder as memory=PATH_OR_ID in --model_args")
         fast = _as_bool(fast, "fast")
         self.graph_base = None if graph_base is None else _as_bool(graph_base, "graph_base")
         if lmbda is not None:
             check_lmbda(lmbda)
+        router = None if router is None else str(router)
+        check_router_args(lmbda, router, router_threshold)
         mem_temperature = check_temperature(mem_temperature)
         memory = resolve_model_path(str(memory), "memory")
         memory_revision = None if memory_revision is None else str(memory_revision)
@@ -320,7 +330,7 @@ class MemDecLM(MixtureLM):
         check_context(mem_model, self.max_length, f"memory {memory}",
                       f" (max_length {self.max_length}); pass a smaller max_length in --model_args")
         self.joint = MemoryDecoder(self.model, mem_model, self.tokenizer, self.lmbda, mem_temperature, memory,
-                                   memory_revision)
+                                   memory_revision, router, router_threshold)
         if not fast:  # the plain paths: full mixtures for scoring, dynamic caches for decoding
             self.fast_scoring = False
             self.joint.fast_decode = False
@@ -332,6 +342,13 @@ class MemDecLM(MixtureLM):
     def other_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.joint.memory_logprobs(input_ids, attention_mask)
 
+    def mixed_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The lmbda mixture, or with a router the per-token routed mixture (memdec.router)."""
+        if self.joint.router is None:
+            return super().mixed_logprobs(input_ids, attention_mask)
+        with torch.no_grad(), self._autocast():
+            return self.joint.logprobs(input_ids, attention_mask)
+
     def other_scores(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         """The memory's raw logits at the last `keep` positions (normalised, after mem_temperature, by memdec.fast).
 
@@ -341,12 +358,60 @@ class MemDecLM(MixtureLM):
         from memdec import fast
 
         memory = self.joint.memory
+        runner = self.__dict__.get("_memory_forward")
+        hidden = self.joint.router is not None  # rows: [logits, final hidden state]
+        if runner is None or runner.model is not memory or runner.hidden != hidden:
+            runner = self.__dict__["_memory_forward"] = fast.GraphedForward(memory, hidden=hidden)
         with torch.no_grad():
-            return fast.graphed(memory)(input_ids.to(memory.device), None, keep)
+            return runner(input_ids.to(memory.device), None, keep)
 
     @property
     def other_temperature(self) -> float:
         return self.joint.mem_temperature
+
+    def _fast_score_chunk(self, chunk, greedy: bool):
+        """With a router: the per-token weights need both models' final hidden states and the four scalars
+        of each distribution at the scored positions; computed in float32 row chunks (memdec.fast)."""
+        if self.joint.router is None:
+            return super()._fast_score_chunk(chunk, greedy)
+        from memdec import fast
+        from memdec.mixing import log_softmax
+        from memdec.router import (
+            apply_threshold,
+            distribution_scalars,
+            routed_logprobs,
+            routed_target_logprobs,
+        )
+
+        ids, targets, inplens, start, keep = self._fast_inputs(chunk)
+        vocab, temp, router = self.mix_vocab_size, self.other_temperature, self.joint.router
+        with torch.no_grad(), self._autocast():
+            base, other = fast.run_concurrently(lambda: fast.lm_logits_hidden(self.model, ids, None, keep),
+                                                lambda: self.other_scores(ids, keep).to(self.device), self.device)
+        wb, wm = (m.get_output_embeddings().weight.shape[0] for m in (self.model, self.joint.memory))
+        (bl, bh), (ml, mh) = (base[..., :wb], base[..., wb:]), (other[..., :wm], other[..., wm:])
+        rows = fast._rows_per_chunk(vocab)
+        b_rows, m_rows = bl.reshape(-1, wb), ml.reshape(-1, wm)
+        scalars, am = [], []
+        with torch.no_grad():
+            for i in range(0, b_rows.shape[0], rows):
+                blp, mlp = log_softmax(b_rows[i : i + rows], vocab), log_softmax(m_rows[i : i + rows], vocab, temp)
+                scalars.append(torch.cat([distribution_scalars(blp), distribution_scalars(mlp)], -1))
+            scalars = torch.cat(scalars).reshape(*bl.shape[:-1], 4)
+            lw = apply_threshold(router.net(bh, mh, scalars), router.threshold)
+            lp = routed_target_logprobs(fast.target_logprobs(bl, targets, vocab),
+                                        fast.target_logprobs(ml, targets, vocab, temp), lw).cpu()
+            if greedy:
+                lw_rows = lw.reshape(-1, 2)
+                for i in range(0, b_rows.shape[0], rows):
+                    am.append(routed_logprobs(log_softmax(b_rows[i : i + rows], vocab),
+                                              log_softmax(m_rows[i : i + rows], vocab, temp),
+                                              lw_rows[i : i + rows]).argmax(-1))
+                am = torch.cat(am).reshape(bl.shape[:-1]).cpu()
+            q = torch.tensor([i - 1 - start for i in inplens], device=bl.device)
+            r = torch.arange(len(chunk), device=bl.device)
+            last = routed_logprobs(log_softmax(bl[r, q], vocab), log_softmax(ml[r, q], vocab, temp), lw[r, q]).cpu()
+        return [(lp[b], am[b] if greedy else None, last[b], int(q[b])) for b in range(len(chunk))]
 
     def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, stopping_criteria,
                   **kwargs: Any) -> torch.Tensor:
@@ -364,6 +429,9 @@ class MemDecLM(MixtureLM):
                     mem_temperature=self.joint.mem_temperature, memory_num_parameters=mem.num_parameters(),
                     memory_dtype=str(mem.dtype), fast=self.fast_scoring,
                     graph_base=self.graph_base if self.graph_base is not None else fast.graph_base_enabled())
+        if self.joint.router is not None:
+            info.update(lmbda=None, router=self.joint.router.path, router_threshold=self.joint.router.threshold,
+                        router_config=self.joint.router.summary())
         return info
 
 

@@ -171,6 +171,17 @@ def model_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     return log_softmax(model(**kwargs).logits, vocab_size, temperature)
 
 
+@torch.no_grad()
+def model_logprobs_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int,
+                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model_logprobs` and the final hidden state (B, T, H) that fed the LM head (for a router)."""
+    from memdec.router import capture_head_input
+
+    with capture_head_input(model) as seen:
+        logp = model_logprobs(model, input_ids, attention_mask, vocab_size, temperature)
+    return logp, seen[-1]
+
+
 # ---- the decode loop ----
 
 Step = Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
@@ -316,11 +327,53 @@ class _Caches:
     caches: dict[str, Any] = field(default_factory=dict)
 
 
+def check_router_args(lmbda: Any, router: Any, threshold: Any) -> None:
+    """One-line errors for lmbda and router together, a missing router folder, a threshold outside [0, 1]."""
+    from memdec.router import ROUTER_CONFIG, check_threshold
+
+    check_threshold(threshold)
+    if router is None:
+        if threshold is not None:
+            raise ValueError("router_threshold needs a router")
+        return
+    if lmbda is not None:
+        raise ValueError(f"lmbda={lmbda} and router={router} together: a router sets the weights per token; "
+                         "give one of them")
+    if not isinstance(router, str | os.PathLike):
+        return
+    if not os.path.isdir(router):
+        raise FileNotFoundError(f"router {router}: no such folder")
+    if not os.path.isfile(os.path.join(router, ROUTER_CONFIG)):
+        raise FileNotFoundError(f"router {router}: {ROUTER_CONFIG} is missing (not a router folder)")
+
+
+def load_router(router: Any, threshold: float | None, base=None, memory=None, tokenizer=None):
+    """A memdec.router.Router from a folder (or one given), checked against the models; None stays None."""
+    from memdec.router import Router, check_threshold
+
+    threshold = check_threshold(threshold)
+    if router is None:
+        if threshold is not None:
+            raise ValueError("router_threshold needs a router")
+        return None
+    if isinstance(router, Router):
+        router.check(base, memory, tokenizer)
+        if threshold is not None:
+            router.threshold = threshold
+        return router
+    return Router.load(str(router), threshold, base, memory, tokenizer)
+
+
 class MemoryDecoder:
-    """A base causal LM mixed with a Memory Decoder: p = lmbda * p_mem + (1 - lmbda) * p_base."""
+    """A base causal LM mixed with a Memory Decoder: p = lmbda * p_mem + (1 - lmbda) * p_base.
+
+    With a `router` (memdec.router), the weights are per token instead: log p = logaddexp(log w_base +
+    log p_base, log w_mem + log p_mem), w from both models' final hidden states (lmbda is then unused).
+    """
 
     def __init__(self, base, memory, tokenizer, lmbda: float = DEFAULT_LMBDA, mem_temperature: float = 1.0,
-                 memory_name: str | None = None, memory_revision: str | None = None) -> None:
+                 memory_name: str | None = None, memory_revision: str | None = None, router: Any = None,
+                 router_threshold: float | None = None) -> None:
         self.base = base.eval()
         self.memory = memory.eval()
         self.tokenizer = tokenizer
@@ -328,6 +381,9 @@ class MemoryDecoder:
         self.mem_temperature = check_temperature(mem_temperature)
         self.memory_name = memory_name or getattr(memory, "name_or_path", None)
         self.memory_revision = memory_revision
+        self.router = load_router(router, router_threshold, base, memory, tokenizer)
+        if self.router is not None:
+            self.router.to(base.device)
 
     @classmethod
     def from_pretrained(
@@ -341,13 +397,17 @@ class MemoryDecoder:
         revision: str | None = None,
         memory_revision: str | None = None,
         trust_remote_code: bool = False,
+        router: str | None = None,
+        router_threshold: float | None = None,
     ) -> MemoryDecoder:
         """Load base and memory (local folders or hub ids); lmbda defaults to the memory's memdec.json, else 0.5.
 
         Tokenizers are compared before any weights are loaded; the memory gets the base's device and dtype.
+        With `router` (a memdec train-router folder) the mixture is routed per token; lmbda must then be None.
         """
         if lmbda is not None:
             check_lmbda(lmbda)
+        check_router_args(lmbda, router, router_threshold)
         check_temperature(mem_temperature)
         base = resolve_model_path(base, "base")
         memory = resolve_model_path(memory, "memory")
@@ -359,7 +419,8 @@ class MemoryDecoder:
         base_model = load_causal_lm(base, "base", revision, dtype, device, trust_remote_code)
         mem_model = load_causal_lm(memory, "memory", memory_revision, base_model.dtype, base_model.device,
                                    trust_remote_code)
-        return cls(base_model, mem_model, tokenizer, lmbda, mem_temperature, memory, memory_revision)
+        return cls(base_model, mem_model, tokenizer, lmbda, mem_temperature, memory, memory_revision, router,
+                   router_threshold)
 
     # -- properties --
 
@@ -390,6 +451,11 @@ class MemoryDecoder:
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mixed float32 next-token log-probs (B, T, len(tokenizer)); left padding allowed."""
+        if self.router is not None:
+            base, bh = model_logprobs_hidden(self.base, input_ids, attention_mask, self.vocab_size)
+            mem, mh = model_logprobs_hidden(self.memory, input_ids, attention_mask, self.vocab_size,
+                                            self.mem_temperature)
+            return self.router.mix(base, mem.to(base.device), bh, mh)
         base = self.base_logprobs(input_ids, attention_mask)
         return mix_logprobs(base, self.memory_logprobs(input_ids, attention_mask).to(base.device), self.lmbda)
 
@@ -417,9 +483,18 @@ class MemoryDecoder:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         common = dict(window=window, stride=stride, batch_size=batch_size, vocab_size=self.vocab_size, pad_id=pad,
                       progress=progress)
-        base = token_logprobs(self.base, tokens, **common)
-        mem = token_logprobs(self.memory, tokens, temperature=self.mem_temperature, **common)
-        mixed = mix_logprobs(torch.from_numpy(base), torch.from_numpy(mem), self.lmbda).numpy()
+        if self.router is not None:
+            from memdec.router import model_features, routed_target_logprobs
+
+            fb = model_features(self.base, tokens, what="base", **common)
+            fm = model_features(self.memory, tokens, temperature=self.mem_temperature, what="memory", **common)
+            base, mem = fb["logp"], fm["logp"]
+            lw = self.router.feature_log_weights(fb, fm).double()
+            mixed = routed_target_logprobs(torch.from_numpy(base), torch.from_numpy(mem), lw).numpy()
+        else:
+            base = token_logprobs(self.base, tokens, **common)
+            mem = token_logprobs(self.memory, tokens, temperature=self.mem_temperature, **common)
+            mixed = mix_logprobs(torch.from_numpy(base), torch.from_numpy(mem), self.lmbda).numpy()
         return {"perplexity": perplexity(mixed), "nll": float(-np.mean(mixed)), "tokens": int(mixed.size),
                 "base_perplexity": perplexity(base), "memory_perplexity": perplexity(mem)}
 
@@ -427,11 +502,22 @@ class MemoryDecoder:
 
     def _model_step(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     position_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-        """One forward of one model over the new tokens with its KV cache: (last-position logits (B, V'), cache)."""
+        """One forward of one model over the new tokens with its KV cache: (last-position logits (B, V'), cache).
+
+        With a router, the last position's final hidden state is kept in `self._hidden[model]`.
+        """
+        from memdec.router import capture_head_input
+
         device = model.device
         name = cache_kwarg(model)
-        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                    position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1, **{name: cache})
+        if self.router is None:
+            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                        position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1, **{name: cache})
+            return out.logits[:, -1, :], getattr(out, name)
+        with capture_head_input(model) as seen:
+            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                        position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1, **{name: cache})
+        self.__dict__.setdefault("_hidden", {})[id(model)] = seen[-1][:, -1]
         return out.logits[:, -1, :], getattr(out, name)
 
     def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: _Caches | None):
@@ -444,6 +530,13 @@ class MemoryDecoder:
         mem_logits, state.caches["memory"] = self._model_step(
             self.memory, input_ids[:, new], attention_mask, positions, state.caches.get("memory"))
         state.seen = input_ids.shape[1]
+        if self.router is not None:
+            from memdec.mixing import log_softmax
+
+            hid = self.__dict__["_hidden"]
+            return self.router.mix(log_softmax(base_logits, self.vocab_size),
+                                   log_softmax(mem_logits, self.vocab_size, self.mem_temperature).to(base_logits.device),
+                                   hid[id(self.base)], hid[id(self.memory)]), state
         return mixture_logprobs(base_logits, mem_logits.to(base_logits.device), self.lmbda, self.vocab_size,
                                 self.mem_temperature), state
 
@@ -463,16 +556,24 @@ class MemoryDecoder:
         size = -(-(total + 1) // 256) * 256
         if self.max_length is not None:
             size = max(total + 1, min(size, self.max_length))
-        lmbda, temperature, vocab = self.lmbda, self.mem_temperature, self.vocab_size
+        lmbda, temperature, vocab, router = self.lmbda, self.mem_temperature, self.vocab_size, self.router
+        widths = [m.get_output_embeddings().weight.shape[0] for m in (self.base, self.memory)]
 
         def mixture(logits: tuple[torch.Tensor, ...]) -> torch.Tensor:  # part of the captured step on CUDA
+            if router is not None:  # rows are [logits, final hidden state] (GraphedDecoder hidden=True)
+                from memdec.mixing import log_softmax
+
+                (bl, bh), (ml, mh) = ((x[:, :w], x[:, w:]) for x, w in zip(logits, widths, strict=True))
+                return router.mix(log_softmax(bl, vocab), log_softmax(ml, vocab, temperature).to(bl.device), bh,
+                                  mh.to(bl.device))
             return mixture_logprobs(logits[0], logits[1].to(logits[0].device), lmbda, vocab, temperature)
 
-        key = (batch, size, lmbda, temperature)
+        key = (batch, size, lmbda, temperature) + (() if router is None else (id(router), router.threshold))
         decoders = self.__dict__.setdefault("_decoders", {})
         if key not in decoders:
             decoders.clear()  # each holds two static KV caches
-            decoders[key] = GraphedDecoder([self.base, self.memory], batch, size, post=mixture)
+            decoders[key] = GraphedDecoder([self.base, self.memory], batch, size, post=mixture,
+                                           hidden=router is not None)
         return decoders[key]
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -511,17 +612,19 @@ class MemoryDecoder:
             return generate_tokens(self._step, *args, **kwargs)
 
     def __repr__(self) -> str:
+        mix = f"router={self.router.path!r}" if self.router is not None else f"lmbda={self.lmbda}"
         return (f"MemoryDecoder(base={getattr(self.base, 'name_or_path', '?')!r}, memory={self.memory_name!r}, "
-                f"lmbda={self.lmbda}, mem_temperature={self.mem_temperature})")
+                f"{mix}, mem_temperature={self.mem_temperature})")
 
 
 
 def generate_text(base: str, memory: str, prompts: Sequence[str], lmbda: float | None = None,
                   mem_temperature: float = 1.0, device: str | None = None, dtype: str = "auto",
-                  batch_size: int = 8, **generation: Any) -> list[str]:
+                  batch_size: int = 8, router: str | None = None, router_threshold: float | None = None,
+                  **generation: Any) -> list[str]:
     """Continuations of `prompts` under the mixture (`memdec generate`); `generation` as for `MemoryDecoder.generate`."""
     joint = MemoryDecoder.from_pretrained(base, memory, lmbda=lmbda, mem_temperature=mem_temperature, dtype=dtype,
-                                          device=device)
+                                          device=device, router=router, router_threshold=router_threshold)
     tok = joint.tokenizer
     if tok.pad_token is None and tok.eos_token is not None:  # (GPT-2's) batches of prompts are padded with EOS
         tok.pad_token = tok.eos_token

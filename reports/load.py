@@ -6,7 +6,7 @@ A run is labelled from the results' own config, never from folder names (lm-eval
 - `method` — an explicit `method=` in `--metadata` (lm-eval copies it into every task's
   `configs[task].metadata`) or in `model_args` wins; it may be a key of METHODS ("memdec", "knnlm",
   "rag", "dapt", "lora", "base") or any label of your own. Otherwise it is inferred from the model
-  class: `memdec` → +MemDec, `knnlm` → +kNN-LM, `incontext_rag` → +In-Context RAG; a run with
+  class: `memdec` → +MemDec (with `router=` in its model_args → +MemDec (router)), `knnlm` → +kNN-LM, `incontext_rag` → +In-Context RAG; a run with
   `peft=` → +LoRA; a run whose `pretrained` is a local folder holding the `baseline.json` that
   `memdec dapt` writes ({"method": "dapt", "base": ...}) → +DAPT; any other run → base.
 - `base` — the base model's short name (last path component): an explicit `base=` in `--metadata`
@@ -41,16 +41,18 @@ METHODS = {
     "dapt": "+DAPT",
     "lora": "+LoRA",
     "memdec": "+MemDec",
+    "memdec_router": "+MemDec (router)",
 }
 METHOD_ALIASES = {
     "incontext_rag": "rag", "in-context rag": "rag", "in_context_rag": "rag", "+in-context rag": "rag",
     "knn-lm": "knnlm", "knn_lm": "knnlm", "+knn-lm": "knnlm",
     "+dapt": "dapt", "peft": "lora", "+lora": "lora", "memory_decoder": "memdec", "+memdec": "memdec",
+    "router": "memdec_router", "+memdec (router)": "memdec_router", "memdec-router": "memdec_router",
 }
 MODEL_METHODS = {"memdec": "memdec", "knnlm": "knnlm", "incontext_rag": "rag"}
 HF_MODELS = {"hf", "hf-auto", "huggingface", "hf-multimodal"}
 # model_args that tell two runs of one method and base apart (shown in the row label when they differ)
-VARIANT_ARGS = ("memory", "lmbda", "datastore", "k", "temperature", "peft", "corpus")  # listed first
+VARIANT_ARGS = ("memory", "lmbda", "router", "router_threshold", "datastore", "k", "temperature", "peft", "corpus")  # listed first
 IGNORED_ARGS = {"device", "batch_size", "max_batch_size", "parallelize", "device_map", "trust_remote_code",
                 "method", "base"}
 
@@ -141,6 +143,8 @@ def describe_run(res: dict[str, Any]) -> dict[str, Any]:
         method = _method_key(explicit)
     elif model.lower() in MODEL_METHODS:
         method = MODEL_METHODS[model.lower()]
+        if method == "memdec" and args.get("router"):  # per-token weights: its own row (issue 17)
+            method = "memdec_router"
     elif args.get("peft"):
         method = "lora"
     elif (marker := _dapt_marker(pretrained)) is not None:

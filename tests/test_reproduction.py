@@ -1,6 +1,7 @@
 """Smoke test of reports/offline_reproduction/run.py at --small scale on CPU, on a tiny slice of corpora.
 
-Runs every stage for one domain with two base models and two methods (+MemDec, +kNN-LM) plus the bases,
+Runs every stage for one domain with two base models and three methods (+MemDec, +kNN-LM, +MemDec (router))
+plus the bases,
 then checks the +MemDec perplexity against a direct float64 computation of the mixture, the resume
 (a rerun skips every stage), the report and the bundle.
 """
@@ -74,7 +75,8 @@ def config(tmp_path_factory) -> Path:
 def done(tmp_path_factory, corpora, config) -> dict:
     root = tmp_path_factory.mktemp("repro")
     argv = ["--config", str(config), "--run", str(root / "run"), "--out", str(root / "out"), "--small",
-            "--corpora", str(corpora), "--serial", "--domains", "finance", "--methods", "base", "memdec", "knnlm"]
+            "--corpora", str(corpora), "--serial", "--domains", "finance", "--methods", "base", "memdec", "knnlm",
+            "router"]
     rc = run.main(argv)
     return {"rc": rc, "argv": argv, "run": root / "run", "out": root / "out", "config": config}
 
@@ -143,7 +145,7 @@ def test_bundle_report_and_times(done):
     with tarfile.open(out / "results.tar.gz") as tar:
         names = tar.getnames()
     n_json = len(list((runs / "results").rglob("*.json")))
-    assert sum(n.endswith(".json") for n in names) == n_json == 2 + 2 * 2 + 1  # bases, memdec+knnlm, tune
+    assert sum(n.endswith(".json") for n in names) == n_json == 2 + 2 * 3 + 1  # bases, memdec+knnlm+router, tune
     md = (out / "results.md").read_text()
     assert "## The paper's claims against these numbers" in md and "Domain perplexity" in md
     times = json.loads((out / "times.json").read_text())
@@ -186,3 +188,14 @@ def test_stage_inputs_script_lists_every_corpus_file():
     for name in ("general", "bio", "finance", "law"):
         assert name in text
     assert all(s in text for s in ("train", "valid", "test"))
+
+
+def test_router_method_trained_once_and_evaluated_with_every_base(done):
+    router = done["run"] / "domains" / "finance" / "router-finance"
+    cfg = json.loads((router / "router_config.json").read_text())
+    tuned = json.loads((done["run"] / "results" / "finance" / "tune_lambda.json").read_text())
+    assert cfg["inputs"] == "memory" and cfg["base"].endswith(tuned["base"])  # the base tune-lambda uses
+    for base in ("base-10m", "base-100m"):
+        (path,) = (done["run"] / "results" / "finance").glob(f"{base}__router_*.json")
+        res = json.loads(path.read_text())
+        assert res["config"]["router"] == str(router) and res["config"]["lmbda"] is None

@@ -13,7 +13,10 @@ Steps (each skipped when its output is complete, so a rerun after a kill or a ti
              (memdec.targets), a Memory Decoder from the smallest base (memdec.train), lmbda on valid
              (memdec.tune.tune_lambda, largest base), DAPT and LoRA (--match-params) per base
              (baselines.dapt / baselines.lora); then memdec-eval (in process) of every base x method on
-             the domain's test split and on general/test: +MemDec, +kNN-LM, +In-Context RAG, +DAPT, +LoRA
+             the domain's test split and on general/test: +MemDec, +kNN-LM, +In-Context RAG, +DAPT, +LoRA,
+             +MemDec (router): a per-token router (memdec.router, issue 17) trained with the largest base on the
+             domain's valid split + general/valid, reading the memory's hidden state and the four scalars, so it
+             is evaluated with every base
 6. eval      every base alone on the three domain tests and general/test
 7. report    `memdec report` over RUN/results (RUN/report/report.md, .csv, .png) and RUN/report/results.md
              (card, stage times, lmbda, tables, the paper's claims checked against the numbers)
@@ -48,7 +51,7 @@ from memdec.formats import is_complete, read_json, write_json  # noqa: E402
 
 TASKS = {"bio": "memdec_bio_ppl", "finance": "memdec_finance_ppl", "law": "memdec_law_ppl",
          "general": "memdec_general_ppl"}
-METHODS = ("memdec", "knnlm", "rag", "dapt", "lora")
+METHODS = ("memdec", "knnlm", "rag", "dapt", "lora", "router")
 SPLITS = ("train", "valid", "test")
 
 
@@ -132,6 +135,9 @@ class Paths:
 
     def dapt(self, dom: str, base: str) -> Path:
         return self.domain(dom) / f"dapt-{dom}-{base}"
+
+    def router(self, dom: str) -> Path:
+        return self.domain(dom) / f"router-{dom}"
 
     def lora(self, dom: str, base: str) -> Path:
         return self.domain(dom) / f"lora-{dom}-{base}"
@@ -367,6 +373,22 @@ def job_domain(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...] = MET
     st("tune-lambda", "lmbda_tuning" in read_json(paths.memdec(dom) / "memdec.json")
        and (paths.results / dom / "tune_lambda.json").exists(), tune)
 
+    if "router" in methods:  # issue 17: a per-token router on the domain's valid split + general valid text
+        def router():
+            from memdec.router import train_router
+
+            e, r = cfg["eval"], cfg.get("router", {})
+            # trained with the largest base (as tune-lambda); it reads the memory's hidden state and the four
+            # scalars only (lmdeploy's mem_hidden_both_scalars), so one router serves every base
+            train_router(str(paths.model(paths.largest)), str(paths.memdec(dom)),
+                         [str(paths.corpus(dom, "valid")), str(paths.corpus("general", "valid"))], paths.router(dom),
+                         inputs=r.get("inputs", "memory"), layers=int(r.get("layers", 2)),
+                         steps=int(r.get("steps", 500)), window=int(e["window"]), stride=int(e["stride"]),
+                         batch_size=int(e["batch_size"]), device=dev, cache_dir=paths.run / "cache" / "router",
+                         progress=_progress())
+
+        st("router", (paths.router(dom) / "router_config.json").exists(), router)
+
     for base in paths.bases:
         if "dapt" in methods:
             def dapt(base=base):
@@ -407,6 +429,8 @@ def eval_model(cfg: dict, paths: Paths, dom: str, base: str, method: str) -> tup
         return "hf", {"pretrained": b}
     if method == "memdec":
         return "memdec", {"pretrained": b, "memory": str(paths.memdec(dom))}
+    if method == "router":
+        return "memdec", {"pretrained": b, "memory": str(paths.memdec(dom)), "router": str(paths.router(dom))}
     if method == "knnlm":
         k = cfg["knnlm"]
         return "knnlm", {"pretrained": b, "datastore": str(paths.datastore(dom, base)), "k": int(k["k"]),
