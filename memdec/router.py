@@ -438,7 +438,7 @@ def train_router(
     """
     from tqdm.auto import tqdm
 
-    from memdec.data import CorpusSpec, check_min_tokens, load_texts, tokenize
+    from memdec.data import CorpusSpec, check_min_tokens, default_stride, default_window, load_texts, tokenize
     from memdec.joint import (
         default_lmbda,
         load_causal_lm,
@@ -447,7 +447,8 @@ def train_router(
         resolve_model_path,
     )
     from memdec.mixing import check_same_tokenizer
-    from memdec.tune import DEFAULT_WINDOW, _cache_path, _context_length, _torch_dtype
+    from memdec.scoring import context_length
+    from memdec.tune import _cache_path, _torch_dtype
 
     # -- every input checked before long work --
     if inputs not in INPUTS:
@@ -472,9 +473,8 @@ def train_router(
     tok = load_tokenizer(base, "base")
     check_same_tokenizer(tok, load_tokenizer(memory, "memory"), "base", "memory")
     lmbda0 = default_lmbda(read_memdec_json(memory)) if lmbda_init is None else check_lmbda(lmbda_init, "--lmbda-init")
-    limits = [x for x in (_context_length(base, "base"), _context_length(memory, "memory")) if x]
-    window = int(window or min([DEFAULT_WINDOW, *limits]))
-    stride = int(stride or max(1, window // 2))
+    window = int(window or default_window(context_length(base, "base"), context_length(memory, "memory")))
+    stride = int(stride or default_stride(window))
     specs = [CorpusSpec.from_arg(d, max_docs=max_docs) for d in data]
     streams = []
     for spec in specs:
