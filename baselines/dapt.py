@@ -3,7 +3,7 @@
     memdec dapt --model BASE --corpus PATH --out DIR
     memdec-eval --model hf --model_args pretrained=DIR --tasks ...
 
-Training is `memdec.train.train` with beta = 0: plain next-token CE over the same sliding windows as
+Training is `memdec.pipeline.train.train` with beta = 0: plain next-token CE over the same sliding windows as
 the pipeline (`--datastore DIR` trains on a datastore's token stream with its window), accelerate,
 bf16 on a GPU that has it, checkpoints in DIR.partial and resume on rerun.
 """
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from baselines import BASELINE_JSON
-from memdec.data import CorpusSpec
+from memdec.pipeline.data import CorpusSpec
 
 
 def dapt(
@@ -27,9 +27,9 @@ def dapt(
 ) -> Path:
     """Fine-tune all weights of `model` on `corpus` (or a datastore's tokens); returns `out`.
 
-    Other keywords go to `memdec.train.train` (window, stride, steps, epochs, batch_size, ...).
+    Other keywords go to `memdec.pipeline.train.train` (window, stride, steps, epochs, batch_size, ...).
     """
-    from memdec.train import train
+    from memdec.pipeline.train import train
 
     path = train(init=model, out=out, corpus=corpus, datastore=datastore, beta=0.0, lr=lr,
                  extra_files={BASELINE_JSON: {"method": "dapt", "base": str(model)}}, **train_kwargs)

@@ -29,11 +29,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
-from memdec.data import CorpusSpec, load_texts, tokenize
-from memdec.formats import is_complete, load_npy, read_manifest, save_npy, staged_output, write_manifest
-from memdec.harness import _as_int
-from memdec.mixing import tokenizer_fingerprint
-from memdec.scoring import target_logprobs
+from memdec.core.formats import is_complete, load_npy, read_manifest, save_npy, staged_output, write_manifest
+from memdec.eval.models import _as_int
+from memdec.inference.mixing import tokenizer_fingerprint
+from memdec.inference.scoring import target_logprobs
+from memdec.pipeline.data import CorpusSpec, load_texts, tokenize
 
 
 def _bm25s():

@@ -3,10 +3,10 @@
     memdec-eval --model knnlm \
         --model_args pretrained=BASE,datastore=DIR,k=1024,lmbda=0.25,temperature=1.0,backend=torch --tasks ...
 
-At every position the base model's key (the input of its last block's MLP, `memdec.keys`, the same
-key the datastore holds) is searched in the datastore's index (`memdec.search`); the k neighbours'
+At every position the base model's key (the input of its last block's MLP, `memdec.pipeline.keys`, the same
+key the datastore holds) is searched in the datastore's index (`memdec.pipeline.search`); the k neighbours'
 squared L2 distances d give p_knn = softmax(-d / temperature), scattered onto the neighbours' values
-(next tokens), and mixed with the base model in log space (`memdec.mixing`, via `MixtureLM`):
+(next tokens), and mixed with the base model in log space (`memdec.inference.mixing`, via `MixtureLM`):
 p = lmbda * p_knn + (1 - lmbda) * p_base. `recompute_dists=true` replaces the index's (approximate)
 distances with exact ones from the stored keys. Padding positions are never searched.
 """
@@ -19,12 +19,12 @@ import os
 import torch
 from lm_eval.api.registry import register_model
 
-from memdec.datastore import Datastore
-from memdec.harness import MixtureLM, _as_bool, _as_int
-from memdec.joint import check_temperature
-from memdec.keys import capture_keys, key_dim
-from memdec.mixing import mix_logprobs
-from memdec.search import BACKENDS, exact_distances, open_index
+from memdec.eval.models import MixtureLM, _as_bool, _as_int
+from memdec.inference.joint import check_temperature
+from memdec.inference.mixing import mix_logprobs
+from memdec.pipeline.datastore import Datastore
+from memdec.pipeline.keys import capture_keys, key_dim
+from memdec.pipeline.search import BACKENDS, exact_distances, open_index
 
 
 class KNNDistribution:

@@ -6,7 +6,7 @@
 `--match-params` picks the rank whose trainable parameter count is closest to the Memory
 Decoder's, as in the paper: an adapter of rank r on a layer with `fan_in` inputs and `fan_out`
 outputs has r * (fan_in + fan_out) parameters, so the count is exact and linear in r.
-Training is `memdec.train.train` with beta = 0 and a `peft_config` (same windows, resume, bf16).
+Training is `memdec.pipeline.train.train` with beta = 0 and a `peft_config` (same windows, resume, bf16).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from baselines import BASELINE_JSON
-from memdec.data import CorpusSpec
+from memdec.pipeline.data import CorpusSpec
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -105,13 +105,13 @@ def lora(
     """Train a LoRA adapter of `model` on `corpus` (or a datastore's token stream); returns `out`.
 
     Give `rank`, or `match_params` (a Memory Decoder dir) to pick the rank whose parameter count is
-    closest to it (default rank 8). Other keywords go to `memdec.train.train` (window, steps, ...).
+    closest to it (default rank 8). Other keywords go to `memdec.pipeline.train.train` (window, steps, ...).
     """
     from peft import LoraConfig
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from memdec.joint import _first_line, resolve_model_path
-    from memdec.train import check_out, train
+    from memdec.inference.joint import _first_line, resolve_model_path
+    from memdec.pipeline.train import check_out, train
 
     if rank is not None and match_params is not None:
         raise ValueError("lora: give --rank or --match-params, not both")

@@ -10,7 +10,7 @@ the same documents, including lm-eval's batching, the kNN search and scatter, an
 BM25 retrieval on the CPU. Models have random weights (architectures from memdec/configs/arch, no
 download); the tokenizer is a word-level one with the architecture's vocabulary size, and the corpus
 and evaluation documents are Zipf-distributed random words (so BM25 finds partial matches). The
-datastore is built by `memdec.datastore.build_datastore` over the corpus (timed apart); `setup_s` is
+datastore is built by `memdec.pipeline.datastore.build_datastore` over the corpus (timed apart); `setup_s` is
 each model's construction (for RAG it includes the BM25 index build, cached on disk in real use).
 """
 
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     from baselines.incontext_rag import InContextRAG
     from baselines.knnlm import KNNLM
     from memdec.bench import arch_config
-    from memdec.datastore import build_datastore
-    from memdec.harness import MemDecLM
+    from memdec.eval.models import MemDecLM
+    from memdec.pipeline.datastore import build_datastore
 
     device = torch.device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")

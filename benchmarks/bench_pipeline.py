@@ -3,18 +3,18 @@
     python benchmarks/bench_pipeline.py --device cuda --out runs/bench-pipeline           # one GPU
     OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --device cpu --small --out /tmp/bench   # seconds
 
-(a) datastore build throughput (`memdec.datastore.build_datastore`, tokens/s) against a plain forward
+(a) datastore build throughput (`memdec.pipeline.datastore.build_datastore`, tokens/s) against a plain forward
     pass (full model with its LM head, logits left on the device) of the same model over the same
     windows and batches. The model is GPT-2-small-shaped (12 x 768, vocabulary 50257) with random
     weights built from a config (no download), in bf16 by default; the corpus is random words of a
     word-level tokenizer with the model's vocabulary. Tokenization is timed apart and excluded.
-(b) exact-search kNN targets per second: `memdec.search.TorchIndex` over >= 10M random float16 keys
+(b) exact-search kNN targets per second: `memdec.pipeline.search.TorchIndex` over >= 10M random float16 keys
     of dimension 768 kept on the GPU, k = 1024 (+1 for the query's own row), followed by
-    `memdec.targets.knn_distribution` (self removal, softmax, scatter by token, float16 CSR) --
+    `memdec.pipeline.targets.knn_distribution` (self removal, softmax, scatter by token, float16 CSR) --
     everything `memdec targets` does per query except reading keys from and writing rows to disk.
-(c) training tokens/s of one optimizer step (forward, sparse KL + CE via `memdec.train.memdec_loss`,
+(c) training tokens/s of one optimizer step (forward, sparse KL + CE via `memdec.pipeline.train.memdec_loss`,
     backward, AdamW) on a GPT-2-small-shaped model with random kNN targets of `--support` entries
-    per position; skipped when memdec.train is not there. Data loading is not included.
+    per position; skipped when memdec.pipeline.train is not there. Data loading is not included.
 
 Needs only torch, transformers and numpy (no faiss, no network). Runs from a plain checkout.
 Writes bench_pipeline.json and bench_pipeline.md (with the device name and date) to --out.
@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memdec.data import sliding_windows, tokenize, window_batch  # noqa: E402
+from memdec.pipeline.data import sliding_windows, tokenize, window_batch  # noqa: E402
 
 
 def word_tokenizer(vocab_size: int):
@@ -84,7 +84,7 @@ def sync(device: torch.device) -> None:
 
 
 def bench_datastore(args, shape: dict, device: torch.device, dtype: torch.dtype, work: Path) -> dict:
-    from memdec.datastore import build_datastore
+    from memdec.pipeline.datastore import build_datastore
 
     tok = word_tokenizer(shape["vocab"])
     docs = random_docs(args.tokens, shape["vocab"])
@@ -170,8 +170,8 @@ def float64_recall(keys: torch.Tensor, q_rows: torch.Tensor, ids: torch.Tensor, 
 def bench_targets(args, device: torch.device, n: int, dim: int, rate: float, group: int | None = None,
                   tile_bytes: int | None = None, distribution: bool = True) -> dict:
     """Exact search (+ kNN distribution) of `args.queries` stored keys over n random float16 keys on the device."""
-    from memdec.search import TorchIndex
-    from memdec.targets import knn_distribution
+    from memdec.pipeline.search import TorchIndex
+    from memdec.pipeline.targets import knn_distribution
 
     k = args.k
     keys = random_keys(n, dim, device)
@@ -201,7 +201,7 @@ def bench_targets(args, device: torch.device, n: int, dim: int, rate: float, gro
     floor = 2.0 * args.queries * n * dim / rate
     out.update(floor_s=round(floor, 4), search_vs_floor=round(floor / t_search, 3))
     out["recall_vs_float64"] = round(float64_recall(keys, rows[s : s + 64], i[:64], k + 1), 5)
-    from memdec import search as search_mod
+    from memdec.pipeline import search as search_mod
 
     out["rerank"] = "eager (" + search_mod._RERANK["broken"] + ")" if "broken" in search_mod._RERANK else "compiled"
     if device.type == "cuda":
@@ -256,7 +256,7 @@ class PeakRSS:
 
 def write_random_datastore(keys: torch.Tensor, folder: Path, shard_rows: int = 1 << 21) -> Path:
     """A datastore folder of the given keys (random values and tokens), shard by shard."""
-    from memdec.formats import write_manifest
+    from memdec.core.formats import write_manifest
 
     folder.mkdir(parents=True)
     n, dim = keys.shape
@@ -276,8 +276,8 @@ def write_random_datastore(keys: torch.Tensor, folder: Path, shard_rows: int = 1
 def bench_stream(args, device: torch.device, n: int, dim: int, rate: float, source: str, work: Path) -> dict:
     """Exact search with the keys kept off the device (capped memory): streamed from a host tensor or
     read from a datastore's shard files."""
-    from memdec.datastore import Datastore
-    from memdec.search import TorchIndex
+    from memdec.pipeline.datastore import Datastore
+    from memdec.pipeline.search import TorchIndex
 
     k = args.k
     dev_keys = random_keys(n, dim, device, seed=2)
@@ -336,12 +336,12 @@ def profile(fn, out: Path, title: str, rows: int = 25) -> None:
 
 def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype, rate: float, compiled: bool = True,
                 loss: str = "compiled") -> dict:
-    """Optimizer steps as memdec.train's loop runs them on a GPU: (compiled) model under autocast, the
+    """Optimizer steps as memdec.pipeline.train's loop runs them on a GPU: (compiled) model under autocast, the
     step loss on the flat logit rows with `--support`-entry kNN targets, fused AdamW, no host sync."""
     try:
-        from memdec.train import _step_loss
+        from memdec.pipeline.train import _step_loss
     except ImportError as e:
-        return {"skipped": f"memdec.train._step_loss not available ({e})"}
+        return {"skipped": f"memdec.pipeline.train._step_loss not available ({e})"}
     model = (qwen05(shape, device) if shape.get("qwen") else gpt2(shape, device, torch.float32)).train()
     if compiled:
         model.compile()
@@ -384,7 +384,7 @@ def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype, rat
     n_params = sum(p.numel() for p in model.parameters())
     flops_token = 6 * n_params + 12 * shape["layers"] * shape["dim"] * length  # nanoGPT's count
     tps = b * length * args.train_steps / t
-    from memdec import train as train_mod
+    from memdec.pipeline import train as train_mod
 
     os.environ.pop("MEMDEC_TRAIN_LOSS")
     return {"batch": b, "window": length, "support": s, "steps": args.train_steps, "compiled": compiled,
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                     res["targets"].append(r)
                     save()
         if args.stream and "stream" not in args.skip and device.type == "cuda":
-            from memdec.search import _env_bytes
+            from memdec.pipeline.search import _env_bytes
 
             os.environ["MEMDEC_BENCH_CAP"] = args.stream_cap
             args.stream_cap = _env_bytes("MEMDEC_BENCH_CAP")

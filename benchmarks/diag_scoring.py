@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from memdec import bench, fast
+from memdec import bench
+from memdec.inference import fast
 
 LMBDA = 0.5
 
@@ -39,7 +40,7 @@ def streams(dev: torch.device) -> None:
         for s in streams_used:
             main.wait_stream(s)
 
-    def mem_side_first(ff, x, y):  # memdec's order (memdec.fast.run_concurrently)
+    def mem_side_first(ff, x, y):  # memdec's order (memdec.inference.fast.run_concurrently)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             m = ff(x)

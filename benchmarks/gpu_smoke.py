@@ -14,7 +14,8 @@ import torch
 
 
 def main() -> int:
-    from memdec import MemoryDecoder, fast
+    from memdec import MemoryDecoder
+    from memdec.inference import fast
     from memdec.tiny import tiny_model, train_tokenizer
 
     dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
@@ -60,7 +61,7 @@ def main() -> int:
     ok &= fast.graphed(base).use_graph and runner.use_graph
 
     # per-token scoring over sliding windows (MemoryDecoder.perplexity, tune-lambda): graphed on CUDA
-    from memdec.scoring import token_logprobs
+    from memdec.inference.scoring import token_logprobs
 
     stream = torch.randint(1, len(tok), (3000,))
     got = token_logprobs(base, stream, window=256, stride=128, batch_size=4)

@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="CPU processes (gloo) for a quick local check")
     a = p.parse_args()
 
-    from memdec.data import CorpusSpec, load_texts
+    from memdec.pipeline.data import CorpusSpec, load_texts
     from memdec.tiny import save_model, tiny_model, train_tokenizer
 
     out = Path(a.out)

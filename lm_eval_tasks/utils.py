@@ -4,8 +4,8 @@
   when a data directory is given (`--metadata '{"data_dir": DIR}'` or the `MEMDEC_DATA_DIR` environment
   variable), otherwise its confirmed hub dataset; a task without one needs the local file.
 - `SlidingPerplexityTask`: token-level perplexity over the documents concatenated into one token stream
-  (memdec.data.tokenize: EOS between documents), windows of `ppl_window` tokens every `ppl_stride` tokens
-  (memdec.data.sliding_windows), each window scoring only its new tokens; plus word perplexity and
+  (memdec.pipeline.data.tokenize: EOS between documents), windows of `ppl_window` tokens every `ppl_stride` tokens
+  (memdec.pipeline.data.sliding_windows), each window scoring only its new tokens; plus word perplexity and
   bits per byte. Its requests are of the type `memdec_window_loglikelihood`, which this module adds to
   lm-eval's `TemplateLM` (so `--model hf`, `--model memdec` and every HFLM subclass answer it): the
   model tokenizes with its own tokenizer and passes each window to `_loglikelihood_tokens` as exact
@@ -34,7 +34,7 @@ from lm_eval.api.metrics import bits_per_byte, mean, weighted_perplexity
 from lm_eval.api.model import CacheHook, TemplateLM
 from lm_eval.api.task import ConfigurableTask
 
-from memdec.data import iter_records
+from memdec.pipeline.data import iter_records
 
 eval_logger = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ def load_task_data(
 
 
 def _doc_ends(texts: Sequence[str], tokenizer) -> np.ndarray:
-    """Exclusive end position of each document's tokens in memdec.data.tokenize's stream."""
-    from memdec.data import tokenize
+    """Exclusive end position of each document's tokens in memdec.pipeline.data.tokenize's stream."""
+    from memdec.pipeline.data import tokenize
 
     lengths = np.array([len(tokenize([t], tokenizer, progress=False)) for t in texts], dtype=np.int64)
     sep = 1 if tokenizer.eos_token_id is not None else 0
@@ -165,8 +165,8 @@ def _score_windows(lm: TemplateLM, reqs: list, task: str, disable_tqdm: bool) ->
 def window_loglikelihood(lm: TemplateLM, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, int]]:
     """Answer `memdec_window_loglikelihood` requests: args (text, window, stride), one per document.
 
-    The documents of one task (in doc_id order) form one token stream (memdec.data.tokenize with the
-    model's tokenizer); each window of memdec.data.sliding_windows is scored through the model's
+    The documents of one task (in doc_id order) form one token stream (memdec.pipeline.data.tokenize with the
+    model's tokenizer); each window of memdec.pipeline.data.sliding_windows is scored through the model's
     `_loglikelihood_tokens` with token-exact context and continuation. A window's log-likelihood and
     token count go to the document holding its last token, so per-document entries sum to the exact
     stream totals (only those corpus-level sums are meaningful). Returns (log-likelihood, n_tokens).
@@ -175,7 +175,7 @@ def window_loglikelihood(lm: TemplateLM, requests: list[Instance], disable_tqdm:
     (SlidingPerplexityTask builds them all), scores every world_size-th window and gets the others'
     scores by `lm.all_gather` (`_score_windows`), so each answer equals the one-process answer.
     """
-    from memdec.data import sliding_windows, tokenize
+    from memdec.pipeline.data import sliding_windows, tokenize
 
     def key(req: Instance) -> tuple:
         return req.task_name, int(req.args[1]), int(req.args[2])
@@ -229,7 +229,7 @@ class SlidingPerplexityTask(ConfigurableTask):
     """Token perplexity (sliding windows), word perplexity and bits per byte of a corpus's "text" field.
 
     Window and stride come from the task metadata (`ppl_window`, default 1024, the paper's setting;
-    `ppl_stride`, default half of `ppl_window`, as memdec.data.default_stride), settable with
+    `ppl_stride`, default half of `ppl_window`, as memdec.pipeline.data.default_stride), settable with
     `--metadata '{"ppl_window": 2048, "ppl_stride": 1024}'` or just `'{"ppl_window": 256}'`. (Not
     plain `window`/`stride`: lm-eval copies --model_args into the task metadata, and a model argument
     such as incontext_rag's retrieval `stride` would land there.)
@@ -238,7 +238,7 @@ class SlidingPerplexityTask(ConfigurableTask):
     def __init__(self, config: dict | None = None, **kwargs) -> None:
         config = {k: v for k, v in (config or {}).items() if k != "class"}
         super().__init__(config=config, **kwargs)
-        from memdec.data import default_stride
+        from memdec.pipeline.data import default_stride
 
         meta = self.config.metadata or {}
         try:
@@ -271,7 +271,7 @@ class SlidingPerplexityTask(ConfigurableTask):
         return iter(docs[rank * n // world_size : (rank + 1) * n // world_size])
 
     def download(self, dataset_kwargs: dict[str, Any] | None = None, **kwargs) -> None:
-        """As ConfigurableTask, then drop blank documents (as memdec.data.load_texts does)."""
+        """As ConfigurableTask, then drop blank documents (as memdec.pipeline.data.load_texts does)."""
         super().download(dataset_kwargs, **kwargs)
         for split in list(self.dataset):
             self.dataset[split] = self.dataset[split].filter(lambda d: bool(d["text"] and d["text"].strip()))
@@ -327,7 +327,7 @@ def single_token_words(label_words: Sequence[Sequence[str]], tokenizer) -> list[
 @functools.cache
 def _label_tokenizer(name: str, revision: str | None, trust_remote_code: bool):
     """The model's tokenizer, loaded once for all the zero-shot tasks of a run."""
-    from memdec.joint import load_tokenizer
+    from memdec.inference.joint import load_tokenizer
 
     return load_tokenizer(name, "tokenizer", revision, trust_remote_code)
 

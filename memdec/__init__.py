@@ -10,7 +10,7 @@ __all__ = ["MemoryDecoder", "__version__"]
 def __getattr__(name: str):
     # keep `import memdec` light: torch/transformers load only when the model is asked for
     if name == "MemoryDecoder":
-        from memdec.joint import MemoryDecoder
+        from memdec.inference.joint import MemoryDecoder
 
         return MemoryDecoder
     raise AttributeError(f"module 'memdec' has no attribute {name!r}")

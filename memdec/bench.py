@@ -7,12 +7,12 @@ seconds on a CPU. Everything compared is measured in one process on one device:
 - scoring: the log-prob of every next token of (batch, length) random token ids, as lm-eval's
   `loglikelihood_rolling` asks for it: for the base, what lm-eval's `hf` model computes (logits,
   log_softmax, argmax for is_greedy, gather); for the Memory Decoder, the plain mixture (float32
-  (B, T, V) log-probs of both models, mixed and re-normalised) and the fast path (memdec.fast);
+  (B, T, V) log-probs of both models, mixed and re-normalised) and the fast path (memdec.inference.fast);
 - decoding at batch 1: per-token latency of greedy and sampled decoding, from the time to generate
   N new tokens minus the time to generate 1 (so the prompt's prefill is left out);
 - peak GPU memory of each measurement (torch.cuda.max_memory_allocated).
 
-The kNN-LM searches random float16 keys (memdec.search.TorchIndex, exact, on the device) with the
+The kNN-LM searches random float16 keys (memdec.pipeline.search.TorchIndex, exact, on the device) with the
 base's last-MLP input as the query; In-Context RAG is estimated from its forward passes alone (a
 lower bound: BM25 retrieval on the CPU is left out). Results: bench.json, bench.md (table) and
 bench.png (bar chart, if matplotlib is installed) in --out.
@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from memdec import fast
-from memdec.mixing import log_softmax, mix_logprobs
+from memdec.inference import fast
+from memdec.inference.mixing import log_softmax, mix_logprobs
 
 ARCH_DIR = Path(__file__).parent / "configs" / "arch"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -239,7 +239,7 @@ def score_base_hf(base, ids: torch.Tensor, vocab: int) -> torch.Tensor:
 
 @torch.no_grad()
 def score_base_fast(base, ids: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The fastest base: its forward compiled and CUDA-graphed (memdec.fast.graphed), fused target log-probs.
+    """The fastest base: its forward compiled and CUDA-graphed (memdec.inference.fast.graphed), fused target log-probs.
 
     What the `memdec` lm-eval model computes for a rolling window with lmbda = 0.
     """
@@ -261,10 +261,10 @@ def score_memdec_plain(base, memory, ids: torch.Tensor, vocab: int, lmbda: float
 @torch.no_grad()
 def score_memdec_fast(base, memory, ids: torch.Tensor, vocab: int, lmbda: float,
                       per_token: bool = False) -> torch.Tensor:
-    """The fast path of the `memdec` lm-eval model for rolling windows (memdec.fast.score_tokens), with the
+    """The fast path of the `memdec` lm-eval model for rolling windows (memdec.inference.fast.score_tokens), with the
     base compiled and graphed too (`graph_base=true`).
 
-    `memory` is the model or, as in the `memdec` lm-eval model, a memdec.fast.GraphedForward of it.
+    `memory` is the model or, as in the `memdec` lm-eval model, a memdec.inference.fast.GraphedForward of it.
     """
     other = memory if isinstance(memory, fast.GraphedForward) else (
         lambda i, a, k: fast.lm_logits(memory, i, a, k))
@@ -277,7 +277,7 @@ class KNN:
 
     def __init__(self, base, n_keys: int, k: int, temperature: float, vocab: int, device: torch.device,
                  seed: int) -> None:
-        from memdec.keys import capture_keys, key_dim
+        from memdec.pipeline.keys import capture_keys, key_dim
 
         self.base, self.k, self.temperature, self.vocab = base, k, temperature, vocab
         self.capture_keys = capture_keys
@@ -292,7 +292,7 @@ class KNN:
 
     @staticmethod
     def _index(keys: torch.Tensor, device: torch.device):
-        from memdec.search import TorchIndex
+        from memdec.pipeline.search import TorchIndex
 
         # keys already live on the device in float16: search them in place (no resident copy)
         return TorchIndex(keys, device=device, resident=False, half=device.type == "cuda")
@@ -442,7 +442,7 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
               progress: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Run every measurement of `settings`; write bench.json / bench.md / bench.png to `out`; the results."""
     saved = os.environ.get("MEMDEC_COMPILE")
-    if not settings.compile:  # memdec.fast's fused kernels and MemoryDecoder's graphed decoding
+    if not settings.compile:  # memdec.inference.fast's fused kernels and MemoryDecoder's graphed decoding
         os.environ["MEMDEC_COMPILE"] = "0"
     try:
         return _run_bench(settings, out, progress)
@@ -526,7 +526,7 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
     static = fast.make_static_cache(base, 1, settings.prompt_len + n + 8)
     decoding(r, lambda k, s, static=static: _generate_hf(base, prompt, k, s, static))
 
-    from memdec.joint import MemoryDecoder, generate_tokens
+    from memdec.inference.joint import MemoryDecoder, generate_tokens
 
     sampling = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
     eos = base.config.eos_token_id
@@ -542,9 +542,9 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
         return generate_tokens(single["dec"].decode_step, prompt, None, None, base.generation_config, max_new_tokens=k,
                                min_new_tokens=k, eos_token_id=eos, pad_token_id=eos, **kw)
 
-    r = Row("base (compiled + graphed)", "scoring: memdec.fast.graphed forward (compiled, one CUDA graph per padded "
+    r = Row("base (compiled + graphed)", "scoring: memdec.inference.fast.graphed forward (compiled, one CUDA graph per padded "
                                          "shape) and fused target log-probs, as --model memdec with lmbda=0; "
-                                         "decoding: memdec.fast.GraphedDecoder (static cache, compiled step in a "
+                                         "decoding: memdec.inference.fast.GraphedDecoder (static cache, compiled step in a "
                                          "CUDA graph, MemoryDecoder's decode loop)")
     rows.append(r)
     scoring(r, lambda ids: score_base_fast(base, ids, vocab))
@@ -574,7 +574,7 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
     scoring(r, lambda ids: score_memdec_plain(base, memory, ids, vocab, lmbda))
     decoding(r, lambda k, s: joint_generate(k, s, False))
 
-    r = Row("+MemDec (fast)", "memdec.fast: fused target log-probs, concurrent forwards; MemoryDecoder.generate "
+    r = Row("+MemDec (fast)", "memdec.inference.fast: fused target log-probs, concurrent forwards; MemoryDecoder.generate "
                               "with its graphed two-model step")
     rows.append(r)
     runner = fast.GraphedForward(memory, use_compile=settings.compile and device.type == "cuda")

@@ -11,7 +11,7 @@ import sys
 
 # ---- shared options ----
 
-#: what a --corpus / --data value may be (memdec.data.TEXT_SUFFIXES, spelled out to keep `memdec --help` light)
+#: what a --corpus / --data value may be (memdec.pipeline.data.TEXT_SUFFIXES, spelled out to keep `memdec --help` light)
 CORPUS_FORMS = "a file, folder or glob of .txt/.jsonl/.jsonl.gz/.json/.parquet, or hf:NAME[:CONFIG]"
 
 
@@ -24,7 +24,7 @@ def _add_corpus_options(p) -> None:
 
 def _corpus_spec(value: str | None, args):
     """A CorpusSpec from a --corpus/--data value and the corpus options (None stays None)."""
-    from memdec.data import CorpusSpec
+    from memdec.pipeline.data import CorpusSpec
 
     if value is None:
         return None
@@ -46,7 +46,7 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=run)
 
 
-# ---- train (memdec/train.py) ----
+# ---- train (memdec/pipeline/train.py) ----
 
 
 def _add_train(sub) -> None:
@@ -76,7 +76,7 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     def run(args):
-        from memdec.train import train
+        from memdec.pipeline.train import train
 
         out = train(args.init, args.out, datastore=args.datastore, targets=args.targets, corpus=_corpus_spec(args.corpus, args),
                     beta=args.beta, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
@@ -155,7 +155,7 @@ def _add_lora(sub) -> None:
     p.set_defaults(func=run)
 
 
-# ---- datastore, index, targets (memdec/datastore.py, memdec/search.py, memdec/targets.py) ----
+# ---- datastore, index, targets (memdec/pipeline/datastore.py, memdec/pipeline/search.py, memdec/pipeline/targets.py) ----
 
 
 def _add_datastore(sub) -> None:
@@ -174,7 +174,7 @@ def _add_datastore(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and an unfinished run with other settings)")
 
     def run(args):
-        from memdec.datastore import build_datastore
+        from memdec.pipeline.datastore import build_datastore
 
         out = build_datastore(args.model, _corpus_spec(args.corpus, args), args.out, window=args.window, stride=args.stride,
                               batch_size=args.batch_size, dtype=args.dtype, device=args.device,
@@ -198,7 +198,7 @@ def _add_index(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
 
     def run(args):
-        from memdec.search import build_index
+        from memdec.pipeline.search import build_index
 
         index = build_index(args.datastore, args.backend, out=args.out, nlist=args.nlist, m=args.m,
                             nprobe=args.nprobe, train_size=args.train_size, device=args.device,
@@ -221,7 +221,7 @@ def _add_targets(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and an unfinished run with other settings)")
 
     def run(args):
-        from memdec.targets import build_targets
+        from memdec.pipeline.targets import build_targets
 
         out = build_targets(args.datastore, out=args.out, k=args.k, temperature=args.temperature,
                             backend=args.backend, batch_size=args.batch_size, device=args.device,
@@ -231,7 +231,7 @@ def _add_targets(sub) -> None:
     p.set_defaults(func=run)
 
 
-# ---- pipeline (memdec/pipeline.py) ----
+# ---- pipeline (memdec/pipeline/run.py) ----
 
 
 def _add_pipeline(sub) -> None:
@@ -239,7 +239,7 @@ def _add_pipeline(sub) -> None:
     p.add_argument("config", help="pipeline YAML (example: memdec/configs/gpt2_wikitext103.yaml)")
 
     def run(args):
-        from memdec.pipeline import run_pipeline
+        from memdec.pipeline.run import run_pipeline
 
         result = run_pipeline(args.config)
         print(result["paths"]["train"])
@@ -247,7 +247,7 @@ def _add_pipeline(sub) -> None:
     p.set_defaults(func=run)
 
 
-# ---- report, tune-lambda (reports/report.py, memdec/tune.py) ----
+# ---- report, tune-lambda (reports/report.py, memdec/eval/tune.py) ----
 
 
 def _add_report(sub) -> None:
@@ -293,7 +293,7 @@ def _add_tune_lambda(sub) -> None:
                    help="keep each model's per-token log-probs here: a rerun (new grid, after a kill) reuses them")
 
     def run(args):
-        from memdec.tune import tune_lambda
+        from memdec.eval.tune import tune_lambda
 
         r = tune_lambda(args.base, args.memory, args.data, window=args.window, stride=args.stride, grid=args.grid,
                         batch_size=args.batch_size, write=args.write, plot=args.plot, device=args.device,
@@ -334,7 +334,7 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=run)
 
 
-# ---- generate (memdec/joint.py) ----
+# ---- generate (memdec/inference/joint.py) ----
 
 
 def _add_generate(sub) -> None:
@@ -357,7 +357,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
     def run(args):
-        from memdec.joint import generate_text
+        from memdec.inference.joint import generate_text
 
         if any(prompt == "" for prompt in args.prompt):
             raise ValueError("--prompt: an empty prompt (give at least one character of text to continue)")
@@ -378,7 +378,7 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=run)
 
 
-# ---- train-router, export-router (memdec/router.py) ----
+# ---- train-router, export-router (memdec/inference/router.py) ----
 
 
 def _add_train_router(sub) -> None:
@@ -413,7 +413,7 @@ def _add_train_router(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and an unfinished run with other settings)")
 
     def run(args):
-        from memdec.router import train_router
+        from memdec.inference.router import train_router
 
         out = train_router(args.base, args.memory, args.data, args.out, inputs=args.inputs, scalars=args.scalars,
                            layers=args.layers, hidden=args.hidden, steps=args.steps, lr=args.lr,
@@ -423,7 +423,7 @@ def _add_train_router(sub) -> None:
                            save_every=args.save_every, seed=args.seed, batch_size=args.batch_size,
                            device=args.device, dtype=args.dtype, cache_dir=args.cache, max_docs=args.max_docs,
                            overwrite=args.overwrite)
-        from memdec.formats import read_json
+        from memdec.core.formats import read_json
 
         cfg = read_json(out / "router_config.json")
         ref = cfg["valid_reference_losses"]
@@ -444,7 +444,7 @@ def _add_export_router(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
     def run(args):
-        from memdec.router import export_router
+        from memdec.inference.router import export_router
 
         print(export_router(args.router, args.out, args.format, args.threshold, args.overwrite))
 

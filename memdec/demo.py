@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from memdec.formats import read_json, staged_output, write_json
+from memdec.core.formats import read_json, staged_output, write_json
 
 DATA = Path(__file__).parent / "data"
 TASK = "memdec_bio_ppl"
@@ -53,7 +53,7 @@ class DemoSettings:
 
 
 def _texts(name: str, max_docs: int | None) -> list[str]:
-    from memdec.data import CorpusSpec, load_texts
+    from memdec.pipeline.data import CorpusSpec, load_texts
 
     return load_texts(CorpusSpec(path=str(DATA / f"{name}.jsonl"), max_docs=max_docs))
 
@@ -73,7 +73,7 @@ def _evaluate(name: str, model: str, model_args: dict[str, Any], data_dir: Path,
     import torch
     from lm_eval.tasks import TaskManager
 
-    from memdec.harness import register_models, tasks_dir
+    from memdec.eval.models import register_models, tasks_dir
 
     register_models()
     manager = TaskManager(include_path=[tasks_dir()], include_defaults=False,
@@ -105,9 +105,9 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 def run_demo(out: str | os.PathLike = "runs/demo", settings: DemoSettings | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the demo in `out`; returns {"rows": [...], "table": markdown, "settings": {...}}."""
-    from memdec.pipeline import run_pipeline, stage_complete
+    from memdec.pipeline.run import run_pipeline, stage_complete
+    from memdec.pipeline.train import train
     from memdec.tiny import save_model, tiny_model, train_tokenizer
-    from memdec.train import train
 
     s = settings or DemoSettings()
     out = Path(out)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from memdec.formats import check_output_file
+from memdec.core.formats import check_output_file
 from reports.load import SkippedFileWarning, find_conflicts, load_results
 from reports.plots import lmbda_curve, plot_lmbda, plot_size, size_curve
 from reports.tables import (

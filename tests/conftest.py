@@ -76,7 +76,7 @@ def gpt2_style(tmp_path_factory, texts):
     return paths
 
 
-# ---- datastore fixtures (memdec/datastore.py; used by test_datastore, test_search, test_targets) ----
+# ---- datastore fixtures (memdec/pipeline/datastore.py; used by test_datastore, test_search, test_targets) ----
 
 DATASTORE_ARGS = {"window": 64, "stride": 48, "batch_size": 3, "shard_rows": 2500, "device": "cpu", "progress": False}
 
@@ -84,7 +84,7 @@ DATASTORE_ARGS = {"window": 64, "stride": 48, "batch_size": 3, "shard_rows": 250
 @pytest.fixture(scope="session")
 def tiny_datastore(tiny, texts, tmp_path_factory) -> str:
     """A datastore of the tiny GPT-2 `base` over the domain documents (window 64, stride 48, ~8k rows, 4 shards)."""
-    from memdec.datastore import build_datastore
+    from memdec.pipeline.datastore import build_datastore
 
     out = tmp_path_factory.mktemp("ds") / "domain"
     return str(build_datastore(tiny["base"], texts["domain"], out, **DATASTORE_ARGS))

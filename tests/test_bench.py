@@ -94,7 +94,7 @@ def test_time_budget_skips_and_marks_rows(tmp_path):
 
 def test_fast_decoding_fallback_is_marked_only_when_it_happens(tmp_path, monkeypatch):
     from memdec.cli import main
-    from memdec.joint import MemoryDecoder
+    from memdec.inference.joint import MemoryDecoder
 
     def broken(self, batch, total):
         raise RuntimeError("capture failed")
@@ -115,7 +115,7 @@ def test_bench_needs_no_lm_eval_faiss_or_datasets():
 
     code = ("import sys\n"
             "for n in ('lm_eval', 'faiss', 'datasets', 'bm25s'): sys.modules[n] = None\n"
-            "import memdec.bench, memdec.fast, memdec.joint, memdec.search, memdec.keys, memdec.cli\n"
+            "import memdec.bench, memdec.inference.fast, memdec.inference.joint, memdec.pipeline.search, memdec.pipeline.keys, memdec.cli\n"
             "memdec.bench.arch_config('qwen2.5-0.5b', small=True)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

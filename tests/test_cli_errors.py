@@ -2,7 +2,7 @@
 is lost: train/dapt/lora and --overwrite never delete files memdec did not write.
 
 Tests run as root here, where chmod-made read-only folders stay writable; writability is tested by
-denying os.access (what memdec.formats checks) and, for real, with an output whose parent is a file.
+denying os.access (what memdec.core.formats checks) and, for real, with an output whose parent is a file.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from memdec.cli import error_text, main
-from memdec.harness import cli_main
+from memdec.eval.models import cli_main
 
 DATA = Path(__file__).parent / "data"
 
@@ -176,7 +176,7 @@ def test_datastore_outputs_that_cannot_be_written(tiny, corpus, tmp_path, capsys
 
 def test_read_only_output_folder(tiny, corpus, tmp_path, capsys, monkeypatch):
     """As root chmod does not stop writes, so the check (os.access) is told that tmp_path/ro is read-only."""
-    import memdec.formats as formats
+    import memdec.core.formats as formats
 
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -225,7 +225,7 @@ def test_index_and_targets_errors(tiny_datastore, tmp_path, capsys):
 def test_pipeline_k_larger_than_the_datastore(tiny, tiny_datastore, tmp_path, capsys):
     import yaml
 
-    from memdec.datastore import Datastore
+    from memdec.pipeline.datastore import Datastore
 
     run = tmp_path / "run"
     run.mkdir()
@@ -328,7 +328,7 @@ def test_memdec_eval_model_args_named(tiny, tiny_datastore, capsys):
 
 
 def test_memdec_eval_help_has_a_memdec_section(capsys):
-    from memdec.harness import tasks_dir
+    from memdec.eval.models import tasks_dir
 
     with pytest.raises(SystemExit) as e:
         cli_main(["--help"])

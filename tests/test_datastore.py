@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import DATASTORE_ARGS
 
-from memdec.data import sliding_windows, tokenize
-from memdec.datastore import Datastore, build_datastore
-from memdec.formats import FormatError
-from memdec.mixing import TokenizerMismatchError, tokenizer_fingerprint
+from memdec.core.formats import FormatError
+from memdec.inference.mixing import TokenizerMismatchError, tokenizer_fingerprint
+from memdec.pipeline.data import sliding_windows, tokenize
+from memdec.pipeline.datastore import Datastore, build_datastore
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -100,7 +100,7 @@ def test_sigkill_resumes_to_identical_output(tiny, texts, tiny_datastore, tmp_pa
     docs_file = tmp_path / "docs.json"
     docs_file.write_text(json.dumps(texts["domain"]))
     code = (
-        "import json, sys; from memdec.datastore import build_datastore; "
+        "import json, sys; from memdec.pipeline.datastore import build_datastore; "
         f"build_datastore({tiny['base']!r}, json.load(open({str(docs_file)!r})), {str(out)!r}, **{DATASTORE_ARGS!r})"
     )
     env = {**os.environ, "MEMDEC_TEST_KILL_AFTER": "2", "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,4 @@
-"""memdec.fast: the fast scoring and decoding paths give the plain computation's numbers (float64 references)."""
+"""memdec.inference.fast: the fast scoring and decoding paths give the plain computation's numbers (float64 references)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from memdec import fast
+from memdec.inference import fast
 
 
 def _ref_mixture(base_logits, other_logits, lmbda, vocab, other_temperature=1.0):
@@ -66,7 +66,7 @@ def test_smaller_model_vocabulary_gets_no_mass():
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
     assert got[0] == pytest.approx(math.log(0.5) + torch.log_softmax(base[0].double(), -1)[5].item(), abs=1e-5)
     # the per-token scoring of perplexity and tune-lambda gives such tokens no mass either
-    from memdec.scoring import target_logprobs
+    from memdec.inference.scoring import target_logprobs
 
     lp = target_logprobs(other, t, 6).double()
     assert lp[0] == -math.inf and lp[1] == pytest.approx(torch.log_softmax(other[1].double(), -1)[1].item(), abs=1e-6)
@@ -175,8 +175,8 @@ def _decoder(models, batch, max_cache_len, lmbda, vocab):
 
 
 def _decode(dec, ids, n, **kwargs):
-    """memdec's one decode loop (memdec.joint.generate_tokens) over the decoder's steps."""
-    from memdec.joint import generate_tokens
+    """memdec's one decode loop (memdec.inference.joint.generate_tokens) over the decoder's steps."""
+    from memdec.inference.joint import generate_tokens
 
     kwargs.setdefault("do_sample", False)
     return generate_tokens(dec.decode_step, ids, max_new_tokens=n, **kwargs)
@@ -235,7 +235,7 @@ def test_run_concurrently_on_cpu_is_ordered():
 
 @pytest.fixture(scope="module")
 def joint(tiny):
-    from memdec.joint import MemoryDecoder
+    from memdec.inference.joint import MemoryDecoder
 
     return MemoryDecoder.from_pretrained(tiny["base"], tiny["memory"], lmbda=0.3, mem_temperature=1.5, device="cpu")
 
@@ -280,7 +280,7 @@ def test_generate_left_padded_batch_takes_the_plain_loop(joint, monkeypatch):
 
 @pytest.fixture(scope="module")
 def memdec_lm(tiny):
-    from memdec.harness import MemDecLM
+    from memdec.eval.models import MemDecLM
 
     return MemDecLM(pretrained=tiny["base"], memory=tiny["memory"], lmbda=0.4, mem_temperature=1.3, batch_size=3,
                     max_length=40, device="cpu")
@@ -322,7 +322,7 @@ def test_loglikelihood_rolling_fast_equals_plain(memdec_lm, monkeypatch):
 
 
 def test_fast_model_arg_turns_both_fast_paths_off(tiny):
-    from memdec.harness import MemDecLM
+    from memdec.eval.models import MemDecLM
 
     lm = MemDecLM(pretrained=tiny["base"], memory=tiny["memory"], fast="false", batch_size=2, device="cpu")
     assert lm.fast_scoring is False and lm.joint.fast_decode is False

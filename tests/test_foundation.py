@@ -9,10 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from memdec import formats
-from memdec.data import CorpusSpec, load_texts, sliding_windows, tokenize
-from memdec.keys import capture_keys, key_layer
-from memdec.mixing import (
+from memdec.core import formats
+from memdec.inference.mixing import (
     TokenizerMismatchError,
     align_vocab,
     check_lmbda,
@@ -20,7 +18,9 @@ from memdec.mixing import (
     mix_logprobs,
     tokenizer_fingerprint,
 )
-from memdec.scoring import perplexity, token_logprobs
+from memdec.inference.scoring import perplexity, token_logprobs
+from memdec.pipeline.data import CorpusSpec, load_texts, sliding_windows, tokenize
+from memdec.pipeline.keys import capture_keys, key_layer
 
 
 def test_mix_matches_float64_reference():
@@ -143,6 +143,6 @@ def test_formats_roundtrip_and_errors(tmp_path):
 
 def test_cli_corpus_help_names_every_readable_suffix():
     from memdec.cli import CORPUS_FORMS
-    from memdec.data import TEXT_SUFFIXES
+    from memdec.pipeline.data import TEXT_SUFFIXES
 
     assert "/".join(TEXT_SUFFIXES) in CORPUS_FORMS

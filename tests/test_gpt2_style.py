@@ -62,7 +62,7 @@ def tok(gpt2_style):
 
 
 def law_tokens(tok) -> np.ndarray:
-    from memdec.data import tokenize
+    from memdec.pipeline.data import tokenize
 
     return tokenize([r["text"] for r in read_fixture(TASK)], tok, progress=False)
 
@@ -72,7 +72,7 @@ def evaluate(model: str, model_args: str, **metadata) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from memdec.harness import tasks_dir
+    from memdec.eval.models import tasks_dir
 
     tm = TaskManager(include_path=tasks_dir(), include_defaults=False,
                      metadata={"data_dir": str(FIXTURES), "ppl_window": WINDOW, **metadata})
@@ -114,7 +114,7 @@ def test_fingerprint_covers_token_ids_not_padding(gpt2_style, tok):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.models.utils import configure_pad_token
 
-    from memdec.mixing import tokenizer_fingerprint as fp
+    from memdec.inference.mixing import tokenizer_fingerprint as fp
 
     f = fp(tok)
     assert f.startswith("sha256-v2:") and fp(_rebuilt(tok)) == f
@@ -144,7 +144,7 @@ def test_fingerprint_covers_token_ids_not_padding(gpt2_style, tok):
 
 
 def test_fingerprints_of_older_memdec_are_accepted(tiny, tok):
-    from memdec.mixing import TokenizerMismatchError, check_fingerprint
+    from memdec.inference.mixing import TokenizerMismatchError, check_fingerprint
 
     hflm = AutoTokenizer.from_pretrained(tok.name_or_path)
     hflm.pad_token_id = hflm.unk_token_id  # what lm-eval's HFLM does to GPT-2's tokenizer
@@ -160,7 +160,7 @@ def test_fingerprints_of_older_memdec_are_accepted(tiny, tok):
 
 
 def test_default_windows_fit_each_model(gpt2_style, run, texts, tmp_path):
-    from memdec.datastore import Datastore, build_datastore
+    from memdec.pipeline.datastore import Datastore, build_datastore
 
     ds = Datastore.open(run["datastore"])
     assert (ds.manifest["window"], ds.manifest["stride"]) == (1024, 1024)  # the base's 1024 positions
@@ -191,7 +191,7 @@ def test_windows_longer_than_a_context_name_the_model(gpt2_style, run, tmp_path,
 
 def _knn_logp(model, keys_all: torch.Tensor, values: torch.Tensor, k: int, temp: float, lmbda: float):
     """ids [1, T] -> float64 log(lmbda p_kNN + (1 - lmbda) p_base) [T, V] by brute force over every key."""
-    from memdec.keys import capture_keys
+    from memdec.pipeline.keys import capture_keys
 
     def logp(ids):
         with torch.no_grad(), capture_keys(model) as cap:
@@ -209,7 +209,7 @@ def _knn_logp(model, keys_all: torch.Tensor, values: torch.Tensor, k: int, temp:
 
 def test_knnlm_in_memdec_eval_uses_the_datastore_of_memdec_datastore(gpt2_style, run, ref, tok, tmp_path):
     """The issue's command: `memdec-eval --model knnlm --model_args pretrained=B,datastore=DS` (was refused)."""
-    from memdec.datastore import Datastore
+    from memdec.pipeline.datastore import Datastore
 
     k, lmbda = 8, 0.25
     out = tmp_path / "results"
@@ -321,7 +321,7 @@ def test_dapt_and_lora(gpt2_style, tok, tmp_path):
     """Default window min(1024, 1024 positions) = 1024; the LoRA adapter's size by hand; both load in lm-eval."""
     from lm_eval.models.huggingface import HFLM
 
-    from memdec.data import tokenize
+    from memdec.pipeline.data import tokenize
 
     common = ["--model", gpt2_style["base"], "--corpus", DOMAIN, "--steps", "4", "--batch-size", "2",
               "--mixed-precision", "no"]

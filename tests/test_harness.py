@@ -16,8 +16,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from memdec.harness import MemDecLM, MixtureLM, _add_task_path, _local_tasks_only, cli_main, tasks_dir
-from memdec.joint import model_logprobs
+from memdec.eval.models import MemDecLM, MixtureLM, _add_task_path, _local_tasks_only, cli_main, tasks_dir
+from memdec.inference.joint import model_logprobs
 
 LMBDA = 0.4
 PAIRS = [("The river", " flows north"), ("Viral conjunctivitis", " due to adenovirus."), ("A", " hacker")]
@@ -95,7 +95,7 @@ def test_loglikelihood_endpoints_and_mixture(lms, ref):
 
 
 def test_lmbda_endpoints_run_only_the_model_that_counts(lms, monkeypatch):
-    from memdec import fast
+    from memdec.inference import fast
 
     def never(*_a, **_k):
         raise AssertionError("this model's scores are not needed")

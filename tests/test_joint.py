@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from memdec.joint import MemoryDecoder
-from memdec.mixing import TokenizerMismatchError
+from memdec.inference.joint import MemoryDecoder
+from memdec.inference.mixing import TokenizerMismatchError
 
 LMBDA = 0.3
 
@@ -250,7 +250,7 @@ def test_memdec_generate_command(tiny, joint, texts, capsys):
 
 
 def test_generate_text_pads_with_eos_when_the_tokenizer_has_no_pad_token(tiny, tmp_path):
-    from memdec.joint import generate_text
+    from memdec.inference.joint import generate_text
 
     paths = {}
     for name in ("base", "memory"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_baselines import _close, _instances, _requests
 
-from memdec.mixing import TokenizerMismatchError
+from memdec.inference.mixing import TokenizerMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def eval_doc(texts) -> str:
 def datastores(tiny, texts, eval_doc, tmp_path_factory):
     """'self': the evaluation text first (its keys all from one window starting at it) then filler;
     'mixed': evaluation text + other documents in short windows."""
-    from memdec.datastore import build_datastore
+    from memdec.pipeline.datastore import build_datastore
 
     root = tmp_path_factory.mktemp("knn")
     return {
@@ -83,8 +83,8 @@ def test_matches_float64_brute_force(tiny, datastores, eval_doc):
     """log p of a few continuation tokens equals a float64 brute-force kNN-LM over all datastore keys."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memdec.datastore import Datastore
-    from memdec.keys import capture_keys
+    from memdec.pipeline.datastore import Datastore
+    from memdec.pipeline.keys import capture_keys
 
     k, temp, lmbda = 6, 5.0, 0.4
     knn = _knn(tiny, datastores["mixed"], k=k, lmbda=lmbda, temperature=temp)

@@ -26,7 +26,7 @@ import lm_eval
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from baselines.knnlm import KNNLM
-from memdec.harness import MemDecLM, cpu_data_parallel
+from memdec.eval.models import MemDecLM, cpu_data_parallel
 
 p, out = json.loads(sys.argv[1]), sys.argv[2]
 rank = int(os.environ.get("RANK", "0"))

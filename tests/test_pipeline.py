@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from memdec.cli import main
-from memdec.pipeline import run_pipeline
+from memdec.pipeline.run import run_pipeline
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def test_pipeline_runs_each_stage_once(config, tmp_path, capsys):
     first = run_pipeline(config, progress=False)
     assert first["ran"] == ["datastore", "index", "targets", "train"] and first["skipped"] == []
     # targets where `memdec targets` writes them, so `memdec train --datastore` finds them
-    from memdec.train import find_targets
+    from memdec.pipeline.train import find_targets
 
     ds = Path(first["paths"]["datastore"])
     assert Path(first["paths"]["targets"]) == ds / "targets-k8-t4" == find_targets(ds)
@@ -96,12 +96,12 @@ def test_pipeline_missing_config_file(tmp_path, capsys):
 
 
 def test_demo_end_to_end_matches_direct_scoring(tmp_path, capsys):
-    """A small demo: lm-eval's perplexities equal memdec.scoring's, mixed by hand; a rerun skips every step."""
+    """A small demo: lm-eval's perplexities equal memdec.inference.scoring's, mixed by hand; a rerun skips every step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memdec.data import tokenize
     from memdec.demo import DemoSettings, _texts, run_demo
-    from memdec.scoring import token_logprobs
+    from memdec.inference.scoring import token_logprobs
+    from memdec.pipeline.data import tokenize
 
     s = DemoSettings(vocab_size=300, window=32, eval_stride=16, base_layers=1, base_hidden=32, base_heads=2,
                      base_steps=6, memory_layers=1, memory_hidden=16, memory_heads=2, memory_steps=6, k=8,

@@ -90,7 +90,7 @@ def _direct_ppl(base: str, memory: str, lmbda: float, texts: list[str], window: 
     """Token perplexity of lmbda * p_mem + (1 - lmbda) * p_base over sliding windows, float64, by hand."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memdec.data import sliding_windows, tokenize
+    from memdec.pipeline.data import sliding_windows, tokenize
 
     tok = AutoTokenizer.from_pretrained(base)
     ids = torch.as_tensor(tokenize(texts, tok, progress=False), dtype=torch.long)

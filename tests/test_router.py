@@ -1,4 +1,4 @@
-"""memdec/router.py: the routed mixture, forced weights, training, save/load, resume, bad inputs, memdec-eval."""
+"""memdec/inference/router.py: the routed mixture, forced weights, training, save/load, resume, bad inputs, memdec-eval."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from memdec import router as R
-from memdec.joint import MemoryDecoder
+from memdec.inference import router as R
+from memdec.inference.joint import MemoryDecoder
 
 TRAIN = dict(window=32, stride=16, steps=40, save_every=10, batch_tokens=256, hidden=16, progress=False, device="cpu")
 
@@ -224,7 +224,7 @@ def test_export_lmdeploy(trained, tmp_path):
 
 
 def test_memdec_eval_routed_perplexity_matches_float64(tiny, trained, tmp_path, texts):
-    from memdec.harness import MemDecLM
+    from memdec.eval.models import MemDecLM
 
     lm = MemDecLM(pretrained=tiny["base"], memory=tiny["memory"], router=str(trained), device="cpu",
                   batch_size=2, dtype="float32")
@@ -273,7 +273,7 @@ def test_fast_paths_with_a_router_match_the_plain_paths(tiny, trained, texts):
     (GraphedDecoder hidden=True; eager on CPU) give the plain paths' numbers with a router."""
     from lm_eval.api.instance import Instance
 
-    from memdec.harness import MemDecLM
+    from memdec.eval.models import MemDecLM
 
     common = dict(pretrained=tiny["base"], memory=tiny["memory"], router=str(trained), router_threshold=0.2,
                   device="cpu", batch_size=2, dtype="float32")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from memdec.datastore import Datastore
-from memdec.formats import FormatError
-from memdec.search import TorchIndex, build_index, exact_distances, load_index, open_index
+from memdec.core.formats import FormatError
+from memdec.pipeline.datastore import Datastore
+from memdec.pipeline.search import TorchIndex, build_index, exact_distances, load_index, open_index
 
 
 def brute_force(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +107,7 @@ def test_ivfpq_refined_distances_are_exact(tiny_datastore, tmp_path):
 def test_index_of_another_datastore_is_rejected(tiny, texts, tiny_datastore, tmp_path):
     from conftest import DATASTORE_ARGS
 
-    from memdec.datastore import build_datastore
+    from memdec.pipeline.datastore import build_datastore
 
     ds = Datastore.open(shutil.copytree(tiny_datastore, tmp_path / "ds"))
     flat = build_index(ds, "faiss-flat", progress=False)
@@ -180,7 +180,7 @@ def test_datastore_keys_streamed_in_blocks_equal_brute_force(tiny_datastore):
 
 
 def test_memory_cap_from_the_environment(monkeypatch):
-    from memdec.search import MAX_MEMORY_ENV, _env_bytes
+    from memdec.pipeline.search import MAX_MEMORY_ENV, _env_bytes
 
     monkeypatch.setenv(MAX_MEMORY_ENV, "1.5G")
     assert _env_bytes(MAX_MEMORY_ENV) == int(1.5 * (1 << 30))

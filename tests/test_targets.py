@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from memdec.datastore import Datastore, build_datastore
-from memdec.formats import FormatError
-from memdec.targets import Targets, build_targets, knn_distribution
+from memdec.core.formats import FormatError
+from memdec.pipeline.datastore import Datastore, build_datastore
+from memdec.pipeline.targets import Targets, build_targets, knn_distribution
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def dense(t: Targets, vocab: int) -> np.ndarray:
 def reference(ds: Datastore, k: int, temperature: float, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     """Dense kNN-LM distributions in float64: all pairwise distances, own row excluded, k nearest.
 
-    Equal distances are ordered by row id (as memdec.search does). Also returns a mask of rows whose
+    Equal distances are ordered by row id (as memdec.pipeline.search does). Also returns a mask of rows whose
     k-th and (k+1)-th distances nearly tie (0 < gap <= 1e-6 relative), where float32 and float64 may
     pick different neighbours.
     """
@@ -138,7 +138,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_sigkill_resumes_to_identical_output(tiny_datastore, tmp_path):
     args = {"k": 8, "temperature": 16.0, "chunk_rows": 1500, "batch_size": 500, "device": "cpu", "progress": False}
     out = tmp_path / "killed"
-    code = f"from memdec.targets import build_targets; build_targets({tiny_datastore!r}, {str(out)!r}, **{args!r})"
+    code = f"from memdec.pipeline.targets import build_targets; build_targets({tiny_datastore!r}, {str(out)!r}, **{args!r})"
     env = {**os.environ, "MEMDEC_TEST_KILL_AFTER": "2", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -189,7 +189,7 @@ def test_two_processes_give_the_same_files_as_one(tiny, texts, tmp_path):
     t_args = {"k": 6, "chunk_rows": 600, "device": "cpu", "progress": False}
     script = tmp_path / "run.py"
     script.write_text(
-        "import json, sys\nfrom memdec.datastore import build_datastore\nfrom memdec.targets import build_targets\n"
+        "import json, sys\nfrom memdec.pipeline.datastore import build_datastore\nfrom memdec.pipeline.targets import build_targets\n"
         f"out = sys.argv[1]\ndocs = json.load(open({str(docs)!r}))\n"
         f"ds = build_datastore({tiny['base']!r}, docs, out + '/ds', **{ds_args!r})\n"
         f"build_targets(ds, out + '/t', **{t_args!r})\n"

@@ -60,7 +60,7 @@ def model64(tiny):
 def hand_logprobs(logp_fn, tokens: np.ndarray, window: int, stride: int) -> np.ndarray:
     """log p(tokens[p]) for p = 1..n-1, p predicted in the first window start = k*stride with p < start + window.
 
-    Written from the rule, not from memdec.data.sliding_windows: the context of p is tokens[k*stride : p].
+    Written from the rule, not from memdec.pipeline.data.sliding_windows: the context of p is tokens[k*stride : p].
     `logp_fn(ids [1, T]) -> [T, V]` float64 next-token log-probs.
     """
     n = len(tokens)
@@ -85,7 +85,7 @@ def base_logp(model):
 
 @pytest.mark.parametrize("task", PPL_TASKS)
 def test_token_perplexity_matches_hand_sliding_window(hf_results, model64, task):
-    from memdec.data import tokenize
+    from memdec.pipeline.data import tokenize
 
     model, tok = model64
     texts = [r["text"] for r in read_fixture(task)]
@@ -98,8 +98,8 @@ def test_token_perplexity_matches_hand_sliding_window(hf_results, model64, task)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     assert got["word_perplexity,none"] == pytest.approx(math.exp(-lp.sum() / words), rel=1e-9)
     assert got["bits_per_byte,none"] == pytest.approx(-lp.sum() / n_bytes / math.log(2), rel=1e-9)
-    # the same number as memdec's own sliding-window scoring (memdec.scoring), which every stage shares
-    from memdec.scoring import perplexity, token_logprobs
+    # the same number as memdec's own sliding-window scoring (memdec.inference.scoring), which every stage shares
+    from memdec.inference.scoring import perplexity, token_logprobs
 
     assert got["token_perplexity,none"] == pytest.approx(perplexity(token_logprobs(model, tokens, WINDOW, STRIDE)),
                                                          rel=1e-9)
@@ -109,8 +109,8 @@ def test_token_perplexity_matches_hand_sliding_window(hf_results, model64, task)
 
 
 def test_disjoint_windows_keep_one_token_of_context(tiny, model64):
-    from memdec.data import tokenize
-    from memdec.scoring import perplexity, token_logprobs
+    from memdec.inference.scoring import perplexity, token_logprobs
+    from memdec.pipeline.data import tokenize
 
     model, tok = model64
     res = evaluate("hf", f"pretrained={tiny['base']},dtype=float64", ["memdec_law_ppl"], ppl_window=WINDOW, ppl_stride=WINDOW)
@@ -347,8 +347,8 @@ LMBDA = 0.3
 @pytest.fixture(scope="module")
 def memdec_results(tiny):
     """All tasks through `--model memdec` (tiny base + tiny memory, float64)."""
-    pytest.importorskip("memdec.harness")
-    import memdec.harness  # noqa: F401  (registers the memdec model)
+    pytest.importorskip("memdec.eval.models")
+    import memdec.eval.models  # noqa: F401  (registers the memdec model)
 
     return evaluate("memdec", f"pretrained={tiny['base']},memory={tiny['memory']},lmbda={LMBDA},dtype=float64",
                     ["memdec_wikitext103", "memdec_domain_ppl", "memdec_zeroshot9"])
@@ -357,7 +357,7 @@ def memdec_results(tiny):
 def test_memdec_model_token_perplexity_is_the_hand_mixture(memdec_results, model64, tiny):
     from transformers import AutoModelForCausalLM
 
-    from memdec.data import tokenize
+    from memdec.pipeline.data import tokenize
 
     base, tok = model64
     mem = AutoModelForCausalLM.from_pretrained(tiny["memory"], dtype=torch.float64).eval()
@@ -387,13 +387,13 @@ def test_every_task_runs_with_memdec_model(memdec_results, hf_results):
 
 
 def test_memdec_eval_command_runs_the_tasks(tiny, tmp_path, hf_results):
-    pytest.importorskip("memdec.harness")
+    pytest.importorskip("memdec.eval.models")
     # the command line copies pretrained= into the task metadata, which would keep only single-token label
     # words (the tiny tokenizer has none); all words are kept here to compare with hf_results
     meta = json.dumps({"data_dir": str(FIXTURES), "ppl_window": WINDOW, "ppl_stride": STRIDE,
                        "single_token_words": False})
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from memdec.harness import cli_main; sys.exit(cli_main())", "run",
+        [sys.executable, "-c", "import sys; from memdec.eval.models import cli_main; sys.exit(cli_main())", "run",
          "--model", "hf", "--model_args", f"pretrained={tiny['base']},dtype=float64", "--device", "cpu",
          "--tasks", "memdec_law_ppl,memdec_rte", "--metadata", meta, "--batch_size", "4",
          "--output_path", str(tmp_path)],

@@ -1,4 +1,4 @@
-"""memdec.train: the sparse KL + CE loss against dense float64 references, training, resume, errors."""
+"""memdec.pipeline.train: the sparse KL + CE loss against dense float64 references, training, resume, errors."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from memdec.formats import partial_dir
-from memdec.train import knn_batch, latest_checkpoint, memdec_loss, train
+from memdec.core.formats import partial_dir
+from memdec.pipeline.train import knn_batch, latest_checkpoint, memdec_loss, train
 
 
 def _random_case(seed: int = 0, b: int = 3, length: int = 7, vocab: int = 11, support: int = 4):
@@ -70,8 +70,8 @@ def test_sparse_kl_matches_dense_float64(beta):
 def test_training_loss_and_gradients_equal_a_plain_float64_formula(beta, monkeypatch):
     """The step loop's loss (flat logit rows, blockwise log-partition) and memdec_loss: the same sum and
     the same gradient as autograd through log_softmax in float64."""
-    from memdec import train as train_mod
-    from memdec.train import _step_loss
+    from memdec.pipeline import train as train_mod
+    from memdec.pipeline.train import _step_loss
 
     monkeypatch.setattr(train_mod, "LSE_BLOCK", 13 * 3)  # blocks of 3 rows
     logits, ids, score, knn_ids, knn_probs = _random_case(seed=11 + int(beta * 10), b=4, length=9, vocab=13)
@@ -102,8 +102,8 @@ def test_training_loss_and_gradients_equal_a_plain_float64_formula(beta, monkeyp
 
 
 def test_blockwise_log_partition_in_bfloat16_matches_float32(monkeypatch):
-    from memdec import train as train_mod
-    from memdec.train import _LogSumExp
+    from memdec.pipeline import train as train_mod
+    from memdec.pipeline.train import _LogSumExp
 
     monkeypatch.setattr(train_mod, "LSE_BLOCK", 5000 * 4)
 
@@ -144,7 +144,7 @@ def test_padded_vocabulary_is_cut_to_the_tokenizer():
 
 
 def test_knn_batch_packs_csr_rows_in_position_order():
-    from memdec.data import Window
+    from memdec.pipeline.data import Window
 
     class FakeTargets:  # CSR rows per the targets contract: row r <-> target position r + 1
         offsets = np.array([0, 1, 3, 4, 6, 7], dtype=np.int64)
@@ -173,8 +173,8 @@ def domain_file(tmp_path_factory, texts):
 def _mean_ce(model_dir, texts, window=32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memdec.data import tokenize
-    from memdec.scoring import token_logprobs
+    from memdec.inference.scoring import token_logprobs
+    from memdec.pipeline.data import tokenize
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -203,7 +203,7 @@ def test_lora_adapter_is_saved(tiny, texts, tmp_path):
 
 KILLED_RUN = """
 import os, signal, sys
-from memdec.train import train
+from memdec.pipeline.train import train
 def die(step, stats):
     if step == 5:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -251,7 +251,7 @@ def _run_group(cmd: list[str], env: dict, timeout: float) -> subprocess.Complete
 
 TWO_PROCESS_RUN = """
 import sys
-from memdec.train import train
+from memdec.pipeline.train import train
 train(sys.argv[1], sys.argv[2], corpus=sys.argv[3], beta=0.0, window=24, steps=4, batch_size=2, grad_accum=2,
       lr=3e-3, seed=3, progress=False)
 """
@@ -316,8 +316,8 @@ def test_changed_settings_do_not_resume_silently(tiny, texts, tmp_path):
 @pytest.fixture(scope="module")
 def knn_store(tiny, texts, tmp_path_factory):
     """A datastore of the tiny base over the domain fixture texts, and its exact kNN targets."""
-    from memdec.datastore import build_datastore
-    from memdec.targets import build_targets
+    from memdec.pipeline.datastore import build_datastore
+    from memdec.pipeline.targets import build_targets
 
     root = tmp_path_factory.mktemp("knn")
     ds = build_datastore(tiny["base"], texts["domain"], root / "ds", window=32, progress=False)
@@ -329,9 +329,9 @@ def _dataset_loss(model_dir, store, beta=0.5, window=32):
     """The training objective over every target position of the datastore (no gradient)."""
     from transformers import AutoModelForCausalLM
 
-    from memdec.data import sliding_windows, window_batch
-    from memdec.datastore import Datastore
-    from memdec.targets import Targets
+    from memdec.pipeline.data import sliding_windows, window_batch
+    from memdec.pipeline.datastore import Datastore
+    from memdec.pipeline.targets import Targets
 
     ds, tg = Datastore.open(store["datastore"]), Targets.open(store["targets"])
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -349,7 +349,7 @@ def _dataset_loss(model_dir, store, beta=0.5, window=32):
 def test_memory_decoder_training_lowers_the_loss(tiny, knn_store, tmp_path):
     from transformers import AutoTokenizer
 
-    from memdec.mixing import tokenizer_fingerprint
+    from memdec.inference.mixing import tokenizer_fingerprint
 
     out = train(tiny["memory"], tmp_path / "md", datastore=knn_store["datastore"], targets=knn_store["targets"],
                 beta=0.5, steps=12, batch_size=4, lr=3e-3, lmbda=0.3, progress=False)
@@ -362,7 +362,7 @@ def test_memory_decoder_training_lowers_the_loss(tiny, knn_store, tmp_path):
 
 
 def test_other_tokenizer_than_the_datastore(tiny, knn_store, tmp_path):
-    from memdec.mixing import TokenizerMismatchError
+    from memdec.inference.mixing import TokenizerMismatchError
 
     with pytest.raises(TokenizerMismatchError, match=r"differs from the one datastore .* was built with"):
         train(tiny["other_tok_model"], tmp_path / "x", datastore=knn_store["datastore"],
@@ -371,7 +371,7 @@ def test_other_tokenizer_than_the_datastore(tiny, knn_store, tmp_path):
 
 
 def test_targets_of_another_datastore(tiny, texts, knn_store, tmp_path):
-    from memdec.datastore import build_datastore
+    from memdec.pipeline.datastore import build_datastore
 
     other = build_datastore(tiny["base"], texts["domain"][:3], tmp_path / "ds2", window=32, progress=False)
     with pytest.raises(ValueError, match=r"targets .*: computed from a datastore with n_entries = \d+, but datastore"):
@@ -395,9 +395,9 @@ def test_window_longer_than_init_model_on_a_datastore(tiny, knn_store, tmp_path)
 
 
 def test_targets_default_to_the_one_inside_the_datastore(tiny, texts, tmp_path):
-    from memdec.datastore import build_datastore
-    from memdec.targets import build_targets
-    from memdec.train import find_targets
+    from memdec.pipeline.datastore import build_datastore
+    from memdec.pipeline.targets import build_targets
+    from memdec.pipeline.train import find_targets
 
     ds = build_datastore(tiny["base"], texts["domain"][:3], tmp_path / "ds", window=32, progress=False)
     with pytest.raises(FileNotFoundError, match=r"ds: no kNN targets inside it; run `memdec targets"):

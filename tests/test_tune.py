@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import memdec.tune as tune
+import memdec.eval.tune as tune
 from memdec.cli import main
-from memdec.data import sliding_windows, tokenize
-from memdec.mixing import TokenizerMismatchError
+from memdec.inference.mixing import TokenizerMismatchError
+from memdec.pipeline.data import sliding_windows, tokenize
 
 WINDOW, STRIDE = 24, 10
 
@@ -118,7 +118,7 @@ def test_cache_key_of_a_hub_model_follows_its_cached_commit(tmp_path, monkeypatc
     import huggingface_hub.constants as hub_constants
     import numpy as np
 
-    from memdec.tune import _cache_path
+    from memdec.eval.tune import _cache_path
 
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     repo = tmp_path / "hub" / "models--someorg--somemodel"

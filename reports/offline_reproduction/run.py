@@ -8,13 +8,13 @@ Steps (each skipped when its output is complete, so a rerun after a kill or a ti
              lm-eval tasks' local files (RUN/eval_data/memdec_{bio,finance,law,general}_ppl.jsonl)
 2. tokenizer one byte-level BPE on general + domain train text (memdec.tiny.train_tokenizer)
 3. init      random GPT-2 models of three sizes (memdec.tiny.tiny_model), RUN/init/BASE
-4. pretrain  each base on general/train (memdec.train.train, beta = 0), RUN/models/BASE
-5. domain    per domain: a datastore per base (memdec.datastore), kNN targets from the largest base's
-             (memdec.targets), a Memory Decoder from the smallest base (memdec.train), lmbda on valid
-             (memdec.tune.tune_lambda, largest base), DAPT and LoRA (--match-params) per base
+4. pretrain  each base on general/train (memdec.pipeline.train.train, beta = 0), RUN/models/BASE
+5. domain    per domain: a datastore per base (memdec.pipeline.datastore), kNN targets from the largest base's
+             (memdec.pipeline.targets), a Memory Decoder from the smallest base (memdec.pipeline.train), lmbda on valid
+             (memdec.eval.tune.tune_lambda, largest base), DAPT and LoRA (--match-params) per base
              (baselines.dapt / baselines.lora); then memdec-eval (in process) of every base x method on
              the domain's test split and on general/test: +MemDec, +kNN-LM, +In-Context RAG, +DAPT, +LoRA,
-             +MemDec (router): a per-token router (memdec.router, issue 17) trained with the largest base on the
+             +MemDec (router): a per-token router (memdec.inference.router, issue 17) trained with the largest base on the
              domain's valid split + general/valid, reading the memory's hidden state and the four scalars, so it
              is evaluated with every base
 6. eval      every base alone on the three domain tests and general/test
@@ -47,7 +47,7 @@ ROOT = HERE.parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from memdec.formats import is_complete, read_json, write_json  # noqa: E402
+from memdec.core.formats import is_complete, read_json, write_json  # noqa: E402
 
 TASKS = {"bio": "memdec_bio_ppl", "finance": "memdec_finance_ppl", "law": "memdec_law_ppl",
          "general": "memdec_general_ppl"}
@@ -201,7 +201,7 @@ def _source(cfg: dict, name: str, split: str) -> Path:
 
 def read_capped(path: Path, max_chars: int | None) -> list[str]:
     """The documents of a corpus file, in order, until `max_chars` characters (at least one document)."""
-    from memdec.data import CorpusSpec, load_texts
+    from memdec.pipeline.data import CorpusSpec, load_texts
 
     texts = load_texts(CorpusSpec(path=str(path)))
     if max_chars is None:
@@ -299,7 +299,7 @@ def _train_length(section: dict) -> dict:
 
 
 def job_pretrain(cfg: dict, paths: Paths, base: str) -> None:
-    from memdec.train import train
+    from memdec.pipeline.train import train
 
     st = Stages(paths, f"pretrain:{base}")
     p, b = cfg["pretrain"], cfg["bases"][base]
@@ -315,7 +315,7 @@ def job_pretrain(cfg: dict, paths: Paths, base: str) -> None:
 
 def job_domain(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...] = METHODS) -> None:
     """Everything of one domain: datastores, targets, Memory Decoder, lmbda, DAPT, LoRA, then its evaluations."""
-    from memdec.data import CorpusSpec
+    from memdec.pipeline.data import CorpusSpec
 
     st = Stages(paths, f"domain:{dom}")
     methods = tuple(m for m in methods if m != "base")
@@ -328,7 +328,7 @@ def job_domain(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...] = MET
             continue
 
         def build(base=base):
-            from memdec.datastore import build_datastore
+            from memdec.pipeline.datastore import build_datastore
 
             build_datastore(str(paths.model(base)), CorpusSpec(path=train_file), paths.datastore(dom, base),
                             window=int(ds_cfg["window"]), stride=int(ds_cfg["stride"]),
@@ -337,7 +337,7 @@ def job_domain(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...] = MET
         st(f"datastore:{base}", is_complete(paths.datastore(dom, base), "datastore"), build)
 
     def targets():
-        from memdec.targets import build_targets
+        from memdec.pipeline.targets import build_targets
 
         build_targets(paths.datastore(dom, paths.largest), out=paths.targets(dom), k=int(cfg["targets"]["k"]),
                       temperature=float(cfg["targets"]["temperature"]), backend="torch", device=dev,
@@ -346,7 +346,7 @@ def job_domain(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...] = MET
     st("targets", is_complete(paths.targets(dom), "targets"), targets)
 
     def memdec():
-        from memdec.train import train
+        from memdec.pipeline.train import train
 
         m = cfg["memdec"]
         train(paths.model(paths.smallest), paths.memdec(dom), datastore=paths.datastore(dom, paths.largest),
@@ -356,7 +356,7 @@ def job_domain(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...] = MET
     st("memdec", _trained(paths.memdec(dom)), memdec)
 
     def tune():
-        from memdec.tune import tune_lambda
+        from memdec.eval.tune import tune_lambda
 
         e = cfg["eval"]
         out = paths.results / dom
@@ -375,7 +375,7 @@ def job_domain(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...] = MET
 
     if "router" in methods:  # issue 17: a per-token router on the domain's valid split + general valid text
         def router():
-            from memdec.router import train_router
+            from memdec.inference.router import train_router
 
             e, r = cfg["eval"], cfg.get("router", {})
             # trained with the largest base (as tune-lambda); it reads the memory's hidden state and the four
@@ -457,7 +457,7 @@ def run_eval(cfg: dict, paths: Paths, group: str, name: str, model: str, model_a
 
     import torch
 
-    from memdec.harness import cli_main
+    from memdec.eval.models import cli_main
 
     e = cfg["eval"]
     os.environ["MEMDEC_DATA_DIR"] = str(paths.eval_data)

@@ -10,7 +10,7 @@
    router; files 1, 3, 5, ... for the general test; 20 documents each), which the base never saw (its general text has Python docs,
    a related but different text);
 3. `memdec train-router` on domain valid + general router text, for each variant in VARIANTS;
-4. token perplexity (MemoryDecoder.perplexity: memdec.data's windows, window 128 / stride 64 as the demo's
+4. token perplexity (MemoryDecoder.perplexity: memdec.pipeline.data's windows, window 128 / stride 64 as the demo's
    lm-eval task, which gives the demo's own numbers) of base, +MemDec (fixed lmbda) and +MemDec (router,
    thresholds) on the domain test (memdec/data/domain_test.jsonl) and the general test.
 """
@@ -87,7 +87,7 @@ def main() -> int:
         routers[name] = out
 
     sys.path.insert(0, str(ROOT))
-    from memdec.joint import MemoryDecoder
+    from memdec.inference.joint import MemoryDecoder
 
     tests = {"domain": [json.loads(x)["text"] for x in (DATA / "domain_test.jsonl").read_text().splitlines() if x],
              "general": [json.loads(x)["text"] for x in data["general_test"].read_text().splitlines() if x]}

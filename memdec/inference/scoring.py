@@ -1,8 +1,8 @@
-"""Per-token log-probabilities of a token stream under sliding windows (memdec.data's windowing).
+"""Per-token log-probabilities of a token stream under sliding windows (memdec.pipeline.data's windowing).
 
 Mixing is elementwise in probability space, so the mixture's log-probability of the observed token
 only needs each model's log-probability of that token: `perplexity` of a joint model and
-`tune-lambda` both mix these per-token numbers (memdec.mixing) instead of full distributions.
+`tune-lambda` both mix these per-token numbers (memdec.inference.mixing) instead of full distributions.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 import numpy as np
 import torch
 
-from memdec.data import sliding_windows, window_batch
-from memdec.mixing import align_vocab
+from memdec.inference.mixing import align_vocab
+from memdec.pipeline.data import sliding_windows, window_batch
 
 
 def max_positions(model) -> int | None:
@@ -98,7 +98,7 @@ def token_logprobs(
     vocab_size = vocab_size or model.config.vocab_size
     device = next(model.parameters()).device
     windows = sliding_windows(n, window, stride)
-    from memdec import fast
+    from memdec.inference import fast
 
     graph = device.type == "cuda" and fast.graph_base_enabled()
     if graph:  # MEMDEC_GRAPH_BASE=1: the model compiled and CUDA-graphed, fused target log-probs

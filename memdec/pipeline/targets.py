@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memdec.datastore import Datastore, dist_state, maybe_kill, prepare_partial, resolve_device
-from memdec.formats import (
+from memdec.core.formats import (
     FormatError,
     check_output_dir,
     check_replaceable,
@@ -35,6 +34,7 @@ from memdec.formats import (
     save_npy,
     write_manifest,
 )
+from memdec.pipeline.datastore import Datastore, dist_state, maybe_kill, prepare_partial, resolve_device
 
 KIND = "targets"
 FIX_ROUNDS = 3  # fp16 renormalisation passes
@@ -147,12 +147,12 @@ def build_targets(
 ) -> Path:
     """Compute the sparse kNN target distribution of every datastore row into `out`; resume a killed run.
 
-    `backend` is a memdec.search backend ('torch', 'faiss-flat', 'faiss-ivfpq'; a faiss index is
+    `backend` is a memdec.pipeline.search backend ('torch', 'faiss-flat', 'faiss-ivfpq'; a faiss index is
     built and saved next to the datastore if missing). Returns the output folder.
     """
     from tqdm.auto import tqdm
 
-    from memdec.search import BACKENDS, open_index
+    from memdec.pipeline.search import BACKENDS, open_index
 
     ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
     k, temperature = check_k(k, ds), float(temperature)

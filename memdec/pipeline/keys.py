@@ -27,7 +27,7 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         arch = type(model).__name__
         raise ValueError(
             f"{arch}: no list of transformer blocks with an MLP ({'/'.join(_MLP_NAMES)}) found; "
-            "memdec.keys supports GPT-2, Llama, Qwen2, Mistral, GPT-NeoX and similar HF causal LMs"
+            "memdec.pipeline.keys supports GPT-2, Llama, Qwen2, Mistral, GPT-NeoX and similar HF causal LMs"
         )
     return best
 

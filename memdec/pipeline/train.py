@@ -6,7 +6,7 @@ averaged over every scored target position. p_knn is sparse (the CSR rows of a t
 the KL is computed on its support only: KL = sum_j p_j (log p_j - log q_j), with log q_j gathered
 from the model's log-softmax at the support ids; no vocabulary-sized target tensor is ever built.
 
-Windows run over the datastore's token stream (`memdec.data.sliding_windows`); target position p
+Windows run over the datastore's token stream (`memdec.pipeline.data.sliding_windows`); target position p
 is predicted from the logits at p - 1 and its kNN distribution is targets row p - 1.
 
 With beta = 0 and no targets the same loop is plain causal-LM fine-tuning on a corpus (the DAPT and
@@ -31,7 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from memdec.data import (
+from memdec.core.formats import FormatError, check_output_dir, partial_dir, read_json, write_json
+from memdec.inference.mixing import align_vocab, tokenizer_fingerprint
+from memdec.inference.scoring import check_window, max_positions
+from memdec.pipeline.data import (
     CorpusSpec,
     Window,
     check_min_tokens,
@@ -40,9 +43,6 @@ from memdec.data import (
     sliding_windows,
     window_batch,
 )
-from memdec.formats import FormatError, check_output_dir, partial_dir, read_json, write_json
-from memdec.mixing import align_vocab, tokenizer_fingerprint
-from memdec.scoring import check_window, max_positions
 
 MEMDEC_JSON = "memdec.json"
 SETTINGS_JSON = "train_settings.json"
@@ -312,7 +312,7 @@ def _check_model(model, tok, init: str, window: int, vocab_from: int | None, wha
 
 def _open_targets(targets: str | os.PathLike, ds) -> Any:
     """Open a targets folder and check it was computed from datastore `ds` (one-line errors)."""
-    from memdec.targets import Targets
+    from memdec.pipeline.targets import Targets
 
     t = Targets.open(targets)
     t.check_datastore(ds)
@@ -325,7 +325,7 @@ def find_targets(datastore: str | os.PathLike) -> Path:
     Looked for inside it (DATASTORE/targets-k*-t*, where `memdec targets` and `memdec pipeline` write
     them) and, for pipeline outputs of memdec <= 0.1, in the sibling folder DATASTORE/../targets.
     """
-    from memdec.formats import is_complete, read_manifest
+    from memdec.core.formats import is_complete, read_manifest
 
     found = sorted(p for p in Path(datastore).glob("targets-*") if p.is_dir() and is_complete(p, "targets"))
     sibling = Path(datastore).parent / "targets"
@@ -458,7 +458,7 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from memdec.joint import load_causal_lm, load_tokenizer, resolve_model_path
+    from memdec.inference.joint import load_causal_lm, load_tokenizer, resolve_model_path
 
     out = Path(out)
     if not 0.0 <= beta <= 1.0:
@@ -469,7 +469,7 @@ def train(
     if beta > 0 and datastore is None:
         raise ValueError(f"train: beta={beta} needs a datastore and its kNN targets (or use beta=0)")
     if datastore is not None:
-        from memdec.datastore import Datastore
+        from memdec.pipeline.datastore import Datastore
 
         Datastore.open(datastore)  # a missing or interrupted datastore is named as such, before its targets
     if beta > 0 and targets is None:
@@ -489,7 +489,7 @@ def train(
     ds_manifest: dict[str, Any] | None = None
     knn = None
     if datastore is not None:
-        from memdec.datastore import Datastore
+        from memdec.pipeline.datastore import Datastore
 
         ds = Datastore.open(datastore)
         ds.check_tokenizer(tok)

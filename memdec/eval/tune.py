@@ -1,8 +1,8 @@
 """`memdec tune-lambda`: the mixing weight lmbda that minimises validation perplexity.
 
-Each model scores the validation tokens once (memdec.scoring.token_logprobs over the shared sliding
+Each model scores the validation tokens once (memdec.inference.scoring.token_logprobs over the shared sliding
 windows); the perplexity of every lmbda on the grid then comes from those cached per-token numbers
-through memdec.mixing.mix_logprobs, with no further forward passes. With `write`, the best value
+through memdec.inference.mixing.mix_logprobs, with no further forward passes. With `write`, the best value
 becomes the "lmbda" of the memory decoder's memdec.json (its other fields are kept).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memdec.formats import (
+from memdec.core.formats import (
     FORMAT_VERSION,
     check_output_dir,
     check_output_file,
@@ -27,9 +27,9 @@ from memdec.formats import (
     save_npy,
     write_json,
 )
-from memdec.joint import MEMDEC_JSON, load_causal_lm, load_tokenizer, resolve_model_path
-from memdec.mixing import check_lmbda, check_same_tokenizer, mix_logprobs, tokenizer_fingerprint
-from memdec.scoring import check_window_fits, context_length, perplexity, token_logprobs
+from memdec.inference.joint import MEMDEC_JSON, load_causal_lm, load_tokenizer, resolve_model_path
+from memdec.inference.mixing import check_lmbda, check_same_tokenizer, mix_logprobs, tokenizer_fingerprint
+from memdec.inference.scoring import check_window_fits, context_length, perplexity, token_logprobs
 
 
 @dataclass
@@ -163,7 +163,7 @@ def tune_lambda(
     per-token log-probs are kept there (.npy, keyed by model files or hub commit, tokens, window, stride, dtype), so a
     rerun (another grid, or after a kill) scores only what is missing.
     """
-    from memdec.data import (
+    from memdec.pipeline.data import (
         CorpusSpec,
         check_min_tokens,
         default_stride,

@@ -1,5 +1,5 @@
 """Datastore: for every target position p of a corpus, key = the base model's hidden state at p - 1
-(the input of its last block's MLP, see memdec.keys) and value = the token at p.
+(the input of its last block's MLP, see memdec.pipeline.keys) and value = the token at p.
 
 Layout of a datastore folder (see `Datastore`): `manifest.json` (kind "datastore"), `tokens.npy`
 (int32 token stream), and shards `keys_00000.npy` (float16 [rows, dim]) / `values_00000.npy` (int32
@@ -26,15 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memdec.data import (
-    CorpusSpec,
-    check_min_tokens,
-    corpus_tokens,
-    default_window,
-    sliding_windows,
-    window_batch,
-)
-from memdec.formats import (
+from memdec.core.formats import (
     FormatError,
     check_output_dir,
     check_replaceable,
@@ -46,16 +38,24 @@ from memdec.formats import (
     write_json,
     write_manifest,
 )
-from memdec.keys import capture_keys, key_dim, key_layer, key_module
-from memdec.mixing import check_fingerprint, tokenizer_fingerprint
-from memdec.scoring import check_window, check_window_fits, context_length
+from memdec.inference.mixing import check_fingerprint, tokenizer_fingerprint
+from memdec.inference.scoring import check_window, check_window_fits, context_length
+from memdec.pipeline.data import (
+    CorpusSpec,
+    check_min_tokens,
+    corpus_tokens,
+    default_window,
+    sliding_windows,
+    window_batch,
+)
+from memdec.pipeline.keys import capture_keys, key_dim, key_layer, key_module
 
 KIND = "datastore"
 DEFAULT_SHARD_BYTES = 1 << 30  # about 1 GiB of keys per shard
 KILL_ENV = "MEMDEC_TEST_KILL_AFTER"  # tests: SIGKILL the process after this many shards/chunks
 
 
-# ---- helpers shared with memdec.targets ----
+# ---- helpers shared with memdec.pipeline.targets ----
 
 
 @dataclass
@@ -160,8 +160,8 @@ def load_tokenizer(model_or_path, tokenizer=None, revision: str | None = None):
         return tokenizer
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise ValueError("build_datastore: pass tokenizer= together with a model object")
-    from memdec.joint import load_tokenizer as load
-    from memdec.joint import resolve_model_path
+    from memdec.inference.joint import load_tokenizer as load
+    from memdec.inference.joint import resolve_model_path
 
     return load(resolve_model_path(str(model_or_path), "model"), "model", revision)
 
@@ -169,7 +169,7 @@ def load_tokenizer(model_or_path, tokenizer=None, revision: str | None = None):
 def load_model(model_or_path, revision: str | None = None, dtype=None, device=None):
     """(model in eval mode on `device`, model id) from a local dir / hub id, or a model object."""
     if isinstance(model_or_path, (str, os.PathLike)):
-        from memdec.joint import load_causal_lm, resolve_model_path
+        from memdec.inference.joint import load_causal_lm, resolve_model_path
 
         name = resolve_model_path(str(model_or_path), "model")
         return load_causal_lm(name, "model", revision, dtype, device), name
@@ -320,7 +320,7 @@ def build_datastore(
 
     `corpus` is a CorpusSpec, a local path / `hf:NAME[:CONFIG]`, or a list of documents. `dtype` is
     the model's dtype ("auto": bfloat16 on GPU, float32 on CPU); keys are stored as float16. `window`
-    defaults to memdec.data.default_window (min(1024, the model's context length)), `stride` to the window.
+    defaults to memdec.pipeline.data.default_window (min(1024, the model's context length)), `stride` to the window.
     """
     from tqdm.auto import tqdm
 

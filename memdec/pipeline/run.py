@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from memdec.data import CorpusSpec
-from memdec.formats import check_output_dir, is_complete, read_json
-from memdec.train import MEMDEC_JSON
+from memdec.core.formats import check_output_dir, is_complete, read_json
+from memdec.pipeline.data import CorpusSpec
+from memdec.pipeline.train import MEMDEC_JSON
 
 SECTIONS = ("output", "corpus", "base_model", "datastore", "index", "targets", "train")
 STAGES = ("datastore", "index", "targets", "train")
@@ -64,14 +64,14 @@ def load_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
 
 # per section: the stage function and the arguments the pipeline itself passes (not settable in the config)
 _FUNCTIONS = {
-    "datastore": ("memdec.datastore.build_datastore", {"model_or_path", "corpus", "out", "progress", "overwrite"}),
-    "index": ("memdec.search.build_index", {"datastore", "out", "progress", "overwrite"}),
-    "targets": ("memdec.targets.build_targets", {"datastore", "out", "backend", "progress", "overwrite"}),
-    "train": ("memdec.train.train", {"out", "datastore", "targets", "corpus", "texts", "progress", "callback",
+    "datastore": ("memdec.pipeline.datastore.build_datastore", {"model_or_path", "corpus", "out", "progress", "overwrite"}),
+    "index": ("memdec.pipeline.search.build_index", {"datastore", "out", "progress", "overwrite"}),
+    "targets": ("memdec.pipeline.targets.build_targets", {"datastore", "out", "backend", "progress", "overwrite"}),
+    "train": ("memdec.pipeline.train.train", {"out", "datastore", "targets", "corpus", "texts", "progress", "callback",
                                      "overwrite"}),
 }
 # build_targets passes its other keyword arguments on to the exact-search index it opens
-_EXTRA_KEYWORDS = {"targets": ("memdec.search.TorchIndex", {"keys", "device", "chunk_rows"})}
+_EXTRA_KEYWORDS = {"targets": ("memdec.pipeline.search.TorchIndex", {"keys", "device", "chunk_rows"})}
 
 
 def _arguments(function: str) -> set[str]:
@@ -102,7 +102,7 @@ def stage_paths(cfg: dict[str, Any]) -> dict[str, Path]:
     """Where each stage's output lives."""
     import inspect
 
-    from memdec.targets import build_targets, default_out
+    from memdec.pipeline.targets import build_targets, default_out
 
     root = Path(cfg["output"])
     backend = cfg["index"].get("backend", "torch")
@@ -130,8 +130,8 @@ def _check_targets_k(cfg: dict[str, Any], datastore: Path) -> None:
     """One-line error if the config's targets.k is more neighbours than the datastore's rows allow."""
     import inspect
 
-    from memdec.datastore import Datastore
-    from memdec.targets import build_targets, check_k
+    from memdec.pipeline.datastore import Datastore
+    from memdec.pipeline.targets import build_targets, check_k
 
     k = cfg["targets"].get("k", inspect.signature(build_targets).parameters["k"].default)
     try:
@@ -165,25 +165,25 @@ def run_pipeline(config: str | os.PathLike | dict[str, Any], progress: bool = Tr
         return True
 
     if todo("datastore"):
-        from memdec.datastore import build_datastore
+        from memdec.pipeline.datastore import build_datastore
 
         corpus = CorpusSpec.from_arg(cfg["corpus"])
         build_datastore(cfg["base_model"], corpus, paths["datastore"], progress=progress, overwrite=False,
                         **cfg["datastore"])
     _check_targets_k(cfg, paths["datastore"])  # the row count is known now: before any index or targets work
     if todo("index"):
-        from memdec.search import build_index
+        from memdec.pipeline.search import build_index
 
         build_index(paths["datastore"], out=paths["index"], progress=progress, overwrite=replace["index"],
                     **cfg["index"])
     if todo("targets"):
-        from memdec.targets import build_targets
+        from memdec.pipeline.targets import build_targets
 
         backend = cfg["index"].get("backend", "torch")
         build_targets(paths["datastore"], out=paths["targets"], backend=backend, progress=progress,
                       overwrite=replace["targets"], **cfg["targets"])
     if todo("train"):
-        from memdec.train import train
+        from memdec.pipeline.train import train
 
         opts = dict(cfg["train"])
         init = opts.pop("init")

@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memdec.datastore import Datastore
-from memdec.formats import (
+from memdec.core.formats import (
     FormatError,
     check_output_dir,
     check_replaceable,
@@ -32,6 +31,7 @@ from memdec.formats import (
     read_manifest,
     write_manifest,
 )
+from memdec.pipeline.datastore import Datastore
 
 KIND = "index"
 BACKENDS = ("torch", "faiss-flat", "faiss-ivfpq")

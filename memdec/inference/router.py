@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from memdec.formats import read_json, write_json
-from memdec.mixing import check_lmbda, mix_logprobs, tokenizer_fingerprint
+from memdec.core.formats import read_json, write_json
+from memdec.inference.mixing import check_lmbda, mix_logprobs, tokenizer_fingerprint
 
 ROUTER_CONFIG = "router_config.json"
 ROUTER_WEIGHTS = "model.safetensors"
@@ -316,16 +316,16 @@ def save_router(net: RouterNetwork, config: dict[str, Any], path: str | os.PathL
 def model_features(model, tokens: np.ndarray, window: int, stride: int | None = None, batch_size: int = 8,
                    vocab_size: int | None = None, temperature: float = 1.0, pad_id: int = 0,
                    progress: bool = False, what: str = "model") -> dict[str, np.ndarray]:
-    """Per-token features under memdec.data's sliding windows; entry i is the position predicting tokens[i+1].
+    """Per-token features under memdec.pipeline.data's sliding windows; entry i is the position predicting tokens[i+1].
 
     {"logp": float64 (n-1,) log p(target), "hidden": float32 (n-1, H) final hidden state,
-    "scalars": float32 (n-1, 2) (largest probability, entropy)} (entries as memdec.scoring.token_logprobs).
+    "scalars": float32 (n-1, 2) (largest probability, entropy)} (entries as memdec.inference.scoring.token_logprobs).
     """
     from tqdm.auto import tqdm
 
-    from memdec.data import sliding_windows, window_batch
-    from memdec.mixing import log_softmax
-    from memdec.scoring import check_window
+    from memdec.inference.mixing import log_softmax
+    from memdec.inference.scoring import check_window
+    from memdec.pipeline.data import sliding_windows, window_batch
 
     tokens_t = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     n = int(tokens_t.numel())
@@ -429,7 +429,7 @@ def train_router(
 ) -> Path:
     """Train a router on held-out text (never a test split) and write it to `out` (via OUT.partial).
 
-    Each `data` (a path or hf:NAME, memdec.data's forms) is tokenized and scored once by each model
+    Each `data` (a path or hf:NAME, memdec.pipeline.data's forms) is tokenized and scored once by each model
     (features cached in `cache_dir`, default OUT.partial/features); its last `valid_fraction` of tokens
     is the validation part; with `balance` each `data` weighs the same in the loss whatever its length. The router is trained with AdamW on minibatches of `batch_tokens` cached
     positions to minimise the routed mixture's NLL, starting from the fixed mixture `lmbda_init`
@@ -438,17 +438,24 @@ def train_router(
     """
     from tqdm.auto import tqdm
 
-    from memdec.data import CorpusSpec, check_min_tokens, default_stride, default_window, load_texts, tokenize
-    from memdec.joint import (
+    from memdec.eval.tune import _cache_path, _torch_dtype
+    from memdec.inference.joint import (
         default_lmbda,
         load_causal_lm,
         load_tokenizer,
         read_memdec_json,
         resolve_model_path,
     )
-    from memdec.mixing import check_same_tokenizer
-    from memdec.scoring import context_length
-    from memdec.tune import _cache_path, _torch_dtype
+    from memdec.inference.mixing import check_same_tokenizer
+    from memdec.inference.scoring import context_length
+    from memdec.pipeline.data import (
+        CorpusSpec,
+        check_min_tokens,
+        default_stride,
+        default_window,
+        load_texts,
+        tokenize,
+    )
 
     # -- every input checked before long work --
     if inputs not in INPUTS:
@@ -506,7 +513,7 @@ def train_router(
             f = model_features(model, tokens, what=what, **kw)
             _save_features(path, f)
             if cache_dir:  # tune-lambda's own cache of per-token log-probs gets them too
-                from memdec.formats import save_npy
+                from memdec.core.formats import save_npy
 
                 lp_path = _cache_path(cache_dir, what, name, tokens, window, stride, dtype)
                 if not lp_path.exists():

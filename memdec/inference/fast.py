@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from memdec import scoring
-from memdec.mixing import align_vocab, check_lmbda, log_softmax, mix_logprobs
+from memdec.inference import scoring
+from memdec.inference.mixing import align_vocab, check_lmbda, log_softmax, mix_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _call_compiled(name: str, fn: Callable, *args) -> torch.Tensor | None:
     try:
         return compiled(*args)
     except Exception as e:  # a compiler problem must never break scoring: fall back, once, loudly
-        log.warning("memdec.fast: compiling %s failed (%s); using the plain torch path", name, _why(e))
+        log.warning("memdec.inference.fast: compiling %s failed (%s); using the plain torch path", name, _why(e))
         _COMPILE_FAILED.add(name)
         return None
 
@@ -264,7 +264,7 @@ class GraphedForward:
             try:
                 return self._logits(input_ids, keep)
             except Exception as e:  # a compiler problem must never break scoring
-                log.warning("memdec.fast: compiling the forward failed (%s); running it uncompiled", _why(e))
+                log.warning("memdec.inference.fast: compiling the forward failed (%s); running it uncompiled", _why(e))
                 self.use_compile, self._forward = False, self.model.forward
         return self._logits(input_ids, keep)
 
@@ -322,7 +322,7 @@ class GraphedForward:
                     self._make_room(need)
                     entry = self._capture(b, tb, kb)
             except Exception as e:
-                log.warning("memdec.fast: capturing a CUDA graph of the forward failed (%s); running it ungraphed",
+                log.warning("memdec.inference.fast: capturing a CUDA graph of the forward failed (%s); running it ungraphed",
                             _why(e))
                 self.use_graph = False
                 self._graphs.clear()
@@ -517,7 +517,7 @@ class GraphedDecoder:
             try:
                 return (self._post(outs),)
             except Exception as e:  # compiling the mixture failed: run it eagerly (same numbers)
-                log.warning("memdec.fast: compiling the decode step's post-processing failed (%s); running it eagerly",
+                log.warning("memdec.inference.fast: compiling the decode step's post-processing failed (%s); running it eagerly",
                             type(e).__name__)
                 self._post = self.post
         return (self.post(outs),)
@@ -591,7 +591,7 @@ class GraphedDecoder:
 
     def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     state: int | None) -> tuple[torch.Tensor, int]:
-        """A decode-loop step (memdec.joint.generate_tokens): the first output after `input_ids`, and its length.
+        """A decode-loop step (memdec.inference.joint.generate_tokens): the first output after `input_ids`, and its length.
 
         The prompt is prefilled when `state` is None, then each call must add exactly one token (no
         padding: `attention_mask` is ignored).

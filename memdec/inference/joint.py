@@ -1,16 +1,16 @@
 """A base LM and a Memory Decoder run side by side: mixed log-probs, perplexity and generation.
 
-    log p = logaddexp(log(lmbda) + log p_mem, log(1 - lmbda) + log p_base)      (memdec.mixing)
+    log p = logaddexp(log(lmbda) + log p_mem, log(1 - lmbda) + log p_base)      (memdec.inference.mixing)
 
 The memory's logits may be divided by `mem_temperature` before its softmax. Both models see the same
-token ids; their vocabularies are aligned to the tokenizer's length (memdec.mixing.align_vocab), so a
+token ids; their vocabularies are aligned to the tokenizer's length (memdec.inference.mixing.align_vocab), so a
 memory serves every base that shares its tokenizer whatever the padded embedding size.
 
 Generation keeps one KV cache per model. One decode loop (`generate_tokens`) serves every mixture:
 it asks a `step(input_ids, attention_mask, state) -> (next-token log-probs (B, V), state)` for the
 mixture's distribution, applies transformers' logits processors and picks greedily or by sampling.
 `MemoryDecoder._step` runs both models with dynamic caches; on CUDA, unpadded batches take
-a GraphedDecoder's `decode_step` instead (memdec.fast: static caches, both models' step and the
+a GraphedDecoder's `decode_step` instead (memdec.inference.fast: static caches, both models' step and the
 mixture captured in one CUDA graph, the memory on a side stream), which gives the same distributions
 (`fast_decode`).
 """
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from memdec.fast import GraphedDecoder, cache_kwarg, mixture_logprobs
-from memdec.mixing import check_lmbda, check_same_tokenizer, log_softmax, mix_logprobs
-from memdec.scoring import max_positions, perplexity, token_logprobs
+from memdec.inference.fast import GraphedDecoder, cache_kwarg, mixture_logprobs
+from memdec.inference.mixing import check_lmbda, check_same_tokenizer, log_softmax, mix_logprobs
+from memdec.inference.scoring import max_positions, perplexity, token_logprobs
 
 MEMDEC_JSON = "memdec.json"
 DEFAULT_LMBDA = 0.5
@@ -79,10 +79,10 @@ def resolve_model_path(name: str, what: str) -> str:
 
 
 def read_memdec_json(memory: str, revision: str | None = None) -> dict[str, Any]:
-    """The memory's `memdec.json` (format in memdec/train.py), or {} if it has none."""
+    """The memory's `memdec.json` (format in memdec/pipeline/train.py), or {} if it has none."""
     from transformers.utils import cached_file
 
-    from memdec.formats import read_json
+    from memdec.core.formats import read_json
 
     try:
         path = cached_file(memory, MEMDEC_JSON, revision=revision, _raise_exceptions_for_missing_entries=False,
@@ -111,7 +111,7 @@ def load_tokenizer(name: str, what: str, revision: str | None = None, trust_remo
 def check_memory_tokenizer(base_tokenizer, memory: str, memory_revision: str | None = None,
                            trust_remote_code: bool = False) -> None:
     """Refuse (TokenizerMismatchError, one line naming both) a memory whose tokenizer differs from the base's."""
-    from memdec.mixing import check_fingerprint
+    from memdec.inference.mixing import check_fingerprint
 
     try:
         mem_tok = load_tokenizer(memory, "memory", memory_revision, trust_remote_code)
@@ -175,7 +175,7 @@ def model_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 def model_logprobs_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int,
                           temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`model_logprobs` and the final hidden state (B, T, H) that fed the LM head (for a router)."""
-    from memdec.router import capture_head_input
+    from memdec.inference.router import capture_head_input
 
     with capture_head_input(model) as seen:
         logp = model_logprobs(model, input_ids, attention_mask, vocab_size, temperature)
@@ -329,7 +329,7 @@ class _Caches:
 
 def check_router_args(lmbda: Any, router: Any, threshold: Any) -> None:
     """One-line errors for lmbda and router together, a missing router folder, a threshold outside [0, 1]."""
-    from memdec.router import ROUTER_CONFIG, check_threshold
+    from memdec.inference.router import ROUTER_CONFIG, check_threshold
 
     check_threshold(threshold)
     if router is None:
@@ -348,8 +348,8 @@ def check_router_args(lmbda: Any, router: Any, threshold: Any) -> None:
 
 
 def load_router(router: Any, threshold: float | None, base=None, memory=None, tokenizer=None):
-    """A memdec.router.Router from a folder (or one given), checked against the models; None stays None."""
-    from memdec.router import Router, check_threshold
+    """A memdec.inference.router.Router from a folder (or one given), checked against the models; None stays None."""
+    from memdec.inference.router import Router, check_threshold
 
     threshold = check_threshold(threshold)
     if router is None:
@@ -367,7 +367,7 @@ def load_router(router: Any, threshold: float | None, base=None, memory=None, to
 class MemoryDecoder:
     """A base causal LM mixed with a Memory Decoder: p = lmbda * p_mem + (1 - lmbda) * p_base.
 
-    With a `router` (memdec.router), the weights are per token instead: log p = logaddexp(log w_base +
+    With a `router` (memdec.inference.router), the weights are per token instead: log p = logaddexp(log w_base +
     log p_base, log w_mem + log p_mem), w from both models' final hidden states (lmbda is then unused).
     """
 
@@ -468,8 +468,8 @@ class MemoryDecoder:
         `window` defaults to min(1024, both context lengths), `stride` to half the window.
         Returns {'perplexity', 'nll' (mean per token), 'tokens', 'base_perplexity', 'memory_perplexity'}.
         """
-        from memdec.data import default_stride, default_window, tokenize
-        from memdec.scoring import model_name
+        from memdec.inference.scoring import model_name
+        from memdec.pipeline.data import default_stride, default_window, tokenize
 
         if isinstance(texts, str):
             texts = [texts]
@@ -484,7 +484,7 @@ class MemoryDecoder:
         common = dict(window=window, stride=stride, batch_size=batch_size, vocab_size=self.vocab_size, pad_id=pad,
                       progress=progress)
         if self.router is not None:
-            from memdec.router import model_features, routed_target_logprobs
+            from memdec.inference.router import model_features, routed_target_logprobs
 
             fb = model_features(self.base, tokens, what="base", **common)
             fm = model_features(self.memory, tokens, temperature=self.mem_temperature, what="memory", **common)
@@ -506,7 +506,7 @@ class MemoryDecoder:
 
         With a router, the last position's final hidden state is kept in `self._hidden[model]`.
         """
-        from memdec.router import capture_head_input
+        from memdec.inference.router import capture_head_input
 
         device = model.device
         name = cache_kwarg(model)
@@ -531,7 +531,7 @@ class MemoryDecoder:
             self.memory, input_ids[:, new], attention_mask, positions, state.caches.get("memory"))
         state.seen = input_ids.shape[1]
         if self.router is not None:
-            from memdec.mixing import log_softmax
+            from memdec.inference.mixing import log_softmax
 
             hid = self.__dict__["_hidden"]
             return self.router.mix(log_softmax(base_logits, self.vocab_size),
@@ -540,9 +540,9 @@ class MemoryDecoder:
         return mixture_logprobs(base_logits, mem_logits.to(base_logits.device), self.lmbda, self.vocab_size,
                                 self.mem_temperature), state
 
-    # -- fast decoding (memdec.fast): static caches, one CUDA graph per step for both models --
+    # -- fast decoding (memdec.inference.fast): static caches, one CUDA graph per step for both models --
 
-    #: decode with memdec.fast.GraphedDecoder: None = on CUDA only (the plain loop elsewhere), True/False forces it
+    #: decode with memdec.inference.fast.GraphedDecoder: None = on CUDA only (the plain loop elsewhere), True/False forces it
     fast_decode: bool | None = None
 
     def _fast_decode_ok(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
@@ -561,7 +561,7 @@ class MemoryDecoder:
 
         def mixture(logits: tuple[torch.Tensor, ...]) -> torch.Tensor:  # part of the captured step on CUDA
             if router is not None:  # rows are [logits, final hidden state] (GraphedDecoder hidden=True)
-                from memdec.mixing import log_softmax
+                from memdec.inference.mixing import log_softmax
 
                 (bl, bh), (ml, mh) = ((x[:, :w], x[:, w:]) for x, w in zip(logits, widths, strict=True))
                 return router.mix(log_softmax(bl, vocab), log_softmax(ml, vocab, temperature).to(bl.device), bh,

@@ -1,0 +1,1 @@
+"""Shared infrastructure below every stage: on-disk formats and staged outputs."""

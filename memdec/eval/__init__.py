@@ -1,0 +1,1 @@
+"""Evaluation: the lm-eval models (`MixtureLM`, `MemDecLM`), memdec-eval, and lmbda tuning."""
