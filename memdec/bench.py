@@ -272,6 +272,29 @@ def score_memdec_fast(base, memory, ids: torch.Tensor, vocab: int, lmbda: float,
     return lp if per_token else lp.sum()
 
 
+def bench_router(base, memory, device: torch.device, seed: int):
+    """A random 2-layer router over both hidden states and the four scalars (lmdeploy's "both" mode)."""
+    from memdec.inference.router import Router, RouterNetwork, hidden_size
+
+    torch.manual_seed(seed)
+    hb, hm = hidden_size(base), hidden_size(memory)
+    net = RouterNetwork("both", True, hb, hm, layers=2, hidden=128)
+    return Router(net.to(device), {"inputs": "both", "scalars": True, "layers": 2, "hidden": 128,
+                                   "base_hidden_size": hb, "memory_hidden_size": hm})
+
+
+@torch.no_grad()
+def score_memdec_router(base, memory, ids: torch.Tensor, vocab: int, router, per_token: bool = False) -> torch.Tensor:
+    """The `memdec` lm-eval model's routed fast path (memdec.inference.fast.routed_score_tokens), base graphed.
+
+    `memory` is the model or a memdec.inference.fast.GraphedForward of it made with hidden=True.
+    """
+    other = memory if isinstance(memory, fast.GraphedForward) else (
+        lambda i, a, k: fast.lm_logits_hidden(memory, i, a, k))
+    lp, _, _ = fast.routed_score_tokens(base, other, ids[:, :-1], ids[:, 1:], router, vocab, graph_base=True)
+    return lp if per_token else lp.sum()
+
+
 class KNN:
     """kNN-LM over random keys: distances -> softmax(-d / T) over the k neighbours' values, mixed per token."""
 
@@ -561,11 +584,12 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
 
     fell_back: list[bool] = []  # whether a fast decoding run fell back to the plain loop
 
-    def joint_generate(k: int, s: bool, fast_decode: bool) -> torch.Tensor:
-        joint.fast_decode = fast_decode
+    def joint_generate(k: int, s: bool, fast_decode: bool, model: MemoryDecoder | None = None) -> torch.Tensor:
+        model = model or joint
+        model.fast_decode = fast_decode
         kw = sampling if s else {"do_sample": False}
-        out = joint.generate(prompt, max_new_tokens=k, min_new_tokens=k, eos_token_id=eos, **kw)
-        if fast_decode and joint.fast_decode is False:
+        out = model.generate(prompt, max_new_tokens=k, min_new_tokens=k, eos_token_id=eos, **kw)
+        if fast_decode and model.fast_decode is False:
             fell_back.append(True)
         return out
 
@@ -594,6 +618,26 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
             lambda k: graphed_single(k, smp), lambda k: joint_generate(k, smp, True), n, device, 1,
             settings.paired_rounds))
     say(f"  paired ratios (+MemDec fast / base): {paired}")
+
+    r = Row("+MemDec (router, fast)", "the `memdec` model's routed fast path: a random 2-layer router over both "
+                                      "hidden states and the four scalars (one fused pass per model's logits)")
+    rows.append(r)
+    router = bench_router(base, memory, device, settings.seed)
+    hrunner = fast.GraphedForward(memory, use_compile=settings.compile and device.type == "cuda", hidden=True)
+    scoring(r, lambda ids: score_memdec_router(base, hrunner, ids, vocab, router))
+    routed = MemoryDecoder(base, memory, _Tok(), router=router)
+    fell_back.clear()
+    decoding(r, lambda k, s: joint_generate(k, s, True, routed))
+    if fell_back:
+        r.error = (r.error + "; " if r.error else "") + "fast decoding fell back to the plain loop (see the log)"
+    for b, t in settings.score_shapes:  # the router's cost over +MemDec (fast), timed back to back
+        ids = torch.randint(0, vocab, (b, t + 1), generator=g).to(device)
+        paired[f"router score {b}x{t}"] = measure(r, f"paired router score {b}x{t}", lambda ids=ids: paired_ratio(
+            lambda: score_memdec_fast(base, runner, ids, vocab, lmbda),
+            lambda: score_memdec_router(base, hrunner, ids, vocab, router), device, 1, settings.paired_rounds))
+    say(f"  paired ratio (+MemDec router / +MemDec fast): "
+        f"{ {k: v for k, v in paired.items() if k.startswith('router')} }")
+    hrunner = routed = None  # noqa: F841  (their graphs hold memory)
     single.clear()
     checks = measure(r, "agreement check", lambda: agreement(base, memory, joint, prompt, vocab, lmbda, n, g, device,
                                                                  runner))
@@ -721,7 +765,12 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"compiled + graphed base). Decoding ratios: per-token time / the fastest base row; batch 1, prompt {s['prompt_len']}, {s['new_tokens']} new tokens, "
              "(t(N) - t(1)) / (N - 1).",
              ]
-    p = {k: v for k, v in (result.get("paired") or {}).items() if v is not None}
+    p = {k: v for k, v in (result.get("paired") or {}).items() if v is not None and not k.startswith("router")}
+    pr = {k[len("router "):]: v for k, v in (result.get("paired") or {}).items()
+          if v is not None and k.startswith("router")}
+    if pr:
+        notes.append("Router cost, +MemDec (router, fast) / +MemDec (fast) timed back to back (median of "
+                     f"{s['paired_rounds']} rounds): " + ", ".join(f"{k} {v:.3f}x" for k, v in pr.items()) + ".")
     if p:
         notes.append(f"Paired ratios, +MemDec (fast) / base timed back to back (median of {s['paired_rounds']} "
                      "rounds; scoring against the compiled + graphed base, decoding against memdec's graphed "

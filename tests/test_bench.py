@@ -60,7 +60,9 @@ def test_small_cpu_run_writes_table_json_and_plot(tmp_path, capsys):
     # both paths against float32 weights with a float64 mixture (float32 models here: same numbers)
     assert checks["score_fast_vs_fp32_max_abs_diff"] < 1e-4 and checks["score_plain_vs_fp32_max_abs_diff"] < 1e-4
     assert checks["greedy_leading_tokens_equal"] == checks["greedy_tokens_compared"] == 8
-    assert set(result["paired"]) == {"score 4x64", "score 1x64", "greedy", "sampled"}
+    assert set(result["paired"]) == {"score 4x64", "score 1x64", "greedy", "sampled", "router score 4x64",
+                                     "router score 1x64"}
+    assert "+MemDec (router, fast)" in methods and "Router cost" in (out / "bench.md").read_text()
     assert all(v is not None and v > 0 for v in result["paired"].values())
     assert "Paired ratios" in (out / "bench.md").read_text()
     env = result["environment"]

@@ -443,3 +443,22 @@ def test_base_forward_graphs_only_when_asked(tiny, monkeypatch):
         want = model(ids).logits
         for graph in (False, True):
             torch.testing.assert_close(fast.base_forward(model, graph)(ids, None, 3), want[:, -3:], atol=0, rtol=0)
+
+
+def test_target_stats_match_float64_and_router_scalars():
+    """target_stats: (log p(target), largest probability, entropy) against float64, -inf columns included."""
+    from memdec.inference import fast
+    from memdec.inference.router import distribution_scalars
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 11, generator=g) * 3
+    logits[..., 10] = -math.inf  # a masked column
+    targets = torch.randint(0, 10, (2, 5), generator=g)
+    got = fast.target_stats(logits, targets, 11, temperature=2.0)
+    x = logits.double() / 2.0
+    lp = torch.log_softmax(x, -1)
+    p = lp.exp()
+    ent = -(p * torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp))).sum(-1)
+    want = torch.stack([lp.gather(-1, targets[..., None])[..., 0], p.amax(-1), ent], -1)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    assert torch.allclose(got[..., 1:], distribution_scalars(torch.log_softmax(logits / 2.0, -1)), atol=1e-5)

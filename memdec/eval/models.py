@@ -69,6 +69,10 @@ def cpu_data_parallel(lm: HFLM) -> HFLM:
     return lm
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
 class MixtureLM(HFLM):
     """HFLM whose distribution is lmbda * p_other + (1 - lmbda) * p_base; subclasses define `other_logprobs`."""
 
@@ -359,7 +363,7 @@ class MemDecLM(MixtureLM):
 
         memory = self.joint.memory
         runner = self.__dict__.get("_memory_forward")
-        hidden = self.joint.router is not None  # rows: [logits, final hidden state]
+        hidden = self.joint.router is not None  # then (logits, final hidden state)
         if runner is None or runner.model is not memory or runner.hidden != hidden:
             runner = self.__dict__["_memory_forward"] = fast.GraphedForward(memory, hidden=hidden)
         with torch.no_grad():
@@ -370,44 +374,29 @@ class MemDecLM(MixtureLM):
         return self.joint.mem_temperature
 
     def _fast_score_chunk(self, chunk, greedy: bool):
-        """With a router: the per-token weights need both models' final hidden states and the four scalars
-        of each distribution at the scored positions; computed in float32 row chunks (memdec.inference.fast)."""
+        """With a router: per-token weights from both models' final hidden states and the four scalars of each
+        distribution (memdec.inference.fast.routed_score_tokens, one fused pass per model's logits)."""
         if self.joint.router is None:
             return super()._fast_score_chunk(chunk, greedy)
         from memdec.inference import fast
         from memdec.inference.mixing import log_softmax
-        from memdec.inference.router import (
-            apply_threshold,
-            distribution_scalars,
-            routed_logprobs,
-            routed_target_logprobs,
-        )
+        from memdec.inference.router import routed_logprobs
 
         ids, targets, inplens, start, keep = self._fast_inputs(chunk)
-        vocab, temp, router = self.mix_vocab_size, self.other_temperature, self.joint.router
+        vocab, temp = self.mix_vocab_size, self.other_temperature
         with torch.no_grad(), self._autocast():
-            base, other = fast.run_concurrently(lambda: fast.lm_logits_hidden(self.model, ids, None, keep),
-                                                lambda: self.other_scores(ids, keep).to(self.device), self.device)
-        wb, wm = (m.get_output_embeddings().weight.shape[0] for m in (self.model, self.joint.memory))
-        (bl, bh), (ml, mh) = (base[..., :wb], base[..., wb:]), (other[..., :wm], other[..., wm:])
-        rows = fast._rows_per_chunk(vocab)
-        b_rows, m_rows = bl.reshape(-1, wb), ml.reshape(-1, wm)
-        scalars, am = [], []
+            lp, lw, (bl, _, ml, _) = fast.routed_score_tokens(
+                self.model, lambda i, _m, k: tuple(o.to(self.device) for o in self.other_scores(i, k)), ids,
+                targets, self.joint.router, vocab, keep, temp, self.graph_base)
         with torch.no_grad():
-            for i in range(0, b_rows.shape[0], rows):
-                blp, mlp = log_softmax(b_rows[i : i + rows], vocab), log_softmax(m_rows[i : i + rows], vocab, temp)
-                scalars.append(torch.cat([distribution_scalars(blp), distribution_scalars(mlp)], -1))
-            scalars = torch.cat(scalars).reshape(*bl.shape[:-1], 4)
-            lw = apply_threshold(router.net(bh, mh, scalars), router.threshold)
-            lp = routed_target_logprobs(fast.target_logprobs(bl, targets, vocab),
-                                        fast.target_logprobs(ml, targets, vocab, temp), lw).cpu()
+            lp = lp.cpu()
+            am = None
             if greedy:
-                lw_rows = lw.reshape(-1, 2)
-                for i in range(0, b_rows.shape[0], rows):
-                    am.append(routed_logprobs(log_softmax(b_rows[i : i + rows], vocab),
-                                              log_softmax(m_rows[i : i + rows], vocab, temp),
-                                              lw_rows[i : i + rows]).argmax(-1))
-                am = torch.cat(am).reshape(bl.shape[:-1]).cpu()
+                rows, b_rows, m_rows, lw_rows = fast._rows_per_chunk(vocab), _rows(bl), _rows(ml), lw.reshape(-1, 2)
+                am = torch.cat([routed_logprobs(log_softmax(b_rows[i : i + rows], vocab),
+                                                log_softmax(m_rows[i : i + rows], vocab, temp),
+                                                lw_rows[i : i + rows]).argmax(-1)
+                                for i in range(0, b_rows.shape[0], rows)]).reshape(bl.shape[:-1]).cpu()
             q = torch.tensor([i - 1 - start for i in inplens], device=bl.device)
             r = torch.arange(len(chunk), device=bl.device)
             last = routed_logprobs(log_softmax(bl[r, q], vocab), log_softmax(ml[r, q], vocab, temp), lw[r, q]).cpu()

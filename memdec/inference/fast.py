@@ -106,6 +106,31 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
     return out.reshape(shape)
 
 
+def target_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """`target_logprobs` with each position's largest probability and entropy: float32 (*targets.shape, 3).
+
+    One pass over the logits in float32 row chunks (one fused compiled kernel on CUDA), as `target_logprobs`.
+    """
+    shape = targets.shape
+    if logits.shape[:-1] != shape:
+        raise ValueError(f"target_stats: logits {tuple(logits.shape)} do not match targets {tuple(shape)}")
+    if logits.shape[-1] < vocab_size:
+        logits = align_vocab(logits, vocab_size)
+    x, t = _rows(logits), targets.reshape(-1)
+    if x.shape[0] == 0:
+        return torch.zeros(*shape, 3, dtype=torch.float32, device=logits.device)
+    if compile_enabled(x.device):
+        out = _call_compiled("target_stats", scoring.target_stats, x, t, vocab_size, float(temperature))
+        if out is not None:
+            return out.float().reshape(*shape, 3)
+    step = _rows_per_chunk(vocab_size)
+    out = torch.empty(x.shape[0], 3, dtype=torch.float32, device=x.device)
+    for i in range(0, x.shape[0], step):
+        out[i : i + step] = scoring.target_stats(x[i : i + step], t[i : i + step], vocab_size, temperature)
+    return out.reshape(*shape, 3)
+
+
 def mixture_target_logprobs(
     base_logits: torch.Tensor,
     other_logits: torch.Tensor,
@@ -196,8 +221,8 @@ def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
 
 
 def lm_logits_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     keep: int = 0, forward: Callable | None = None) -> torch.Tensor:
-    """`lm_logits` with the final hidden state (the LM head's input) appended: (B, T or keep, V' + H)."""
+                     keep: int = 0, forward: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lm_logits` and the final hidden state (the LM head's input): ((B, T or keep, V'), (B, T or keep, H))."""
     kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
     if keep and accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = int(keep)
@@ -205,7 +230,7 @@ def lm_logits_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     logits, hidden = out.logits, out.hidden_states[-1]
     if keep:
         logits, hidden = logits[:, -keep:], hidden[:, -keep:]
-    return torch.cat([logits, hidden.to(logits.dtype)], dim=-1)
+    return logits, hidden
 
 
 def padded_shape(t: int, keep: int, bucket: int, limit: int | None = None) -> tuple[int, int, int]:
@@ -233,7 +258,7 @@ class GraphedForward:
     ungraphed. At most `max_graphs` graphs whose outputs together take at most `max_graph_bytes` are
     kept (least recently used dropped; they share one memory pool). Elsewhere, or where compiling or
     capturing fails, the plain forward runs. The result of a graphed call is valid until the next call.
-    With `hidden`, each row is the logits followed by the final hidden state (`lm_logits_hidden`).
+    With `hidden`, the result is (logits, final hidden state) (`lm_logits_hidden`).
     """
 
     def __init__(self, model, bucket: int = 64, max_graphs: int = 4, max_tokens: int = 8192,
@@ -279,11 +304,12 @@ class GraphedForward:
     def _make_room(self, need: int) -> None:
         """Drop the least recently used graphs until one more, with `need` bytes of output, fits the limits."""
         while self._graphs and (len(self._graphs) >= self.max_graphs or need + sum(
-                e[2].numel() * e[2].element_size() for e in self._graphs.values()) > self.max_graph_bytes):
+                sum(o.numel() * o.element_size() for o in _outputs(e[2])) for e in self._graphs.values())
+                > self.max_graph_bytes):
             self._graphs.pop(next(iter(self._graphs)))
 
-    def _capture(self, b: int, t: int, k: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """(graph, its input ids (b, t), its output logits) of the forward keeping `k` positions (0: all)."""
+    def _capture(self, b: int, t: int, k: int) -> tuple[Any, torch.Tensor, Any]:
+        """(graph, its input ids (b, t), its output logits (or (logits, hidden))) keeping `k` positions (0: all)."""
         ids = torch.zeros(b, t, dtype=torch.long, device=self.device)
         warm = torch.cuda.Stream(device=self.device)
         warm.wait_stream(torch.cuda.current_stream(self.device))
@@ -332,7 +358,13 @@ class GraphedForward:
             ids[:, :t].copy_(input_ids)
             ids[:, t:].zero_()
             graph.replay()
+        if self.hidden:
+            return tuple(o[:, lo : lo + (keep or t)] for o in out)
         return out[:, lo : lo + (keep or t)]
+
+
+def _outputs(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
 
 
 def graph_base_enabled() -> bool:
@@ -344,25 +376,27 @@ def graph_base_enabled() -> bool:
     return os.environ.get("MEMDEC_GRAPH_BASE", "0") == "1"
 
 
-def base_forward(model, graph: bool | None = None) -> Callable[..., torch.Tensor]:
-    """`(input_ids, attention_mask, keep) -> logits` of a base: `graphed(model)` if `graph` (None: the
-    MEMDEC_GRAPH_BASE setting), else the plain forward."""
+def base_forward(model, graph: bool | None = None, hidden: bool = False) -> Callable[..., Any]:
+    """`(input_ids, attention_mask, keep) -> logits` (with `hidden`: (logits, final hidden state)) of a base:
+    `graphed(model, hidden)` if `graph` (None: the MEMDEC_GRAPH_BASE setting), else the plain forward."""
     if graph if graph is not None else graph_base_enabled():
-        return graphed(model)
-    return lambda ids, mask=None, keep=0: lm_logits(model, ids, mask, keep)
+        return graphed(model, hidden)
+    plain = lm_logits_hidden if hidden else lm_logits
+    return lambda ids, mask=None, keep=0: plain(model, ids, mask, keep)
 
 
-def graphed(model) -> GraphedForward:
-    """The model's one GraphedForward (made on first use), shared by every scorer of that model.
+def graphed(model, hidden: bool = False) -> GraphedForward:
+    """The model's one GraphedForward (made on first use; one more with `hidden`), shared by every scorer of it.
 
     Sharing keeps one set of compiled code and captured graphs per model: the `memdec` lm-eval
     model, `MemoryDecoder.perplexity`, tune-lambda and the bench all score through it.
     """
     p = next(model.parameters())
     key = (p.device, p.dtype, p.data_ptr())  # moved or cast weights: graphs of the old ones are stale
-    entry = model.__dict__.get("_memdec_graphed")
+    slot = "_memdec_graphed_hidden" if hidden else "_memdec_graphed"
+    entry = model.__dict__.get(slot)
     if entry is None or entry[0] != key:
-        entry = model.__dict__["_memdec_graphed"] = (key, GraphedForward(model))
+        entry = model.__dict__[slot] = (key, GraphedForward(model, hidden=hidden))
     return entry[1]
 
 
@@ -423,6 +457,40 @@ def score_tokens(
     lp = mixture_target_logprobs(b, o, targets, lmbda, vocab_size, other_temperature)
     am = mixture_argmax(b, o, lmbda, vocab_size, other_temperature) if greedy else None
     return lp, am
+
+
+def routed_score_tokens(
+    base,
+    other: Callable[[torch.Tensor, torch.Tensor | None, int], tuple[torch.Tensor, torch.Tensor]],
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    router,
+    vocab_size: int,
+    keep: int = 0,
+    other_temperature: float = 1.0,
+    graph_base: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Routed-mixture log-probs of `targets` (B, keep or T), the router's log weights (B, keep or T, 2), and
+    (base logits, base hidden, other logits, other hidden) for callers that need more of them.
+
+    `other(input_ids, attention_mask, keep)` returns the memory's (logits, final hidden state) and runs
+    concurrently with the base (`base_forward(base, graph_base, hidden=True)`). Each model's target
+    log-prob and the router's scalars (largest probability, entropy) come from one fused pass over its
+    logits (`target_stats`); `router` is a memdec.inference.router.Router.
+    """
+    from memdec.inference.router import apply_threshold, routed_target_logprobs
+
+    (bl, bh), (ol, oh) = run_concurrently(
+        lambda: base_forward(base, graph_base, hidden=True)(input_ids, None, keep),
+        lambda: other(input_ids, None, keep), input_ids.device)
+    bs = target_stats(bl, targets, vocab_size)
+    os_ = target_stats(ol, targets, vocab_size, other_temperature)
+    net = router.net
+    dev = next(net.parameters()).device
+    scalars = torch.cat([bs[..., 1:], os_[..., 1:]], -1) if net.scalars else None
+    lw = apply_threshold(net(bh.to(dev), oh.to(dev), None if scalars is None else scalars.to(dev)),
+                         router.threshold).to(bs.device)
+    return routed_target_logprobs(bs[..., 0], os_[..., 0], lw), lw, (bl, bh, ol, oh)
 
 
 # ---- graphed decoding ----

@@ -74,6 +74,26 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def target_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """(log p(target), largest probability, entropy) (..., 3) in float32 of softmax(logits[..., :vocab_size] / T).
+
+    The router's scalars (memdec.inference.router.distribution_scalars) and the target log-prob in one pass.
+    """
+    logits = align_vocab(logits, vocab_size)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    p = torch.exp(logits - lse)
+    finite = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
+    entropy = lse.squeeze(-1) - (p * finite).sum(dim=-1)
+    top = torch.exp(logits.amax(dim=-1) - lse.squeeze(-1))
+    lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
+    return torch.stack([lp, top, entropy], dim=-1)
+
+
 @torch.no_grad()
 def token_logprobs(
     model,
