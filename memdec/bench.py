@@ -34,11 +34,12 @@ from typing import Any
 
 import torch
 
+from memdec.core.devices import parse_dtype
+from memdec.core.errors import first_line
 from memdec.inference import fast
 from memdec.inference.mixing import log_softmax, mix_logprobs
 
 ARCH_DIR = Path(__file__).parent / "configs" / "arch"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SMALL = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 512}
 
 
@@ -434,8 +435,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def _err(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}"[:200]
+    return first_line(e, typed=True)[:200]
 
 
 def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
@@ -459,9 +459,10 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("bench: --device cuda but torch sees no GPU (use --device cpu --small)")
-    if settings.dtype not in DTYPES:
-        raise ValueError(f"bench: unknown dtype {settings.dtype!r} (use {', '.join(DTYPES)})")
-    dtype = DTYPES[settings.dtype]
+    try:
+        dtype = parse_dtype(settings.dtype, device)
+    except ValueError as e:
+        raise ValueError(f"bench: {e}") from None
     env = environment(device)
     say(f"bench on {env['device_name']} (torch {env['torch']}, transformers {env['transformers']})")
     base = build_model(settings.base, settings.small, dtype, device, settings.seed)

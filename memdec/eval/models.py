@@ -30,6 +30,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from memdec.core.errors import one_line
 from memdec.inference.joint import (
     MemoryDecoder,
     check_context,
@@ -570,10 +571,6 @@ def _task_manager_hook(args):
         lm_eval.tasks.TaskManager = original
 
 
-def _one_line(e: BaseException) -> str:
-    from memdec.cli import error_text
-
-    return error_text(e)
 
 
 #: placeholders shown by `memdec-eval --help` for model_args that have no default
@@ -685,6 +682,6 @@ def cli_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, TokenizerMismatchError) as e:
         if os.environ.get("MEMDEC_DEBUG"):
             raise
-        print(f"memdec-eval: error: {_one_line(e)}", file=sys.stderr)
+        print(f"memdec-eval: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0

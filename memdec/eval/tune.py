@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memdec.core.devices import default_device, parse_dtype
 from memdec.core.formats import (
     FORMAT_VERSION,
     check_output_dir,
@@ -27,9 +28,16 @@ from memdec.core.formats import (
     save_npy,
     write_json,
 )
-from memdec.inference.joint import MEMDEC_JSON, load_causal_lm, load_tokenizer, resolve_model_path
+from memdec.core.models import (
+    MEMDEC_JSON,
+    check_context,
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
 from memdec.inference.mixing import check_lmbda, check_same_tokenizer, mix_logprobs, tokenizer_fingerprint
-from memdec.inference.scoring import check_window_fits, context_length, perplexity, token_logprobs
+from memdec.inference.scoring import perplexity, token_logprobs
 
 
 @dataclass
@@ -88,13 +96,6 @@ def curve(base_logp: np.ndarray, memory_logp: np.ndarray, grid: list[float]) -> 
     if base.shape != mem.shape:
         raise ValueError(f"log-prob arrays differ in length: base {tuple(base.shape)}, memory {tuple(mem.shape)}")
     return [perplexity(mix_logprobs(base, mem, lm).numpy()) for lm in grid]
-
-
-def _torch_dtype(dtype: str) -> torch.dtype:
-    value = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if value is None:
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return value
 
 
 def _hub_snapshot(name: str) -> str:
@@ -173,7 +174,7 @@ def tune_lambda(
     )
 
     values = parse_grid(grid)
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     base, memory = resolve_model_path(base, "base"), resolve_model_path(memory, "memory")
     if write and not Path(memory).is_dir():
         raise FileNotFoundError(f"memory {memory}: not a local folder, cannot write its {MEMDEC_JSON}")
@@ -191,9 +192,9 @@ def tune_lambda(
     window = int(window or default_window(*limits.values()))
     stride = int(stride or default_stride(window))
     for what, limit in limits.items():  # before any scoring
-        check_window_fits(limit, window, what)
+        check_context(limit, window, what)
     check_min_tokens(len(tokens), window, f"data {spec.describe()}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     kw = dict(window=window, stride=stride, batch_size=batch_size, vocab_size=len(tok), pad_id=pad, progress=progress)
     logps = []

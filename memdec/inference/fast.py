@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from memdec.core.errors import first_line
 from memdec.inference import scoring
 from memdec.inference.mixing import align_vocab, check_lmbda, log_softmax, mix_logprobs
 
@@ -57,12 +58,6 @@ def _compiled(name: str, fn: Callable) -> Callable | None:
     return _COMPILED[name]
 
 
-def _why(e: BaseException) -> str:
-    """'Type: first line of the message', for a fallback's warning."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def _call_compiled(name: str, fn: Callable, *args) -> torch.Tensor | None:
     """fn compiled (CUDA), or None if compiling is off or failed (then the caller runs it eagerly)."""
     compiled = _compiled(name, fn)
@@ -71,7 +66,7 @@ def _call_compiled(name: str, fn: Callable, *args) -> torch.Tensor | None:
     try:
         return compiled(*args)
     except Exception as e:  # a compiler problem must never break scoring: fall back, once, loudly
-        log.warning("memdec.inference.fast: compiling %s failed (%s); using the plain torch path", name, _why(e))
+        log.warning("memdec.inference.fast: compiling %s failed (%s); using the plain torch path", name, first_line(e, typed=True))
         _COMPILE_FAILED.add(name)
         return None
 
@@ -264,7 +259,7 @@ class GraphedForward:
             try:
                 return self._logits(input_ids, keep)
             except Exception as e:  # a compiler problem must never break scoring
-                log.warning("memdec.inference.fast: compiling the forward failed (%s); running it uncompiled", _why(e))
+                log.warning("memdec.inference.fast: compiling the forward failed (%s); running it uncompiled", first_line(e, typed=True))
                 self.use_compile, self._forward = False, self.model.forward
         return self._logits(input_ids, keep)
 
@@ -323,7 +318,7 @@ class GraphedForward:
                     entry = self._capture(b, tb, kb)
             except Exception as e:
                 log.warning("memdec.inference.fast: capturing a CUDA graph of the forward failed (%s); running it ungraphed",
-                            _why(e))
+                            first_line(e, typed=True))
                 self.use_graph = False
                 self._graphs.clear()
                 return self._plain(input_ids, keep)

@@ -8,57 +8,13 @@ only needs each model's log-probability of that token: `perplexity` of a joint m
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
 
+from memdec.core.models import check_context, context_length, max_positions, model_name  # noqa: F401  (re-exported)
 from memdec.inference.mixing import align_vocab
 from memdec.pipeline.data import sliding_windows, window_batch
-
-
-def max_positions(model) -> int | None:
-    """The longest context a model accepts, from its config (None if it does not say)."""
-    cfg = model.config
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def model_name(model) -> str:
-    """The name a model was loaded from (its config's name_or_path), else its class name."""
-    return str(getattr(model.config, "_name_or_path", "") or getattr(model.config, "name_or_path", "")
-               or type(model).__name__)
-
-
-def context_length(model_or_name, what: str = "model", revision: str | None = None) -> int | None:
-    """max_positions of a loaded model, or of a local folder / hub id from its config alone (no weights)."""
-    if hasattr(model_or_name, "config"):
-        return max_positions(model_or_name)
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(str(model_or_name)), revision=revision,
-                                            trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{what} {model_or_name}: cannot read its config "
-                                f"({str(e).strip().splitlines()[0]})") from None
-    return max_positions(SimpleNamespace(config=config))
-
-
-def check_window(model, window: int, what: str | None = None) -> None:
-    """Raise a one-line error naming the model if `window` is longer than its context length."""
-    check_window_fits(max_positions(model), window, what or f"model {model_name(model)}")
-
-
-def check_window_fits(limit: int | None, window: int, what: str) -> None:
-    """Raise a one-line error naming `what` (the model) if `window` is longer than the context length `limit`."""
-    if limit is not None and window > limit:
-        raise ValueError(f"{what}: window {window} is longer than its context length {limit} (lower the window)")
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
@@ -94,7 +50,7 @@ def token_logprobs(
     out = np.full(max(n - 1, 0), np.nan, dtype=np.float64)
     if n < 2:
         return out
-    check_window(model, min(window, n))
+    check_context(model, min(window, n))
     vocab_size = vocab_size or model.config.vocab_size
     device = next(model.parameters()).device
     windows = sliding_windows(n, window, stride)

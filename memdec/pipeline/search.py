@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memdec.core.errors import first_line
 from memdec.core.formats import (
     FormatError,
     check_output_dir,
@@ -150,7 +151,7 @@ def _rerank(keys: torch.Tensor, rows: torch.Tensor, q: torch.Tensor, qrow: torch
         for s in range(0, len(rows), step):
             out[s : s + step] = fn(keys, rows[s : s + step], q, qrow[s : s + step])
     except Exception as e:  # no triton / compiler: the eager path gives the same numbers
-        _RERANK["broken"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        _RERANK["broken"] = first_line(e, typed=True, limit=200)
         return _rerank_eager(keys, rows, q, qrow)
     return out
 
@@ -595,7 +596,7 @@ def load_index(path: str | os.PathLike, datastore: Datastore | str | os.PathLike
         try:
             raw = faiss.read_index(str(file))
         except RuntimeError as e:
-            raise FormatError(f"{file}: unreadable ({str(e).splitlines()[0][:200]})") from None
+            raise FormatError(f"{file}: unreadable ({first_line(e, limit=200)})") from None
         if raw.ntotal != ds.n or raw.d != ds.dim:
             raise FormatError(f"{file}: holds {raw.ntotal} keys of dim {raw.d}, datastore {ds.path} has "
                               f"{ds.n} of dim {ds.dim}")

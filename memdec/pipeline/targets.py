@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memdec.core.devices import dist_state, resolve_device
 from memdec.core.formats import (
     FormatError,
     check_output_dir,
@@ -34,7 +35,7 @@ from memdec.core.formats import (
     save_npy,
     write_manifest,
 )
-from memdec.pipeline.datastore import Datastore, dist_state, maybe_kill, prepare_partial, resolve_device
+from memdec.pipeline.datastore import Datastore, maybe_kill, prepare_partial
 
 KIND = "targets"
 FIX_ROUNDS = 3  # fp16 renormalisation passes

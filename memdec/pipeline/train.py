@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from memdec.core.errors import first_line
 from memdec.core.formats import FormatError, check_output_dir, partial_dir, read_json, write_json
+from memdec.core.models import MEMDEC_JSON, check_context, max_positions
 from memdec.inference.mixing import align_vocab, tokenizer_fingerprint
-from memdec.inference.scoring import check_window, max_positions
 from memdec.pipeline.data import (
     CorpusSpec,
     Window,
@@ -44,7 +45,6 @@ from memdec.pipeline.data import (
     window_batch,
 )
 
-MEMDEC_JSON = "memdec.json"
 SETTINGS_JSON = "train_settings.json"
 CHECKPOINTS = "checkpoints"
 
@@ -174,7 +174,7 @@ def _step_loss(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, k
             loss, ce_sum, kl_sum = fn(flat, rows, labels, knn_ids if beta > 0 else None, knn_probs, beta)
             return loss, torch.stack([loss.detach(), ce_sum.detach(), kl_sum.detach()]).double()
         except Exception as e:  # no compiler: the blockwise path computes the same sums
-            _COMPILED["broken"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            _COMPILED["broken"] = first_line(e, typed=True, limit=200)
     pred = flat.index_select(0, rows)
     per_pos, ce, kl = _loss_terms(pred, labels, knn_ids, knn_probs, beta)
     loss = per_pos.sum()
@@ -307,7 +307,7 @@ def _check_model(model, tok, init: str, window: int, vocab_from: int | None, wha
         raise ValueError(f"init model {init}: output layer has {n_emb} rows, fewer than its tokenizer's {len(tok)} tokens")
     if vocab_from is not None and n_emb is not None and n_emb < vocab_from:
         raise ValueError(f"init model {init}: output layer has {n_emb} rows but {what} holds token ids up to {vocab_from - 1}")
-    check_window(model, window, f"init model {init}")
+    check_context(model, window, f"init model {init}")
 
 
 def _open_targets(targets: str | os.PathLike, ds) -> Any:
@@ -458,7 +458,7 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from memdec.inference.joint import load_causal_lm, load_tokenizer, resolve_model_path
+    from memdec.core.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     out = Path(out)
     if not 0.0 <= beta <= 1.0:
