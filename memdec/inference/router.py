@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from memdec.core.errors import first_line
-from memdec.core.formats import read_json, write_json
+from memdec.core.formats import commit_partial, open_partial, read_json, write_json
 from memdec.inference.mixing import check_lmbda, mix_logprobs, tokenizer_fingerprint
 
 ROUTER_CONFIG = "router_config.json"
@@ -661,9 +661,7 @@ def export_router(path: str | os.PathLike, out: str | os.PathLike, format: str =
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = open_partial(out, resume=False, replace_final=False)  # written in one go: nothing to resume
     write_json(tmp / "router_config.json", {
         "num_layers": int(cfg["layers"]), "input_mode": mode, "use_scalars": bool(cfg["scalars"]),
         "scalar_proj_dim": int(cfg.get("scalar_proj_dim", 0)), "hidden_dim": int(cfg["hidden"]),
@@ -674,5 +672,5 @@ def export_router(path: str | os.PathLike, out: str | os.PathLike, format: str =
     write_json(tmp / "memory_fusion_config.json", fusion)
     if out.exists():
         shutil.rmtree(out)
-    os.replace(tmp, out)
+    commit_partial(tmp, out)
     return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,17 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from memdec.core.devices import Dist, dist_state, parse_dtype, resolve_device
+from memdec.core.devices import dist_state, parse_dtype, resolve_device
 from memdec.core.formats import (
     FormatError,
     check_output_dir,
     check_replaceable,
+    commit_partial,
     load_npy,
+    maybe_kill,
+    open_partial,
     partial_dir,
-    read_json,
     read_manifest,
     save_npy,
-    write_json,
     write_manifest,
 )
 from memdec.core.models import check_context, context_length, load_causal_lm, resolve_model_path
@@ -54,45 +54,9 @@ from memdec.pipeline.keys import capture_keys, key_dim, key_layer, key_module
 
 KIND = "datastore"
 DEFAULT_SHARD_BYTES = 1 << 30  # about 1 GiB of keys per shard
-KILL_ENV = "MEMDEC_TEST_KILL_AFTER"  # tests: SIGKILL the process after this many shards/chunks
 
 
 # ---- helpers ----
-
-
-def maybe_kill(done: int) -> None:
-    """Test hook: SIGKILL this process once `done` units were written, if MEMDEC_TEST_KILL_AFTER says so."""
-    limit = os.environ.get(KILL_ENV)
-    if limit and done >= int(limit):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def prepare_partial(final: Path, plan: dict[str, Any], overwrite: bool, dist: Dist) -> Path:
-    """The `.partial` folder for `final`, holding `plan.json`; a leftover with another plan is an error."""
-    if final.exists():
-        if not overwrite:
-            raise FileExistsError(f"{final}: already exists (pass overwrite to replace it)")
-        if dist.is_main:
-            shutil.rmtree(final)
-    tmp = partial_dir(final)
-    plan_file = tmp / "plan.json"
-    if dist.is_main:
-        if overwrite and tmp.exists():
-            shutil.rmtree(tmp)
-        if plan_file.exists():
-            old = read_json(plan_file)
-            if old != plan:
-                diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-                raise ValueError(
-                    f"{tmp}: left by an interrupted run with other settings ({', '.join(diff)}); "
-                    "delete it or pass overwrite to start again"
-                )
-        tmp.mkdir(parents=True, exist_ok=True)
-        write_json(plan_file, plan)
-    dist.wait()
-    return tmp
 
 
 def load_tokenizer(model_or_path, tokenizer=None, revision: str | None = None):
@@ -289,7 +253,7 @@ def build_datastore(
         "dtype": str(torch_dtype).removeprefix("torch."), "n_tokens": int(len(tokens)),
         "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
     }
-    tmp = prepare_partial(out, plan, overwrite, dist)
+    tmp = open_partial(out, plan, overwrite, dist)
     if dist.is_main and not (tmp / "tokens.npy").exists():
         save_npy(tmp / "tokens.npy", tokens)
 
@@ -314,8 +278,7 @@ def build_datastore(
             shards=[{"keys": s.keys_file, "values": s.values_file, "rows": s.rows} for s in shards],
             corpus=corpus_desc, architecture=type(model).__name__,
         )
-        (tmp / "plan.json").unlink()
-        os.replace(tmp, out)
+        commit_partial(tmp, out)
     dist.wait()
     return out
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from memdec.core.formats import (
     FormatError,
     check_output_dir,
     check_replaceable,
-    partial_dir,
+    commit_partial,
+    open_partial,
     read_manifest,
     write_manifest,
 )
@@ -548,13 +548,7 @@ def build_index(
     check_output_dir(out, "output folder")
     if overwrite:
         check_replaceable(out, KIND)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")
-        shutil.rmtree(out)
-    tmp = partial_dir(out)
-    shutil.rmtree(tmp, ignore_errors=True)  # an index is built in one go: nothing to resume
-    tmp.mkdir(parents=True)
+    tmp = open_partial(out, overwrite=overwrite, resume=False)  # an index is built in one go: nothing to resume
     dev = torch.device(device) if device is not None else None
     params: dict[str, Any] = {}
     if backend != "torch":
@@ -567,7 +561,7 @@ def build_index(
         faiss.write_index(index, str(tmp / "index.faiss"))
     write_manifest(tmp, KIND, backend=backend, params=params, n=ds.n, dim=ds.dim,
                    datastore=ds.describe(), datastore_path=os.path.relpath(ds.path.resolve(), out.resolve()))
-    os.replace(tmp, out)
+    commit_partial(tmp, out)
     return load_index(out, datastore=ds, device=device)
 
 

@@ -29,13 +29,16 @@ from memdec.core.formats import (
     FormatError,
     check_output_dir,
     check_replaceable,
+    commit_partial,
     load_npy,
+    maybe_kill,
+    open_partial,
     partial_dir,
     read_manifest,
     save_npy,
     write_manifest,
 )
-from memdec.pipeline.datastore import Datastore, maybe_kill, prepare_partial
+from memdec.pipeline.datastore import Datastore
 
 KIND = "targets"
 FIX_ROUNDS = 3  # fp16 renormalisation passes
@@ -170,7 +173,7 @@ def build_targets(
     described = ds.describe()
     plan = {"k": k, "temperature": temperature, "backend": backend, "chunk_rows": chunk_rows,
             "datastore": {key: v for key, v in described.items() if key != "path"}}
-    tmp = prepare_partial(out, plan, overwrite, dist)
+    tmp = open_partial(out, plan, overwrite, dist)
 
     chunks = [(c, a, min(a + chunk_rows, ds.n)) for c, a in enumerate(range(0, ds.n, chunk_rows))]
     mine = [ch for ch in chunks if ch[0] % dist.world == dist.rank]
@@ -207,7 +210,7 @@ def build_targets(
     dist.wait()
     if dist.is_main:
         _merge(tmp, chunks, ds, plan)
-        os.replace(tmp, out)
+        commit_partial(tmp, out)
     dist.wait()
     return out
 
@@ -239,7 +242,6 @@ def _merge(tmp: Path, chunks: list[tuple[int, int, int]], ds: Datastore, plan: d
     for c, _, _ in chunks:
         for name in ("counts", "ids", "probs"):
             _part(tmp, c, name).unlink()
-    (tmp / "plan.json").unlink()
 
 
 class Targets:
