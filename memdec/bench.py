@@ -37,6 +37,7 @@ import torch
 from memdec.core.devices import parse_dtype
 from memdec.core.errors import first_line
 from memdec.inference import fast
+from memdec.inference.knn import knn_distribution, knn_target_probs
 from memdec.inference.mixing import log_softmax, mix_logprobs
 
 ARCH_DIR = Path(__file__).parent / "configs" / "arch"
@@ -301,17 +302,12 @@ class KNN:
     def knn_logprob(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p_kNN(target) per query (float32)."""
         d, i = self.index.search(queries.float(), self.k)
-        w = torch.log_softmax(-d / self.temperature, dim=-1)
-        hit = self.values[i] == targets[:, None]
-        return torch.logsumexp(w.masked_fill(~hit, float("-inf")), dim=-1)
+        return knn_target_probs(d, i, self.values, targets, self.temperature).log()
 
     def knn_logprobs_full(self, queries: torch.Tensor) -> torch.Tensor:
         """log p_kNN over the vocabulary (n, V), for decoding."""
         d, i = self.index.search(queries.float(), self.k)
-        p = torch.softmax(-d / self.temperature, dim=-1)
-        out = torch.zeros(queries.shape[0], self.vocab, device=queries.device)
-        out.scatter_add_(1, self.values[i], p)
-        return out.log()
+        return knn_distribution(d, i, self.values, self.temperature, self.vocab).log()
 
     @torch.no_grad()
     def score(self, ids: torch.Tensor, lmbda: float) -> torch.Tensor:
