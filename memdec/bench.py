@@ -270,7 +270,7 @@ def score_memdec_fast(base, memory, ids: torch.Tensor, vocab: int, lmbda: float,
     """
     other = memory if isinstance(memory, fast.GraphedForward) else (
         lambda i, a, k: fast.lm_logits(memory, i, a, k))
-    lp, _ = fast.score_tokens(base, other, ids[:, :-1], ids[:, 1:], lmbda, vocab, graph_base=True)
+    lp = fast.score_tokens(base, other, ids[:, :-1], ids[:, 1:], lmbda, vocab, graph_base=True).logprobs
     return lp if per_token else lp.sum()
 
 

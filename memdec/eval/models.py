@@ -224,26 +224,14 @@ class MixtureLM(HFLM):
         from memdec.inference import fast
 
         ids, targets, inplens, start, keep = self._fast_inputs(chunk)
-        vocab = self.mix_vocab_size
-        with torch.no_grad(), self._autocast():
-            # lmbda 0 / 1: only the model that counts runs (the other's scores are never read)
-            def base_forward(ids: torch.Tensor, mask: None, keep: int) -> torch.Tensor:
-                return fast.base_forward(self.model, self.graph_base)(ids, mask, keep)
-
-            if self.lmbda == 0.0:
-                base = other = base_forward(ids, None, keep)
-            elif self.lmbda == 1.0:
-                base = other = self.other_scores(ids, keep).to(self.device)
-            else:
-                base, other = fast.run_concurrently(lambda: base_forward(ids, None, keep),
-                                                    lambda: self.other_scores(ids, keep).to(self.device),
-                                                    self.device)
-        temp = self.other_temperature
-        lp = fast.mixture_target_logprobs(base, other, targets, self.lmbda, vocab, temp).cpu()
-        am = fast.mixture_argmax(base, other, self.lmbda, vocab, temp).cpu() if greedy else None
-        q = torch.tensor([i - 1 - start for i in inplens], device=base.device)
-        rows = torch.arange(len(chunk), device=base.device)
-        last = fast.mixture_logprobs(base[rows, q], other[rows, q], self.lmbda, vocab, temp).cpu()
+        q = torch.tensor([i - 1 - start for i in inplens], device=ids.device)
+        with self._autocast():
+            lp, am, last = fast.score_tokens(self.model, lambda x, _mask, k: self.other_scores(x, k).to(self.device),
+                                             ids, targets, self.lmbda, self.mix_vocab_size, keep=keep,
+                                             other_temperature=self.other_temperature, greedy=greedy,
+                                             graph_base=self.graph_base, last_at=q)
+        lp, last = lp.cpu(), last.cpu()
+        am = am.cpu() if am is not None else None
         return [(lp[b], None if am is None else am[b], last[b], int(q[b])) for b in range(len(chunk))]
 
     # -- generation --

@@ -24,7 +24,7 @@ import inspect
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -392,6 +392,15 @@ def run_concurrently(first: Callable[[], Any], second: Callable[[], torch.Tensor
     return a, b
 
 
+class TokenScores(NamedTuple):
+    """What `score_tokens` returns: mixed target log-probs, the mixture's argmax (or None), and the full
+    mixed log-probs (B, V) at the positions asked for with `last_at` (or None)."""
+
+    logprobs: torch.Tensor
+    argmax: torch.Tensor | None
+    last: torch.Tensor | None
+
+
 @torch.no_grad()
 def score_tokens(
     base,
@@ -405,19 +414,33 @@ def score_tokens(
     other_temperature: float = 1.0,
     greedy: bool = False,
     graph_base: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mixed log-probs of `targets` (B, keep or T) after `input_ids`, and the mixture's argmax if `greedy`.
+    last_at: torch.Tensor | None = None,
+) -> TokenScores:
+    """Mixed log-probs of `targets` (B, keep or T) after `input_ids`, the mixture's argmax if `greedy`, and
+    with `last_at` (B,) the mixed log-probs at kept position last_at[b] of each row.
 
     `other(input_ids, attention_mask, keep)` returns the second model's logits (or log-probs) of the
     same positions; it runs concurrently with the base, whose forward is `base_forward(base, graph_base)`
-    (with graph_base, compiled and CUDA-graphed on CUDA; the plain forward elsewhere). `targets[:, j]` is the token predicted
-    at the j-th kept position.
+    (with graph_base, compiled and CUDA-graphed on CUDA; the plain forward elsewhere). At lmbda 0 / 1
+    only the model that counts runs. `targets[:, j]` is the token predicted at the j-th kept position.
     """
-    b, o = run_concurrently(lambda: base_forward(base, graph_base)(input_ids, attention_mask, keep),
-                            lambda: other(input_ids, attention_mask, keep), input_ids.device)
+    def run_base() -> torch.Tensor:
+        return base_forward(base, graph_base)(input_ids, attention_mask, keep)
+
+    if lmbda == 0.0:
+        b = o = run_base()
+    elif lmbda == 1.0:
+        b = o = other(input_ids, attention_mask, keep)
+    else:
+        b, o = run_concurrently(run_base, lambda: other(input_ids, attention_mask, keep), input_ids.device)
     lp = mixture_target_logprobs(b, o, targets, lmbda, vocab_size, other_temperature)
     am = mixture_argmax(b, o, lmbda, vocab_size, other_temperature) if greedy else None
-    return lp, am
+    last = None
+    if last_at is not None:
+        rows = torch.arange(b.shape[0], device=b.device)
+        q = last_at.to(b.device)
+        last = mixture_logprobs(b[rows, q], o[rows, q], lmbda, vocab_size, other_temperature)
+    return TokenScores(lp, am, last)
 
 
 # ---- graphed decoding ----

@@ -39,7 +39,7 @@ from memdec.core.models import (  # noqa: F401  (re-exported: memdec.inference.j
 )
 from memdec.inference.fast import GraphedDecoder, cache_kwarg, mixture_logprobs
 from memdec.inference.mixing import check_lmbda, check_same_tokenizer, log_softmax, mix_logprobs
-from memdec.inference.scoring import perplexity, token_logprobs
+from memdec.inference.scoring import mixed_logprobs, pair_logprobs, perplexity
 
 DEFAULT_LMBDA = 0.5
 
@@ -430,9 +430,8 @@ class MemoryDecoder:
             lw = self.router.feature_log_weights(fb, fm).double()
             mixed = routed_target_logprobs(torch.from_numpy(base), torch.from_numpy(mem), lw).numpy()
         else:
-            base = token_logprobs(self.base, tokens, **common)
-            mem = token_logprobs(self.memory, tokens, temperature=self.mem_temperature, **common)
-            mixed = mix_logprobs(torch.from_numpy(base), torch.from_numpy(mem), self.lmbda).numpy()
+            base, mem = pair_logprobs(self.base, self.memory, tokens, mem_temperature=self.mem_temperature, **common)
+            mixed = mixed_logprobs(base, mem, self.lmbda)
         return {"perplexity": perplexity(mixed), "nll": float(-np.mean(mixed)), "tokens": int(mixed.size),
                 "base_perplexity": perplexity(base), "memory_perplexity": perplexity(mem)}
 

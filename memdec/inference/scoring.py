@@ -8,6 +8,7 @@ only needs each model's log-probability of that token: `perplexity` of a joint m
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +73,47 @@ def token_logprobs(
             j0 = w.score_start - w.start  # first scored input position in this window
             out[w.score_start - 1 : w.end - 1] = lp[b, j0 - 1 : w.end - w.start - 1].numpy()
     return out
+
+
+def pair_logprobs(
+    base: Any,
+    memory: Any,
+    tokens: np.ndarray | torch.Tensor,
+    window: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    vocab_size: int | None = None,
+    mem_temperature: float = 1.0,
+    pad_id: int = 0,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The base's and the memory's per-token log-probs (`token_logprobs`, float64) over the same windows.
+
+    Each of `base` / `memory` is a loaded model, a zero-argument loader (the model is loaded, scored and
+    dropped: one model in memory at a time) or an array already scored (kept as given).
+    """
+    kw = dict(window=window, stride=stride, batch_size=batch_size, vocab_size=vocab_size, pad_id=pad_id,
+              progress=progress)
+    out = []
+    for model, temperature in ((base, 1.0), (memory, mem_temperature)):
+        if isinstance(model, np.ndarray):
+            out.append(model)
+            continue
+        loaded = model() if callable(model) and not hasattr(model, "config") else model
+        out.append(token_logprobs(loaded, tokens, temperature=temperature, **kw))
+        del loaded
+    return out[0], out[1]
+
+
+def mixed_logprobs(base_logp: np.ndarray, memory_logp: np.ndarray, lmbda: float) -> np.ndarray:
+    """Per-token log-probs of the lmbda mixture from the two models' (float64, memdec.inference.mixing)."""
+    from memdec.inference.mixing import mix_logprobs
+
+    base = torch.as_tensor(np.asarray(base_logp, dtype=np.float64))
+    mem = torch.as_tensor(np.asarray(memory_logp, dtype=np.float64))
+    if base.shape != mem.shape:
+        raise ValueError(f"log-prob arrays differ in length: base {tuple(base.shape)}, memory {tuple(mem.shape)}")
+    return mix_logprobs(base, mem, lmbda).numpy()
 
 
 def perplexity(logprobs: np.ndarray) -> float:
