@@ -21,6 +21,7 @@ from lm_eval.api.registry import register_model
 
 from memdec.eval.models import MixtureLM, _as_bool, _as_int
 from memdec.inference.joint import check_temperature
+from memdec.inference.knn import knn_distribution
 from memdec.inference.mixing import mix_logprobs
 from memdec.pipeline.datastore import Datastore
 from memdec.pipeline.keys import capture_keys, key_dim
@@ -61,13 +62,9 @@ class KNNDistribution:
     def logprobs(self, keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """log p_knn [n, vocab_size] (float32) of each key [n, dim]; tokens no neighbour names get -inf."""
         d, ids = self.neighbours(keys)
-        weights = torch.softmax(-d / self.temperature, dim=-1)
-        weights = torch.where(ids >= 0, weights, torch.zeros_like(weights))  # faiss pads missing with -1
         if self.values.device != ids.device:
             self.values = self.values.to(ids.device)
-        tokens = self.values[ids.clamp(min=0)]
-        p = torch.zeros(len(keys), vocab_size, dtype=torch.float32, device=keys.device)
-        p.scatter_add_(1, tokens, weights)
+        p = knn_distribution(d, ids, self.values, self.temperature, vocab_size)
         return p.log()
 
 

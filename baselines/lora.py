@@ -110,7 +110,8 @@ def lora(
     from peft import LoraConfig
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from memdec.inference.joint import _first_line, resolve_model_path
+    from memdec.core.errors import first_line
+    from memdec.core.models import resolve_model_path
     from memdec.pipeline.train import check_out, train
 
     if rank is not None and match_params is not None:
@@ -122,7 +123,7 @@ def lora(
     try:
         model_config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"model {model}: cannot read its config ({_first_line(e)})") from None
+        raise FileNotFoundError(f"model {model}: cannot read its config ({first_line(e)})") from None
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
     targets = list(target_modules) if target_modules else default_target_modules(skeleton)

@@ -95,7 +95,7 @@ def build(work: Path, tokens: int, small: bool = False, seed: int = 0) -> None:
 
 def run_eval(work: Path, model: str, out: Path) -> tuple[float, dict]:
     """(wall seconds, the task's metrics) of one `memdec-eval` call in this process."""
-    from memdec.eval.models import cli_main
+    from memdec.eval.launcher import cli_main
 
     args = f"pretrained={work / 'base'},max_length=1024,dtype={'float32' if DEVICE.type == 'cpu' else 'bfloat16'}"
     if model == "memdec":

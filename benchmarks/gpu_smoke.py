@@ -48,7 +48,7 @@ def main() -> int:
         ids = torch.randint(1, len(tok), (rows, length + 1), device=dev)
         with torch.no_grad():
             x, t = ids[:, :-1], ids[:, 1:][:, -keep:] if keep else ids[:, 1:]
-            lp, _ = fast.score_tokens(base, runner, x, t, 0.4, len(tok), keep=keep)
+            lp, _, _ = fast.score_tokens(base, runner, x, t, 0.4, len(tok), keep=keep)
             b = torch.log_softmax(base(x).logits.double(), -1)
             m = torch.log_softmax(mem(x).logits.double(), -1)
             ref = torch.logaddexp(b + torch.log(torch.tensor(0.6, dtype=torch.float64)),

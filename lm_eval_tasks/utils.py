@@ -327,7 +327,7 @@ def single_token_words(label_words: Sequence[Sequence[str]], tokenizer) -> list[
 @functools.cache
 def _label_tokenizer(name: str, revision: str | None, trust_remote_code: bool):
     """The model's tokenizer, loaded once for all the zero-shot tasks of a run."""
-    from memdec.inference.joint import load_tokenizer
+    from memdec.core.models import load_tokenizer
 
     return load_tokenizer(name, "tokenizer", revision, trust_remote_code)
 

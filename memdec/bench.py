@@ -34,11 +34,13 @@ from typing import Any
 
 import torch
 
+from memdec.core.devices import parse_dtype
+from memdec.core.errors import first_line
 from memdec.inference import fast
+from memdec.inference.knn import knn_distribution, knn_target_probs
 from memdec.inference.mixing import log_softmax, mix_logprobs
 
 ARCH_DIR = Path(__file__).parent / "configs" / "arch"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SMALL = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 512}
 
 
@@ -268,7 +270,7 @@ def score_memdec_fast(base, memory, ids: torch.Tensor, vocab: int, lmbda: float,
     """
     other = memory if isinstance(memory, fast.GraphedForward) else (
         lambda i, a, k: fast.lm_logits(memory, i, a, k))
-    lp, _ = fast.score_tokens(base, other, ids[:, :-1], ids[:, 1:], lmbda, vocab, graph_base=True)
+    lp = fast.score_tokens(base, other, ids[:, :-1], ids[:, 1:], lmbda, vocab, graph_base=True).logprobs
     return lp if per_token else lp.sum()
 
 
@@ -323,17 +325,12 @@ class KNN:
     def knn_logprob(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p_kNN(target) per query (float32)."""
         d, i = self.index.search(queries.float(), self.k)
-        w = torch.log_softmax(-d / self.temperature, dim=-1)
-        hit = self.values[i] == targets[:, None]
-        return torch.logsumexp(w.masked_fill(~hit, float("-inf")), dim=-1)
+        return knn_target_probs(d, i, self.values, targets, self.temperature).log()
 
     def knn_logprobs_full(self, queries: torch.Tensor) -> torch.Tensor:
         """log p_kNN over the vocabulary (n, V), for decoding."""
         d, i = self.index.search(queries.float(), self.k)
-        p = torch.softmax(-d / self.temperature, dim=-1)
-        out = torch.zeros(queries.shape[0], self.vocab, device=queries.device)
-        out.scatter_add_(1, self.values[i], p)
-        return out.log()
+        return knn_distribution(d, i, self.values, self.temperature, self.vocab).log()
 
     @torch.no_grad()
     def score(self, ids: torch.Tensor, lmbda: float) -> torch.Tensor:
@@ -457,8 +454,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def _err(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}"[:200]
+    return first_line(e, typed=True)[:200]
 
 
 def run_bench(settings: BenchSettings, out: str | os.PathLike | None = None,
@@ -482,9 +478,10 @@ def _run_bench(settings: BenchSettings, out: str | os.PathLike | None,
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("bench: --device cuda but torch sees no GPU (use --device cpu --small)")
-    if settings.dtype not in DTYPES:
-        raise ValueError(f"bench: unknown dtype {settings.dtype!r} (use {', '.join(DTYPES)})")
-    dtype = DTYPES[settings.dtype]
+    try:
+        dtype = parse_dtype(settings.dtype, device)
+    except ValueError as e:
+        raise ValueError(f"bench: {e}") from None
     env = environment(device)
     say(f"bench on {env['device_name']} (torch {env['torch']}, transformers {env['transformers']})")
     base = build_model(settings.base, settings.small, dtype, device, settings.seed)

@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from memdec.core.errors import one_line as error_text
+
 # ---- shared options ----
 
 #: what a --corpus / --data value may be (memdec.pipeline.data.TEXT_SUFFIXES, spelled out to keep `memdec --help` light)
@@ -482,12 +484,6 @@ def check_device(device: str | None) -> None:
             raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     elif dev.type != "cpu" and not (dev.type == "mps" and torch.backends.mps.is_available()):
         raise ValueError(f"--device {device}: not available here (use cpu, cuda or cuda:N)")
-
-
-def error_text(e: BaseException) -> str:
-    """An exception's message on one line (a KeyError's without the quotes its str() adds)."""
-    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e
-    return " ".join(str(text).split()) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,7 @@ def _evaluate(name: str, model: str, model_args: dict[str, Any], data_dir: Path,
     import torch
     from lm_eval.tasks import TaskManager
 
-    from memdec.eval.models import register_models, tasks_dir
+    from memdec.eval.launcher import register_models, tasks_dir
 
     register_models()
     manager = TaskManager(include_path=[tasks_dir()], include_defaults=False,

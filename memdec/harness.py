@@ -1,14 +1,15 @@
 """The evaluation entry point: `python -m memdec.harness` / `accelerate launch -m memdec.harness` run memdec-eval.
 
 The stable import path for plugins and scripts: `MixtureLM`, `MemDecLM`, `cpu_data_parallel` and `cli_main`
-live in `memdec.eval`; this module only names them.
+live in `memdec.eval.models` / `memdec.eval.launcher`; this module only names them.
 """
 
 from __future__ import annotations
 
 import sys
 
-from memdec.eval.models import MemDecLM, MixtureLM, cli_main, cpu_data_parallel
+from memdec.eval.launcher import cli_main
+from memdec.eval.models import MemDecLM, MixtureLM, cpu_data_parallel
 
 __all__ = ["MemDecLM", "MixtureLM", "cli_main", "cpu_data_parallel"]
 

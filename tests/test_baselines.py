@@ -114,7 +114,7 @@ def test_plugin_runs_through_memdec_eval(tmp_path, tiny, texts):
     )
     env = {**os.environ, "MEMDEC_PLUGINS": str(plugin), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
     out = tmp_path / "results"
-    cmd = [sys.executable, "-c", "import sys; from memdec.eval.models import cli_main; sys.argv[0] = 'memdec-eval'; "
+    cmd = [sys.executable, "-c", "import sys; from memdec.eval.launcher import cli_main; sys.argv[0] = 'memdec-eval'; "
            "sys.exit(cli_main())", "--model", "toy_uniform", "--model_args", f"pretrained={tiny['base']}",
            "--tasks", "toy_ppl", "--include_path", str(tasks), "--device", "cpu", "--output_path", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from memdec.cli import error_text, main
-from memdec.eval.models import cli_main
+from memdec.eval.launcher import cli_main
 
 DATA = Path(__file__).parent / "data"
 
@@ -328,7 +328,7 @@ def test_memdec_eval_model_args_named(tiny, tiny_datastore, capsys):
 
 
 def test_memdec_eval_help_has_a_memdec_section(capsys):
-    from memdec.eval.models import tasks_dir
+    from memdec.eval.launcher import tasks_dir
 
     with pytest.raises(SystemExit) as e:
         cli_main(["--help"])

@@ -110,11 +110,11 @@ def test_score_tokens_matches_plain_mixture(models, base_name):
     with torch.no_grad():
         ref = _ref_mixture(base(x).logits, memory(x).logits, 0.25, vocab, 2.0)
     other = lambda i, a, k: fast.lm_logits(memory, i, a, k)  # noqa: E731
-    lp, am = fast.score_tokens(base, other, x, t, 0.25, vocab, other_temperature=2.0, greedy=True)
+    lp, am, _ = fast.score_tokens(base, other, x, t, 0.25, vocab, other_temperature=2.0, greedy=True)
     torch.testing.assert_close(lp.double(), ref.gather(-1, t[..., None]).squeeze(-1), atol=2e-5, rtol=1e-5)
     assert torch.equal(am, ref.argmax(-1))
     # only the last 4 positions (logits_to_keep)
-    lp4, am4 = fast.score_tokens(base, other, x, t[:, -4:], 0.25, vocab, keep=4, other_temperature=2.0, greedy=True)
+    lp4, am4, _ = fast.score_tokens(base, other, x, t[:, -4:], 0.25, vocab, keep=4, other_temperature=2.0, greedy=True)
     torch.testing.assert_close(lp4, lp[:, -4:], atol=1e-5, rtol=1e-5)
     assert torch.equal(am4, am[:, -4:])
 

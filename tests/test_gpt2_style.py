@@ -72,7 +72,7 @@ def evaluate(model: str, model_args: str, **metadata) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from memdec.eval.models import tasks_dir
+    from memdec.eval.launcher import tasks_dir
 
     tm = TaskManager(include_path=tasks_dir(), include_defaults=False,
                      metadata={"data_dir": str(FIXTURES), "ppl_window": WINDOW, **metadata})

@@ -16,7 +16,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from memdec.eval.models import MemDecLM, MixtureLM, _add_task_path, _local_tasks_only, cli_main, tasks_dir
+from memdec.eval.launcher import _add_task_path, _local_tasks_only, cli_main, tasks_dir
+from memdec.eval.models import MemDecLM, MixtureLM
 from memdec.inference.joint import model_logprobs
 
 LMBDA = 0.4

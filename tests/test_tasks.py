@@ -393,7 +393,7 @@ def test_memdec_eval_command_runs_the_tasks(tiny, tmp_path, hf_results):
     meta = json.dumps({"data_dir": str(FIXTURES), "ppl_window": WINDOW, "ppl_stride": STRIDE,
                        "single_token_words": False})
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from memdec.eval.models import cli_main; sys.exit(cli_main())", "run",
+        [sys.executable, "-c", "import sys; from memdec.eval.launcher import cli_main; sys.exit(cli_main())", "run",
          "--model", "hf", "--model_args", f"pretrained={tiny['base']},dtype=float64", "--device", "cpu",
          "--tasks", "memdec_law_ppl,memdec_rte", "--metadata", meta, "--batch_size", "4",
          "--output_path", str(tmp_path)],

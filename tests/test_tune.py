@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import memdec.eval.tune as tune
 from memdec.cli import main
+from memdec.inference import scoring
 from memdec.inference.mixing import TokenizerMismatchError
 from memdec.pipeline.data import sliding_windows, tokenize
 
@@ -58,8 +59,8 @@ def test_curve_from_cache_equals_direct_mixture(tiny, val_file, tmp_path, monkey
     memory = shutil.copytree(tiny["memory"], tmp_path / "memory")
     (memory / "memdec.json").write_text(json.dumps({"format_version": 1, "datastore": {"k": 8}, "lmbda": 0.5}))
     calls = []
-    real = tune.token_logprobs
-    monkeypatch.setattr(tune, "token_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = scoring.token_logprobs  # tune scores through scoring.pair_logprobs
+    monkeypatch.setattr(scoring, "token_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
     grid = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
     r = tune.tune_lambda(tiny["base"], str(memory), str(val_file), window=WINDOW, stride=STRIDE, grid=grid,
                          write=True, plot=tmp_path / "curve.png", device="cpu", progress=False)
@@ -82,7 +83,7 @@ def test_cache_reused_on_rerun(tiny, val_file, tmp_path, monkeypatch):
     kw = dict(window=WINDOW, stride=STRIDE, grid="0:1:0.5", device="cpu", progress=False, cache_dir=tmp_path / "c")
     first = tune.tune_lambda(tiny["base"], tiny["memory"], str(val_file), **kw)
     assert len(list((tmp_path / "c").glob("*.npy"))) == 2
-    monkeypatch.setattr(tune, "token_logprobs", lambda *a, **k: pytest.fail("scored again despite the cache"))
+    monkeypatch.setattr(scoring, "token_logprobs", lambda *a, **k: pytest.fail("scored again despite the cache"))
     again = tune.tune_lambda(tiny["base"], tiny["memory"], str(val_file), **{**kw, "grid": "0,0.5,1,0.25"})
     assert again.perplexities[:1] + again.perplexities[2:] == first.perplexities  # grid sorted: 0, .25, .5, 1
     with pytest.raises(pytest.fail.Exception, match="scored again"):  # another stride: a new cache entry
@@ -90,7 +91,7 @@ def test_cache_reused_on_rerun(tiny, val_file, tmp_path, monkeypatch):
 
 
 def test_tokenizer_mismatch_before_any_compute(tiny, val_file, monkeypatch):
-    monkeypatch.setattr(tune, "token_logprobs", lambda *a, **k: pytest.fail("scored before checking tokenizers"))
+    monkeypatch.setattr(scoring, "token_logprobs", lambda *a, **k: pytest.fail("scored before checking tokenizers"))
     with pytest.raises(TokenizerMismatchError, match="memory tokenizer"):
         tune.tune_lambda(tiny["base"], tiny["other_tok_model"], str(val_file), window=WINDOW, progress=False)
 

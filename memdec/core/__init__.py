@@ -1,1 +1,1 @@
-"""Shared infrastructure below every stage: on-disk formats and staged outputs."""
+"""Shared infrastructure below every stage: formats and staged outputs, model loading, devices, errors."""

@@ -166,10 +166,122 @@ def check_replaceable(path: str | os.PathLike, kind: str) -> None:
                           f"memdec's own output, so remove it or choose another output folder")
 
 
+# ---- staged outputs: written under NAME.partial, renamed to NAME when complete ----
+
+PLAN_JSON = "plan.json"
+KILL_ENV = "MEMDEC_TEST_KILL_AFTER"  # tests: SIGKILL the process after this many units (shards, chunks)
+_OTHER_SETTINGS = "{tmp}: left by an interrupted run with other settings ({diff}); delete it or pass overwrite to start again"
+
+
 def partial_dir(final: str | os.PathLike) -> Path:
     """The temporary folder a stage writes into (kept across a kill, so the stage can resume)."""
     final = Path(final)
     return final.with_name(final.name + ".partial")
+
+
+def maybe_kill(done: int) -> None:
+    """Test hook: SIGKILL this process once `done` units were written, if MEMDEC_TEST_KILL_AFTER says so."""
+    limit = os.environ.get(KILL_ENV)
+    if limit and done >= int(limit):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def open_partial(final: str | os.PathLike, plan: dict[str, Any] | None = None, overwrite: bool = False,
+                 dist: Any = None, *, resume: bool = True, plan_name: str = PLAN_JSON,
+                 overwrite_resumes: bool = False, replace_final: bool = True,
+                 mismatch: str = _OTHER_SETTINGS) -> Path:
+    """Make (or reuse) the `.partial` folder of output `final` and return it; `commit_partial` finishes it.
+
+    A `final` already there is an error, or with `overwrite` removed (with `replace_final=False` it is
+    left for `commit_partial(merge=True)`, which replaces only memdec's own files in it). A leftover
+    `.partial` is resumed; it is removed first without `resume`, or with `overwrite` (unless
+    `overwrite_resumes` and its plan matches). With `plan`, the leftover's `plan_name` must hold the same
+    plan (else a one-line ValueError from `mismatch`, checked by every process); the plan is written
+    into it. `dist` (memdec.core.devices.Dist): only its main process writes, all wait for it.
+    """
+    final = Path(final)
+    main = dist is None or dist.is_main
+    if replace_final and final.exists():
+        if not overwrite:
+            raise FileExistsError(f"{final}: already exists (pass overwrite to replace it)")
+        if main:
+            shutil.rmtree(final)
+    tmp = partial_dir(final)
+    plan_file = tmp / plan_name
+    changed = False
+    if plan is not None and plan_file.exists():
+        old = read_json(plan_file)
+        diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        changed = bool(diff)
+        if changed and not overwrite:
+            raise ValueError(mismatch.format(tmp=tmp, diff=", ".join(diff)))
+    restart = not resume or (overwrite and (changed or not overwrite_resumes))
+    if dist is not None:
+        dist.wait()
+    if main:
+        if restart and tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        if plan is not None:
+            write_json(plan_file, plan)
+    if dist is not None:
+        dist.wait()
+    return tmp
+
+
+def commit_partial(tmp: str | os.PathLike, final: str | os.PathLike, plan_name: str = PLAN_JSON,
+                   merge: bool = False) -> Path:
+    """Rename the finished `.partial` folder `tmp` to `final` (its plan file removed first); with `merge`,
+    move its entries into an existing `final`, replacing only what memdec wrote there (`move_into`)."""
+    tmp, final = Path(tmp), Path(final)
+    (tmp / plan_name).unlink(missing_ok=True)
+    if merge:
+        move_into(tmp, final)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def _own_files(out: Path, own_json: str) -> list[str]:
+    """The names a finished output in `out` lists as its own (its `own_json`'s "files"), else []."""
+    try:
+        files = read_json(out / own_json).get("files") if (out / own_json).is_file() else None
+    except FormatError:
+        return []
+    return [f for f in files if isinstance(f, str) and f and "/" not in f and f not in (".", "..")] \
+        if isinstance(files, list) else []
+
+
+def move_into(work: Path, out: Path, own_json: str = "memdec.json") -> None:
+    """Put the finished output in `work` at `out`, replacing only what memdec wrote there.
+
+    A missing or empty `out` is replaced by `work` in one rename. Otherwise each entry of `work` is moved
+    in (replacing an entry of the same name), the entries a former output listed in its `own_json` that
+    the new one lacks are removed, and every other file of `out` is left as it was. The old `own_json`
+    goes first and the new one comes last, so `out` reads as finished only when it is.
+    """
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        os.replace(work, out)
+        return
+    new = set(os.listdir(work))
+    stale = set(_own_files(out, own_json)) - new
+    (out / own_json).unlink(missing_ok=True)  # a move cut short leaves no finished-looking mixture
+    for name in sorted(stale):
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+    for name in sorted(new - {own_json}) + [own_json]:  # own_json last: the output is whole once it is in
+        src, dst = work / name, out / name
+        if not src.exists():
+            continue
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+    work.rmdir()
 
 
 @contextmanager
@@ -179,12 +291,6 @@ def staged_output(final: str | os.PathLike, overwrite: bool = False) -> Iterator
     A folder left by a killed run is reused (the stage resumes from what is in it). On an exception
     the partial folder is kept for the next run to resume from.
     """
-    final = Path(final)
-    if final.exists():
-        if not overwrite:
-            raise FileExistsError(f"{final}: already exists (pass overwrite to replace it)")
-        shutil.rmtree(final)
-    tmp = partial_dir(final)
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = open_partial(final, overwrite=overwrite, overwrite_resumes=True)
     yield tmp
-    os.replace(tmp, final)
+    commit_partial(tmp, final)

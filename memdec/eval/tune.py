@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from memdec.core.devices import default_device, parse_dtype
 from memdec.core.formats import (
     FORMAT_VERSION,
     check_output_dir,
@@ -27,9 +27,16 @@ from memdec.core.formats import (
     save_npy,
     write_json,
 )
-from memdec.inference.joint import MEMDEC_JSON, load_causal_lm, load_tokenizer, resolve_model_path
-from memdec.inference.mixing import check_lmbda, check_same_tokenizer, mix_logprobs, tokenizer_fingerprint
-from memdec.inference.scoring import check_window_fits, context_length, perplexity, token_logprobs
+from memdec.core.models import (
+    MEMDEC_JSON,
+    check_context,
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
+from memdec.inference.mixing import check_lmbda, check_same_tokenizer, tokenizer_fingerprint
+from memdec.inference.scoring import mixed_logprobs, pair_logprobs, perplexity
 
 
 @dataclass
@@ -83,18 +90,7 @@ def parse_grid(spec: str | list[float]) -> list[float]:
 
 def curve(base_logp: np.ndarray, memory_logp: np.ndarray, grid: list[float]) -> list[float]:
     """Perplexity of the mixture at each lmbda, from the two models' per-token log-probs (float64)."""
-    base = torch.as_tensor(np.asarray(base_logp, dtype=np.float64))
-    mem = torch.as_tensor(np.asarray(memory_logp, dtype=np.float64))
-    if base.shape != mem.shape:
-        raise ValueError(f"log-prob arrays differ in length: base {tuple(base.shape)}, memory {tuple(mem.shape)}")
-    return [perplexity(mix_logprobs(base, mem, lm).numpy()) for lm in grid]
-
-
-def _torch_dtype(dtype: str) -> torch.dtype:
-    value = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if value is None:
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return value
+    return [perplexity(mixed_logprobs(base_logp, memory_logp, lm)) for lm in grid]
 
 
 def _hub_snapshot(name: str) -> str:
@@ -173,7 +169,7 @@ def tune_lambda(
     )
 
     values = parse_grid(grid)
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     base, memory = resolve_model_path(base, "base"), resolve_model_path(memory, "memory")
     if write and not Path(memory).is_dir():
         raise FileNotFoundError(f"memory {memory}: not a local folder, cannot write its {MEMDEC_JSON}")
@@ -191,23 +187,24 @@ def tune_lambda(
     window = int(window or default_window(*limits.values()))
     stride = int(stride or default_stride(window))
     for what, limit in limits.items():  # before any scoring
-        check_window_fits(limit, window, what)
+        check_context(limit, window, what)
     check_min_tokens(len(tokens), window, f"data {spec.describe()}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    kw = dict(window=window, stride=stride, batch_size=batch_size, vocab_size=len(tok), pad_id=pad, progress=progress)
-    logps = []
-    for name, what in ((base, "base"), (memory, "memory")):  # one model in memory at a time
-        path = _cache_path(cache_dir, what, name, tokens, window, stride, dtype) if cache_dir else None
-        if path is not None and path.exists():
-            logps.append(load_npy(path, mmap=False, shape=(len(tokens) - 1,), dtype=np.float64))
-            continue
-        model = load_causal_lm(name, what, dtype=torch_dtype, device=device)
-        logps.append(token_logprobs(model, tokens, **kw))
-        del model
-        if path is not None:
+    paths, scored = {}, {}
+    for name, what in ((base, "base"), (memory, "memory")):
+        paths[what] = _cache_path(cache_dir, what, name, tokens, window, stride, dtype) if cache_dir else None
+        if paths[what] is not None and paths[what].exists():
+            scored[what] = load_npy(paths[what], mmap=False, shape=(len(tokens) - 1,), dtype=np.float64)
+        else:  # loaded when scored: one model in memory at a time
+            scored[what] = lambda name=name, what=what: load_causal_lm(name, what, dtype=torch_dtype, device=device)
+    logps = pair_logprobs(scored["base"], scored["memory"], tokens, window, stride, batch_size, len(tok),
+                          pad_id=pad, progress=progress)
+    for what, lp in zip(("base", "memory"), logps, strict=True):
+        path = paths[what]
+        if path is not None and not isinstance(scored[what], np.ndarray):
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_npy(path, logps[-1])
+            save_npy(path, lp)
     base_lp, memory_lp = logps
     ppls = curve(base_lp, memory_lp, values)
     best = int(np.argmin(ppls))

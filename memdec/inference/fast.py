@@ -24,10 +24,11 @@ import inspect
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from memdec.core.errors import first_line
 from memdec.inference import scoring
 from memdec.inference.mixing import align_vocab, check_lmbda, log_softmax, mix_logprobs
 
@@ -57,12 +58,6 @@ def _compiled(name: str, fn: Callable) -> Callable | None:
     return _COMPILED[name]
 
 
-def _why(e: BaseException) -> str:
-    """'Type: first line of the message', for a fallback's warning."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def _call_compiled(name: str, fn: Callable, *args) -> torch.Tensor | None:
     """fn compiled (CUDA), or None if compiling is off or failed (then the caller runs it eagerly)."""
     compiled = _compiled(name, fn)
@@ -71,7 +66,7 @@ def _call_compiled(name: str, fn: Callable, *args) -> torch.Tensor | None:
     try:
         return compiled(*args)
     except Exception as e:  # a compiler problem must never break scoring: fall back, once, loudly
-        log.warning("memdec.inference.fast: compiling %s failed (%s); using the plain torch path", name, _why(e))
+        log.warning("memdec.inference.fast: compiling %s failed (%s); using the plain torch path", name, first_line(e, typed=True))
         _COMPILE_FAILED.add(name)
         return None
 
@@ -289,7 +284,7 @@ class GraphedForward:
             try:
                 return self._logits(input_ids, keep)
             except Exception as e:  # a compiler problem must never break scoring
-                log.warning("memdec.inference.fast: compiling the forward failed (%s); running it uncompiled", _why(e))
+                log.warning("memdec.inference.fast: compiling the forward failed (%s); running it uncompiled", first_line(e, typed=True))
                 self.use_compile, self._forward = False, self.model.forward
         return self._logits(input_ids, keep)
 
@@ -349,7 +344,7 @@ class GraphedForward:
                     entry = self._capture(b, tb, kb)
             except Exception as e:
                 log.warning("memdec.inference.fast: capturing a CUDA graph of the forward failed (%s); running it ungraphed",
-                            _why(e))
+                            first_line(e, typed=True))
                 self.use_graph = False
                 self._graphs.clear()
                 return self._plain(input_ids, keep)
@@ -431,6 +426,15 @@ def run_concurrently(first: Callable[[], Any], second: Callable[[], torch.Tensor
     return a, b
 
 
+class TokenScores(NamedTuple):
+    """What `score_tokens` returns: mixed target log-probs, the mixture's argmax (or None), and the full
+    mixed log-probs (B, V) at the positions asked for with `last_at` (or None)."""
+
+    logprobs: torch.Tensor
+    argmax: torch.Tensor | None
+    last: torch.Tensor | None
+
+
 @torch.no_grad()
 def score_tokens(
     base,
@@ -444,19 +448,33 @@ def score_tokens(
     other_temperature: float = 1.0,
     greedy: bool = False,
     graph_base: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mixed log-probs of `targets` (B, keep or T) after `input_ids`, and the mixture's argmax if `greedy`.
+    last_at: torch.Tensor | None = None,
+) -> TokenScores:
+    """Mixed log-probs of `targets` (B, keep or T) after `input_ids`, the mixture's argmax if `greedy`, and
+    with `last_at` (B,) the mixed log-probs at kept position last_at[b] of each row.
 
     `other(input_ids, attention_mask, keep)` returns the second model's logits (or log-probs) of the
     same positions; it runs concurrently with the base, whose forward is `base_forward(base, graph_base)`
-    (with graph_base, compiled and CUDA-graphed on CUDA; the plain forward elsewhere). `targets[:, j]` is the token predicted
-    at the j-th kept position.
+    (with graph_base, compiled and CUDA-graphed on CUDA; the plain forward elsewhere). At lmbda 0 / 1
+    only the model that counts runs. `targets[:, j]` is the token predicted at the j-th kept position.
     """
-    b, o = run_concurrently(lambda: base_forward(base, graph_base)(input_ids, attention_mask, keep),
-                            lambda: other(input_ids, attention_mask, keep), input_ids.device)
+    def run_base() -> torch.Tensor:
+        return base_forward(base, graph_base)(input_ids, attention_mask, keep)
+
+    if lmbda == 0.0:
+        b = o = run_base()
+    elif lmbda == 1.0:
+        b = o = other(input_ids, attention_mask, keep)
+    else:
+        b, o = run_concurrently(run_base, lambda: other(input_ids, attention_mask, keep), input_ids.device)
     lp = mixture_target_logprobs(b, o, targets, lmbda, vocab_size, other_temperature)
     am = mixture_argmax(b, o, lmbda, vocab_size, other_temperature) if greedy else None
-    return lp, am
+    last = None
+    if last_at is not None:
+        rows = torch.arange(b.shape[0], device=b.device)
+        q = last_at.to(b.device)
+        last = mixture_logprobs(b[rows, q], o[rows, q], lmbda, vocab_size, other_temperature)
+    return TokenScores(lp, am, last)
 
 
 def routed_score_tokens(

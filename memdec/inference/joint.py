@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,11 +27,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from memdec.core.errors import first_line
+from memdec.core.models import (  # noqa: F401  (re-exported: memdec.inference.joint's names)
+    MEMDEC_JSON,
+    check_context,
+    load_causal_lm,
+    load_tokenizer,
+    max_positions,
+    read_memdec_json,
+    resolve_model_path,
+)
 from memdec.inference.fast import GraphedDecoder, cache_kwarg, mixture_logprobs
 from memdec.inference.mixing import check_lmbda, check_same_tokenizer, log_softmax, mix_logprobs
-from memdec.inference.scoring import max_positions, perplexity, token_logprobs
+from memdec.inference.scoring import mixed_logprobs, pair_logprobs, perplexity
 
-MEMDEC_JSON = "memdec.json"
 DEFAULT_LMBDA = 0.5
 
 # Generation settings this decoder honours; anything else set away from its default is refused.
@@ -47,12 +55,6 @@ _GEN_DEFAULTS: dict[str, Any] = {
 # ---- loading ----
 
 
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type's name if it has none)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def check_temperature(value: Any, name: str = "mem_temperature") -> float:
     """Return `value` as a float, or raise a one-line error naming `name` unless it is a number > 0."""
     try:
@@ -63,49 +65,11 @@ def check_temperature(value: Any, name: str = "mem_temperature") -> float:
         raise ValueError(f"{name} must be > 0, got {value}")
     return temperature
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_model_path(name: str, what: str) -> str:
-    """`name` as given if it is a local folder or could be a hub id; else a one-line FileNotFoundError."""
-    name = str(name)
-    if os.path.isdir(os.path.expanduser(name)):
-        return os.path.expanduser(name)
-    if os.path.exists(name):
-        raise FileNotFoundError(f"{what} {name}: not a model folder")
-    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
-        raise FileNotFoundError(f"{what} {name}: no such folder")
-    return name
-
-
-def read_memdec_json(memory: str, revision: str | None = None) -> dict[str, Any]:
-    """The memory's `memdec.json` (format in memdec/pipeline/train.py), or {} if it has none."""
-    from transformers.utils import cached_file
-
-    from memdec.core.formats import read_json
-
-    try:
-        path = cached_file(memory, MEMDEC_JSON, revision=revision, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
-    except OSError:
-        path = None
-    return read_json(path) if path else {}
-
 
 def default_lmbda(info: dict[str, Any]) -> float:
     """The lmbda a memory suggests in its memdec.json, else DEFAULT_LMBDA."""
     value = info.get("lmbda")
     return check_lmbda(value, f"{MEMDEC_JSON} lmbda") if value is not None else DEFAULT_LMBDA
-
-
-def load_tokenizer(name: str, what: str, revision: str | None = None, trust_remote_code: bool = False):
-    """AutoTokenizer.from_pretrained with a one-line error naming `what` when it cannot be loaded."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{what} {name}: cannot load its tokenizer ({_first_line(e)})") from None
 
 
 def check_memory_tokenizer(base_tokenizer, memory: str, memory_revision: str | None = None,
@@ -122,32 +86,6 @@ def check_memory_tokenizer(base_tokenizer, memory: str, memory_revision: str | N
         check_fingerprint(base_tokenizer, fingerprint, f"memory {memory}")
         return
     check_same_tokenizer(base_tokenizer, mem_tok, "base", "memory")
-
-
-def check_context(model, length: int, what: str, hint: str = "") -> None:
-    """Raise a one-line error if `model` cannot take `length` tokens of context (stating its limit)."""
-    limit = max_positions(model)
-    if limit is not None and length > limit:
-        raise ValueError(f"{what}: context length {limit} is shorter than the {length} tokens requested{hint}")
-
-
-def load_causal_lm(name: str, what: str, revision: str | None = None, dtype: Any = "auto",
-                   device: str | torch.device | None = None, trust_remote_code: bool = False):
-    """AutoModelForCausalLM.from_pretrained (eval mode, on `device`), one-line error if it cannot be loaded."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise FileNotFoundError(f"{what} {name}: cannot load the model ({_first_line(e)})") from None
-    except SafetensorError as e:
-        raise ValueError(f"{what} {name}: cannot load the model, its weights file is truncated or corrupt "
-                         f"({_first_line(e)})") from None
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
 
 
 # ---- forward passes ----
@@ -492,9 +430,8 @@ class MemoryDecoder:
             lw = self.router.feature_log_weights(fb, fm).double()
             mixed = routed_target_logprobs(torch.from_numpy(base), torch.from_numpy(mem), lw).numpy()
         else:
-            base = token_logprobs(self.base, tokens, **common)
-            mem = token_logprobs(self.memory, tokens, temperature=self.mem_temperature, **common)
-            mixed = mix_logprobs(torch.from_numpy(base), torch.from_numpy(mem), self.lmbda).numpy()
+            base, mem = pair_logprobs(self.base, self.memory, tokens, mem_temperature=self.mem_temperature, **common)
+            mixed = mixed_logprobs(base, mem, self.lmbda)
         return {"perplexity": perplexity(mixed), "nll": float(-np.mean(mixed)), "tokens": int(mixed.size),
                 "base_perplexity": perplexity(base), "memory_perplexity": perplexity(mem)}
 
@@ -605,7 +542,7 @@ class MemoryDecoder:
         except ValueError:  # bad settings: the plain loop would refuse them too
             raise
         except Exception as e:  # compiling / graph capture problems: warn once, decode the plain way
-            warnings.warn(f"memdec: fast decoding failed ({type(e).__name__}: {_first_line(e)}); using the plain decode "
+            warnings.warn(f"memdec: fast decoding failed ({type(e).__name__}: {first_line(e)}); using the plain decode "
                           "loop from now on (MemoryDecoder.fast_decode = False)", stacklevel=2)
             self.fast_decode = False
             self.__dict__.pop("_decoders", None)

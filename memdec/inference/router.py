@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from memdec.core.formats import read_json, write_json
+from memdec.core.errors import first_line
+from memdec.core.formats import commit_partial, open_partial, read_json, write_json
 from memdec.inference.mixing import check_lmbda, mix_logprobs, tokenizer_fingerprint
 
 ROUTER_CONFIG = "router_config.json"
@@ -241,7 +242,7 @@ class Router:
                                 config.get("scalar_proj_dim", 0), config.get("dropout", 0.0))
             net.load_state_dict(load_file(str(folder / ROUTER_WEIGHTS), device="cpu"))
         except (KeyError, RuntimeError, OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"router {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise ValueError(f"router {path}: unreadable ({first_line(e, typed=True)})") from None
         router = cls(net, config, threshold, str(path))
         router.check(base, memory, tokenizer)
         return router
@@ -323,13 +324,13 @@ def model_features(model, tokens: np.ndarray, window: int, stride: int | None = 
     """
     from tqdm.auto import tqdm
 
+    from memdec.core.models import check_context
     from memdec.inference.mixing import log_softmax
-    from memdec.inference.scoring import check_window
     from memdec.pipeline.data import sliding_windows, window_batch
 
     tokens_t = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     n = int(tokens_t.numel())
-    check_window(model, min(window, n), what)
+    check_context(model, min(window, n), what)
     vocab_size = vocab_size or model.config.vocab_size
     device = next(model.parameters()).device
     out = {"logp": np.full(n - 1, np.nan), "hidden": np.zeros((n - 1, hidden_size(model)), np.float32),
@@ -438,16 +439,17 @@ def train_router(
     """
     from tqdm.auto import tqdm
 
-    from memdec.eval.tune import _cache_path, _torch_dtype
-    from memdec.inference.joint import (
-        default_lmbda,
+    from memdec.core.devices import parse_dtype
+    from memdec.core.models import (
+        context_length,
         load_causal_lm,
         load_tokenizer,
         read_memdec_json,
         resolve_model_path,
     )
+    from memdec.eval.tune import _cache_path
+    from memdec.inference.joint import default_lmbda
     from memdec.inference.mixing import check_same_tokenizer
-    from memdec.inference.scoring import context_length
     from memdec.pipeline.data import (
         CorpusSpec,
         check_min_tokens,
@@ -472,7 +474,7 @@ def train_router(
         raise ValueError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
     if not data:
         raise ValueError("give at least one --data (held-out text, never a test split)")
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -659,9 +661,7 @@ def export_router(path: str | os.PathLike, out: str | os.PathLike, format: str =
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = open_partial(out, resume=False, replace_final=False)  # written in one go: nothing to resume
     write_json(tmp / "router_config.json", {
         "num_layers": int(cfg["layers"]), "input_mode": mode, "use_scalars": bool(cfg["scalars"]),
         "scalar_proj_dim": int(cfg.get("scalar_proj_dim", 0)), "hidden_dim": int(cfg["hidden"]),
@@ -672,5 +672,5 @@ def export_router(path: str | os.PathLike, out: str | os.PathLike, format: str =
     write_json(tmp / "memory_fusion_config.json", fusion)
     if out.exists():
         shutil.rmtree(out)
-    os.replace(tmp, out)
+    commit_partial(tmp, out)
     return out

@@ -8,57 +8,14 @@ only needs each model's log-probability of that token: `perplexity` of a joint m
 from __future__ import annotations
 
 import math
-import os
+from typing import Any
 
 import numpy as np
 import torch
 
+from memdec.core.models import check_context, context_length, max_positions, model_name  # noqa: F401  (re-exported)
 from memdec.inference.mixing import align_vocab
 from memdec.pipeline.data import sliding_windows, window_batch
-
-
-def max_positions(model) -> int | None:
-    """The longest context a model accepts, from its config (None if it does not say)."""
-    cfg = model.config
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def model_name(model) -> str:
-    """The name a model was loaded from (its config's name_or_path), else its class name."""
-    return str(getattr(model.config, "_name_or_path", "") or getattr(model.config, "name_or_path", "")
-               or type(model).__name__)
-
-
-def context_length(model_or_name, what: str = "model", revision: str | None = None) -> int | None:
-    """max_positions of a loaded model, or of a local folder / hub id from its config alone (no weights)."""
-    if hasattr(model_or_name, "config"):
-        return max_positions(model_or_name)
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(str(model_or_name)), revision=revision,
-                                            trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{what} {model_or_name}: cannot read its config "
-                                f"({str(e).strip().splitlines()[0]})") from None
-    return max_positions(SimpleNamespace(config=config))
-
-
-def check_window(model, window: int, what: str | None = None) -> None:
-    """Raise a one-line error naming the model if `window` is longer than its context length."""
-    check_window_fits(max_positions(model), window, what or f"model {model_name(model)}")
-
-
-def check_window_fits(limit: int | None, window: int, what: str) -> None:
-    """Raise a one-line error naming `what` (the model) if `window` is longer than the context length `limit`."""
-    if limit is not None and window > limit:
-        raise ValueError(f"{what}: window {window} is longer than its context length {limit} (lower the window)")
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
@@ -114,7 +71,7 @@ def token_logprobs(
     out = np.full(max(n - 1, 0), np.nan, dtype=np.float64)
     if n < 2:
         return out
-    check_window(model, min(window, n))
+    check_context(model, min(window, n))
     vocab_size = vocab_size or model.config.vocab_size
     device = next(model.parameters()).device
     windows = sliding_windows(n, window, stride)
@@ -136,6 +93,47 @@ def token_logprobs(
             j0 = w.score_start - w.start  # first scored input position in this window
             out[w.score_start - 1 : w.end - 1] = lp[b, j0 - 1 : w.end - w.start - 1].numpy()
     return out
+
+
+def pair_logprobs(
+    base: Any,
+    memory: Any,
+    tokens: np.ndarray | torch.Tensor,
+    window: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    vocab_size: int | None = None,
+    mem_temperature: float = 1.0,
+    pad_id: int = 0,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The base's and the memory's per-token log-probs (`token_logprobs`, float64) over the same windows.
+
+    Each of `base` / `memory` is a loaded model, a zero-argument loader (the model is loaded, scored and
+    dropped: one model in memory at a time) or an array already scored (kept as given).
+    """
+    kw = dict(window=window, stride=stride, batch_size=batch_size, vocab_size=vocab_size, pad_id=pad_id,
+              progress=progress)
+    out = []
+    for model, temperature in ((base, 1.0), (memory, mem_temperature)):
+        if isinstance(model, np.ndarray):
+            out.append(model)
+            continue
+        loaded = model() if callable(model) and not hasattr(model, "config") else model
+        out.append(token_logprobs(loaded, tokens, temperature=temperature, **kw))
+        del loaded
+    return out[0], out[1]
+
+
+def mixed_logprobs(base_logp: np.ndarray, memory_logp: np.ndarray, lmbda: float) -> np.ndarray:
+    """Per-token log-probs of the lmbda mixture from the two models' (float64, memdec.inference.mixing)."""
+    from memdec.inference.mixing import mix_logprobs
+
+    base = torch.as_tensor(np.asarray(base_logp, dtype=np.float64))
+    mem = torch.as_tensor(np.asarray(memory_logp, dtype=np.float64))
+    if base.shape != mem.shape:
+        raise ValueError(f"log-prob arrays differ in length: base {tuple(base.shape)}, memory {tuple(mem.shape)}")
+    return mix_logprobs(base, mem, lmbda).numpy()
 
 
 def perplexity(logprobs: np.ndarray) -> float:

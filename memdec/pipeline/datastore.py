@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,20 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from memdec.core.devices import dist_state, parse_dtype, resolve_device
 from memdec.core.formats import (
     FormatError,
     check_output_dir,
     check_replaceable,
+    commit_partial,
     load_npy,
+    maybe_kill,
+    open_partial,
     partial_dir,
-    read_json,
     read_manifest,
     save_npy,
-    write_json,
     write_manifest,
 )
+from memdec.core.models import check_context, context_length, load_causal_lm, resolve_model_path
+from memdec.core.models import load_tokenizer as load_named_tokenizer
 from memdec.inference.mixing import check_fingerprint, tokenizer_fingerprint
-from memdec.inference.scoring import check_window, check_window_fits, context_length
 from memdec.pipeline.data import (
     CorpusSpec,
     check_min_tokens,
@@ -52,106 +54,9 @@ from memdec.pipeline.keys import capture_keys, key_dim, key_layer, key_module
 
 KIND = "datastore"
 DEFAULT_SHARD_BYTES = 1 << 30  # about 1 GiB of keys per shard
-KILL_ENV = "MEMDEC_TEST_KILL_AFTER"  # tests: SIGKILL the process after this many shards/chunks
 
 
-# ---- helpers shared with memdec.pipeline.targets ----
-
-
-@dataclass
-class Dist:
-    """This process's place among `accelerate launch` / torchrun processes (one process when not launched)."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device | None = None
-    barrier: Any = field(default=None, repr=False)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def wait(self) -> None:
-        if self.barrier is not None:
-            self.barrier()
-
-
-def dist_state() -> Dist:
-    """The process layout: accelerate's when launched with several processes (GPUs), else
-    torch.distributed over gloo (e.g. CPU processes under torchrun), else a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.num_processes > 1:
-        return Dist(state.process_index, state.num_processes, state.device, state.wait_for_everyone)
-    import torch.distributed as td
-
-    if not td.is_initialized():
-        td.init_process_group("gloo")
-    return Dist(td.get_rank(), td.get_world_size(), None, td.barrier)
-
-
-def resolve_device(device: str | torch.device | None, dist: Dist | None = None) -> torch.device:
-    """`device`, else this process's accelerate device, else cuda when available, else cpu.
-
-    Under several processes a bare "cuda" means this process's GPU."""
-    if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None and dist is not None and dist.device is not None:
-            return dist.device
-        return device
-    if dist is not None and dist.device is not None:
-        return dist.device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def maybe_kill(done: int) -> None:
-    """Test hook: SIGKILL this process once `done` units were written, if MEMDEC_TEST_KILL_AFTER says so."""
-    limit = os.environ.get(KILL_ENV)
-    if limit and done >= int(limit):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def prepare_partial(final: Path, plan: dict[str, Any], overwrite: bool, dist: Dist) -> Path:
-    """The `.partial` folder for `final`, holding `plan.json`; a leftover with another plan is an error."""
-    if final.exists():
-        if not overwrite:
-            raise FileExistsError(f"{final}: already exists (pass overwrite to replace it)")
-        if dist.is_main:
-            shutil.rmtree(final)
-    tmp = partial_dir(final)
-    plan_file = tmp / "plan.json"
-    if dist.is_main:
-        if overwrite and tmp.exists():
-            shutil.rmtree(tmp)
-        if plan_file.exists():
-            old = read_json(plan_file)
-            if old != plan:
-                diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-                raise ValueError(
-                    f"{tmp}: left by an interrupted run with other settings ({', '.join(diff)}); "
-                    "delete it or pass overwrite to start again"
-                )
-        tmp.mkdir(parents=True, exist_ok=True)
-        write_json(plan_file, plan)
-    dist.wait()
-    return tmp
-
-
-def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"dtype {dtype!r}: use one of auto, {', '.join(names)}")
-    return names[dtype]
+# ---- helpers ----
 
 
 def load_tokenizer(model_or_path, tokenizer=None, revision: str | None = None):
@@ -160,17 +65,12 @@ def load_tokenizer(model_or_path, tokenizer=None, revision: str | None = None):
         return tokenizer
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise ValueError("build_datastore: pass tokenizer= together with a model object")
-    from memdec.inference.joint import load_tokenizer as load
-    from memdec.inference.joint import resolve_model_path
-
-    return load(resolve_model_path(str(model_or_path), "model"), "model", revision)
+    return load_named_tokenizer(resolve_model_path(str(model_or_path), "model"), "model", revision)
 
 
 def load_model(model_or_path, revision: str | None = None, dtype=None, device=None):
     """(model in eval mode on `device`, model id) from a local dir / hub id, or a model object."""
     if isinstance(model_or_path, (str, os.PathLike)):
-        from memdec.inference.joint import load_causal_lm, resolve_model_path
-
         name = resolve_model_path(str(model_or_path), "model")
         return load_causal_lm(name, "model", revision, dtype, device), name
     model = model_or_path if dtype is None else model_or_path.to(dtype)
@@ -332,19 +232,19 @@ def build_datastore(
         check_replaceable(out, KIND)
     dist = dist_state()
     device = resolve_device(device, dist)
-    torch_dtype = _dtype(dtype, device)
+    torch_dtype = parse_dtype(dtype, device)
     tok = load_tokenizer(model_or_path, tokenizer, revision)
     tokens, corpus_desc, what = corpus_tokens(corpus, tok, progress and dist.is_main)
     limit = context_length(model_or_path, "model", revision)
     window = int(window or default_window(limit))
     if isinstance(model_or_path, (str, os.PathLike)):  # before the weights load
-        check_window_fits(limit, window, f"model {model_or_path}")
+        check_context(limit, window, f"model {model_or_path}")
     check_min_tokens(len(tokens), window, what)
     windows = sliding_windows(len(tokens), window, stride)
     stride = window if stride is None else stride
     model, name = load_model(model_or_path, revision, torch_dtype, device)
     layer, dim = key_layer(model), key_dim(model)
-    check_window(model, window, f"model {name}")
+    check_context(model, window, f"model {name}")
     shard_rows = shard_rows or max(1, DEFAULT_SHARD_BYTES // (2 * dim))
     shards = plan_shards(windows, shard_rows)
     plan = {
@@ -353,7 +253,7 @@ def build_datastore(
         "dtype": str(torch_dtype).removeprefix("torch."), "n_tokens": int(len(tokens)),
         "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
     }
-    tmp = prepare_partial(out, plan, overwrite, dist)
+    tmp = open_partial(out, plan, overwrite, dist)
     if dist.is_main and not (tmp / "tokens.npy").exists():
         save_npy(tmp / "tokens.npy", tokens)
 
@@ -378,8 +278,7 @@ def build_datastore(
             shards=[{"keys": s.keys_file, "values": s.values_file, "rows": s.rows} for s in shards],
             corpus=corpus_desc, architecture=type(model).__name__,
         )
-        (tmp / "plan.json").unlink()
-        os.replace(tmp, out)
+        commit_partial(tmp, out)
     dist.wait()
     return out
 

@@ -21,9 +21,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from memdec.core.errors import first_line
 from memdec.core.formats import check_output_dir, is_complete, read_json
+from memdec.core.models import MEMDEC_JSON
 from memdec.pipeline.data import CorpusSpec
-from memdec.pipeline.train import MEMDEC_JSON
 
 SECTIONS = ("output", "corpus", "base_model", "datastore", "index", "targets", "train")
 STAGES = ("datastore", "index", "targets", "train")
@@ -42,7 +43,7 @@ def load_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
         try:
             cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise ValueError(f"pipeline config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"pipeline config {path}: not valid YAML ({first_line(e)})") from None
         where = f"pipeline config {path}"
         if not isinstance(cfg, dict):
             raise ValueError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)})")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from memdec.core.errors import first_line
 from memdec.core.formats import (
     FormatError,
     check_output_dir,
     check_replaceable,
-    partial_dir,
+    commit_partial,
+    open_partial,
     read_manifest,
     write_manifest,
 )
@@ -150,7 +151,7 @@ def _rerank(keys: torch.Tensor, rows: torch.Tensor, q: torch.Tensor, qrow: torch
         for s in range(0, len(rows), step):
             out[s : s + step] = fn(keys, rows[s : s + step], q, qrow[s : s + step])
     except Exception as e:  # no triton / compiler: the eager path gives the same numbers
-        _RERANK["broken"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        _RERANK["broken"] = first_line(e, typed=True, limit=200)
         return _rerank_eager(keys, rows, q, qrow)
     return out
 
@@ -547,13 +548,7 @@ def build_index(
     check_output_dir(out, "output folder")
     if overwrite:
         check_replaceable(out, KIND)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")
-        shutil.rmtree(out)
-    tmp = partial_dir(out)
-    shutil.rmtree(tmp, ignore_errors=True)  # an index is built in one go: nothing to resume
-    tmp.mkdir(parents=True)
+    tmp = open_partial(out, overwrite=overwrite, resume=False)  # an index is built in one go: nothing to resume
     dev = torch.device(device) if device is not None else None
     params: dict[str, Any] = {}
     if backend != "torch":
@@ -566,7 +561,7 @@ def build_index(
         faiss.write_index(index, str(tmp / "index.faiss"))
     write_manifest(tmp, KIND, backend=backend, params=params, n=ds.n, dim=ds.dim,
                    datastore=ds.describe(), datastore_path=os.path.relpath(ds.path.resolve(), out.resolve()))
-    os.replace(tmp, out)
+    commit_partial(tmp, out)
     return load_index(out, datastore=ds, device=device)
 
 
@@ -595,7 +590,7 @@ def load_index(path: str | os.PathLike, datastore: Datastore | str | os.PathLike
         try:
             raw = faiss.read_index(str(file))
         except RuntimeError as e:
-            raise FormatError(f"{file}: unreadable ({str(e).splitlines()[0][:200]})") from None
+            raise FormatError(f"{file}: unreadable ({first_line(e, limit=200)})") from None
         if raw.ntotal != ds.n or raw.d != ds.dim:
             raise FormatError(f"{file}: holds {raw.ntotal} keys of dim {raw.d}, datastore {ds.path} has "
                               f"{ds.n} of dim {ds.dim}")

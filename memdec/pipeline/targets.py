@@ -24,17 +24,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from memdec.core.devices import dist_state, resolve_device
 from memdec.core.formats import (
     FormatError,
     check_output_dir,
     check_replaceable,
+    commit_partial,
     load_npy,
+    maybe_kill,
+    open_partial,
     partial_dir,
     read_manifest,
     save_npy,
     write_manifest,
 )
-from memdec.pipeline.datastore import Datastore, dist_state, maybe_kill, prepare_partial, resolve_device
+from memdec.inference.knn import knn_distribution as knn_distribution_of
+from memdec.pipeline.datastore import Datastore
 
 KIND = "targets"
 FIX_ROUNDS = 3  # fp16 renormalisation passes
@@ -68,8 +73,8 @@ def knn_distribution(dist: torch.Tensor, ids: torch.Tensor, query_ids: torch.Ten
                      k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sparse kNN distributions from a search for k + 1 neighbours ([n, k+1] distances and ids).
 
-    Drops each query's own row (`query_ids`) by id, applies softmax(-d / T) over the k left and sums
-    by value token (`values`: token id of every datastore row). Returns (counts [n] int64,
+    Drops each query's own row (`query_ids`) by id; the k left give memdec.inference.knn's sparse
+    distribution (`values`: token id of every datastore row), cast to float16 summing to 1. Returns (counts [n] int64,
     token ids int32, float16 probabilities), the entries of row r following those of row r - 1.
     """
     n = len(dist)
@@ -80,27 +85,9 @@ def knn_distribution(dist: torch.Tensor, ids: torch.Tensor, query_ids: torch.Ten
     keep[:, -1] &= is_self.any(1)  # no self among them: drop the farthest instead
     d = dist[keep].view(n, k).double()
     i = ids[keep].view(n, k)
-    valid = (i >= 0) & torch.isfinite(d)
-    if not bool(valid.any(1).all()):
+    if not bool(((i >= 0) & torch.isfinite(d)).any(1).all()):
         raise ValueError("kNN search returned no neighbour for some rows (raise nprobe or use an exact backend)")
-    logits = torch.where(valid, -d / temperature, torch.full_like(d, float("-inf")))
-    p = torch.softmax(logits, dim=1)
-    sentinel = torch.iinfo(torch.int32).max
-    tok = torch.where(valid, values.to(dev)[i.clamp_min(0)].long(), torch.full_like(i, sentinel))
-    tok, order = tok.sort(dim=1, stable=True)
-    p = p.gather(1, order)
-    new = torch.ones_like(tok, dtype=torch.bool)
-    new[:, 1:] = tok[:, 1:] != tok[:, :-1]
-    last = torch.ones_like(new)
-    last[:, :-1] = new[:, 1:]
-    cs = p.cumsum(1)
-    before = torch.zeros_like(cs)
-    before[:, 1:] = cs[:, :-1]
-    # cumulative sum before the current segment's start (cs is non-decreasing, so cummax finds it)
-    start_cs = torch.where(new, before, torch.zeros_like(before)).cummax(1).values
-    seg = torch.where(last, cs - start_cs, torch.zeros_like(cs))
-    keep = last & (tok != sentinel)
-    seg = torch.where(keep, seg, torch.zeros_like(seg))
+    tok, seg, keep = knn_distribution_of(d, i, values, temperature)
     p16 = _renormalise_fp16(seg, keep)
     keep &= p16 > 0
     return keep.sum(1), tok[keep].to(torch.int32), p16[keep]
@@ -169,7 +156,7 @@ def build_targets(
     described = ds.describe()
     plan = {"k": k, "temperature": temperature, "backend": backend, "chunk_rows": chunk_rows,
             "datastore": {key: v for key, v in described.items() if key != "path"}}
-    tmp = prepare_partial(out, plan, overwrite, dist)
+    tmp = open_partial(out, plan, overwrite, dist)
 
     chunks = [(c, a, min(a + chunk_rows, ds.n)) for c, a in enumerate(range(0, ds.n, chunk_rows))]
     mine = [ch for ch in chunks if ch[0] % dist.world == dist.rank]
@@ -206,7 +193,7 @@ def build_targets(
     dist.wait()
     if dist.is_main:
         _merge(tmp, chunks, ds, plan)
-        os.replace(tmp, out)
+        commit_partial(tmp, out)
     dist.wait()
     return out
 
@@ -238,7 +225,6 @@ def _merge(tmp: Path, chunks: list[tuple[int, int, int]], ds: Datastore, plan: d
     for c, _, _ in chunks:
         for name in ("counts", "ids", "probs"):
             _part(tmp, c, name).unlink()
-    (tmp / "plan.json").unlink()
 
 
 class Targets:

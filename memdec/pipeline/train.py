@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from memdec.core.formats import FormatError, check_output_dir, partial_dir, read_json, write_json
+from memdec.core.devices import Dist
+from memdec.core.errors import first_line
+from memdec.core.formats import check_output_dir, commit_partial, open_partial, read_json, write_json
+from memdec.core.models import MEMDEC_JSON, check_context, max_positions
 from memdec.inference.mixing import align_vocab, tokenizer_fingerprint
-from memdec.inference.scoring import check_window, max_positions
 from memdec.pipeline.data import (
     CorpusSpec,
     Window,
@@ -44,7 +46,6 @@ from memdec.pipeline.data import (
     window_batch,
 )
 
-MEMDEC_JSON = "memdec.json"
 SETTINGS_JSON = "train_settings.json"
 CHECKPOINTS = "checkpoints"
 
@@ -174,7 +175,7 @@ def _step_loss(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, k
             loss, ce_sum, kl_sum = fn(flat, rows, labels, knn_ids if beta > 0 else None, knn_probs, beta)
             return loss, torch.stack([loss.detach(), ce_sum.detach(), kl_sum.detach()]).double()
         except Exception as e:  # no compiler: the blockwise path computes the same sums
-            _COMPILED["broken"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            _COMPILED["broken"] = first_line(e, typed=True, limit=200)
     pred = flat.index_select(0, rows)
     per_pos, ce, kl = _loss_terms(pred, labels, knn_ids, knn_probs, beta)
     loss = per_pos.sum()
@@ -307,7 +308,7 @@ def _check_model(model, tok, init: str, window: int, vocab_from: int | None, wha
         raise ValueError(f"init model {init}: output layer has {n_emb} rows, fewer than its tokenizer's {len(tok)} tokens")
     if vocab_from is not None and n_emb is not None and n_emb < vocab_from:
         raise ValueError(f"init model {init}: output layer has {n_emb} rows but {what} holds token ids up to {vocab_from - 1}")
-    check_window(model, window, f"init model {init}")
+    check_context(model, window, f"init model {init}")
 
 
 def _open_targets(targets: str | os.PathLike, ds) -> Any:
@@ -368,46 +369,6 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> None:
                               "overwrite / --overwrite to write the model into it (its other files are kept)")
 
 
-def _own_files(out: Path) -> list[str]:
-    """The names a finished model in `out` lists as written by memdec (its memdec.json "files"), else []."""
-    if not is_finished_model(out):
-        return []
-    try:
-        files = read_json(out / MEMDEC_JSON).get("files")
-    except FormatError:
-        return []
-    return [f for f in files if isinstance(f, str) and f and "/" not in f and f not in (".", "..")] \
-        if isinstance(files, list) else []
-
-
-def move_into(work: Path, out: Path) -> None:
-    """Put the finished model in `work` at `out`, replacing only what memdec wrote there.
-
-    A missing or empty `out` is replaced by `work` in one rename. Otherwise each entry of `work` is moved
-    in (replacing an entry of the same name), the entries a former model listed in its memdec.json that
-    the new one lacks are removed, and every other file of `out` is left as it was. The old memdec.json
-    goes first and the new one comes last, so `out` reads as a finished model only when it is one.
-    """
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        os.replace(work, out)
-        return
-    new = set(os.listdir(work))
-    stale = set(_own_files(out)) - new
-    (out / MEMDEC_JSON).unlink(missing_ok=True)  # a move cut short leaves no finished-looking mixture of models
-    for name in sorted(stale):
-        old = out / name
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        elif old.exists() or old.is_symlink():
-            old.unlink()
-    for name in sorted(new - {MEMDEC_JSON}) + [MEMDEC_JSON]:  # memdec.json last: the model is whole once it is in
-        src, dst = work / name, out / name
-        if dst.is_dir() and not dst.is_symlink():
-            shutil.rmtree(dst)
-        os.replace(src, dst)
-    work.rmdir()
-
-
 # ------------------------------------------------------------------------------------------- train
 
 
@@ -452,13 +413,13 @@ def train(
     are written into the model folder with it (the baselines' baseline.json).
 
     OUT must be missing, an empty folder, or (with `overwrite`) a finished model or a folder with other
-    files: only the files memdec writes are replaced there, others are kept (`check_out`, `move_into`).
+    files: only the files memdec writes are replaced there, others are kept (`check_out`, memdec.core.formats.move_into).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from memdec.inference.joint import load_causal_lm, load_tokenizer, resolve_model_path
+    from memdec.core.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     out = Path(out)
     if not 0.0 <= beta <= 1.0:
@@ -522,19 +483,11 @@ def train(
         "seed": seed, "mixed_precision": mixed_precision, "shuffle": shuffle,
         "peft": peft_config is not None, "n_tokens": int(len(tokens)), "n_windows": len(windows),
     }
-    work = partial_dir(out)
-    before = read_json(work / SETTINGS_JSON) if (work / SETTINGS_JSON).exists() else None
-    diff = sorted(k for k in settings if before is not None and before.get(k) != settings[k])
-    if diff and not overwrite:  # every process raises, none is left waiting
-        raise ValueError(f"{work}: holds an unfinished run with other settings ({', '.join(diff)}); "
-                         "rerun with the same settings to resume, or delete it")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if overwrite and diff:
-            shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-        write_json(work / SETTINGS_JSON, settings)
-    accelerator.wait_for_everyone()
+    dist = Dist(accelerator.process_index, accelerator.num_processes, None, accelerator.wait_for_everyone)
+    # a leftover with other settings is refused (by every process, none is left waiting), with overwrite restarted
+    work = open_partial(out, settings, overwrite, dist, plan_name=SETTINGS_JSON, overwrite_resumes=True,
+                        replace_final=False, mismatch="{tmp}: holds an unfinished run with other settings ({diff}); "
+                        "rerun with the same settings to resume, or delete it")
 
     # ---- model, optimizer, schedule
     torch.manual_seed(seed)
@@ -670,6 +623,6 @@ def train(
             write_json(work / name, content)
         meta["files"] = sorted({*os.listdir(work), MEMDEC_JSON})
         write_json(work / MEMDEC_JSON, json.loads(json.dumps(meta, default=str)))
-        move_into(work, out)
+        commit_partial(work, out, plan_name=SETTINGS_JSON, merge=True)
     accelerator.wait_for_everyone()
     return out
