@@ -406,11 +406,11 @@ def side_stream(device: torch.device):
     return _SIDE_STREAMS[key]
 
 
-def run_concurrently(first: Callable[[], Any], second: Callable[[], torch.Tensor],
-                     device: torch.device) -> tuple[Any, torch.Tensor]:
+def run_concurrently(first: Callable[[], Any], second: Callable[[], Any],
+                     device: torch.device) -> tuple[Any, Any]:
     """(first(), second()): on CUDA `second` runs on a side stream, overlapping `first`; else in order.
 
-    `second` must return one tensor; the caller may use both results on its current stream.
+    `second` returns a tensor or a tuple of tensors; the caller may use both results on its current stream.
     """
     device = torch.device(device)
     if device.type != "cuda":
@@ -422,7 +422,8 @@ def run_concurrently(first: Callable[[], Any], second: Callable[[], torch.Tensor
         b = second()
     a = first()
     main.wait_stream(side)
-    b.record_stream(main)
+    for t in (b if isinstance(b, tuple) else (b,)):
+        t.record_stream(main)
     return a, b
 
 
