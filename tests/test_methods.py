@@ -211,7 +211,7 @@ def test_readme_example_runs_as_a_plugin_and_gets_its_label(tmp_path, tiny, text
     out = tmp_path / "results"
     argv = ["--model", "unigram", "--model_args", f"pretrained={tiny['base']},corpus={corpus},lmbda=1.0",
             "--tasks", "law_ppl", "--include_path", str(tasks), "--device", "cpu", "--output_path", str(out)]
-    proc = _python("import sys; from memdec.eval.models import cli_main; sys.argv[0] = 'memdec-eval'; "
+    proc = _python("import sys; from memdec.eval.launcher import cli_main; sys.argv[0] = 'memdec-eval'; "
                    "sys.exit(cli_main())", *argv, **env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["law_ppl"]
