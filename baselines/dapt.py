@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from baselines import BASELINE_JSON
+from memdec.methods import Method, register_method
 from memdec.pipeline.data import CorpusSpec
 
 
@@ -34,3 +35,7 @@ def dapt(
     path = train(init=model, out=out, corpus=corpus, datastore=datastore, beta=0.0, lr=lr,
                  extra_files={BASELINE_JSON: {"method": "dapt", "base": str(model)}}, **train_kwargs)
     return Path(path)
+
+
+# evaluated with lm-eval's hf; reports know its runs by the baseline.json beside the model (reports/load.py)
+register_method(Method(name="dapt", label="+DAPT", aliases=("+dapt",), train="memdec.cli:dapt_command"))

@@ -33,6 +33,7 @@ from memdec.core.formats import is_complete, load_npy, read_manifest, save_npy, 
 from memdec.eval.models import _as_int
 from memdec.inference.mixing import tokenizer_fingerprint
 from memdec.inference.scoring import target_logprobs
+from memdec.methods import Method, register_method
 from memdec.pipeline.data import CorpusSpec, load_texts, tokenize
 
 
@@ -292,3 +293,8 @@ class InContextRAG(HFLM):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             results.append(text)
         return results
+
+
+register_method(Method(name="rag", label="+In-Context RAG", model="incontext_rag",
+                       model_class="baselines.incontext_rag:InContextRAG", variant_args=("corpus",),
+                       aliases=("incontext_rag", "in-context rag", "in_context_rag", "+in-context rag")))

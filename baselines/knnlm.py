@@ -23,6 +23,7 @@ from memdec.eval.models import MixtureLM, _as_bool, _as_int
 from memdec.inference.joint import check_temperature
 from memdec.inference.knn import knn_distribution
 from memdec.inference.mixing import mix_logprobs
+from memdec.methods import Method, register_method
 from memdec.pipeline.datastore import Datastore
 from memdec.pipeline.keys import capture_keys, key_dim
 from memdec.pipeline.search import BACKENDS, exact_distances, open_index
@@ -172,3 +173,7 @@ class KNNLM(MixtureLM):
                     knn_temperature=self.knn.temperature, knn_backend=getattr(self.knn.index, "backend", None),
                     knn_recompute_dists=self.knn.recompute_dists)
         return info
+
+
+register_method(Method(name="knnlm", label="+kNN-LM", model="knnlm", model_class="baselines.knnlm:KNNLM",
+                       aliases=("knn-lm", "knn_lm", "+knn-lm"), variant_args=("lmbda", "datastore", "k", "temperature")))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from baselines import BASELINE_JSON
+from memdec.methods import Method, register_method
 from memdec.pipeline.data import CorpusSpec
 
 
@@ -140,3 +141,8 @@ def lora(
     path = train(init=model, out=out, corpus=corpus, datastore=datastore, beta=0.0, lr=lr, peft_config=config,
                  extra_files={BASELINE_JSON: info}, **train_kwargs)
     return Path(path)
+
+
+# evaluated with lm-eval's hf and peft=DIR in model_args
+register_method(Method(name="lora", label="+LoRA", aliases=("peft", "+lora"), marker_arg="peft", variant_args=("peft",),
+                       train="memdec.cli:lora_command"))

@@ -91,7 +91,7 @@ def _add_train(sub) -> None:
     p.set_defaults(func=run)
 
 
-# ---- dapt, lora (baselines/dapt.py, baselines/lora.py) ----
+# ---- dapt, lora (baselines/dapt.py, baselines/lora.py; registered there with train="memdec.cli:..._command") ----
 
 
 def _baseline_train_args(p) -> None:
@@ -121,7 +121,8 @@ def _baseline_train_kwargs(args) -> dict:
                 mixed_precision=args.mixed_precision, overwrite=args.overwrite)
 
 
-def _add_dapt(sub) -> None:
+def dapt_command(sub) -> None:
+    """`memdec dapt` (the dapt method's training command)."""
     p = sub.add_parser("dapt", help="DAPT baseline: full fine-tuning of the base model on the domain corpus")
     _baseline_train_args(p)
     p.add_argument("--lr", type=float, default=5e-5)
@@ -135,7 +136,8 @@ def _add_dapt(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _add_lora(sub) -> None:
+def lora_command(sub) -> None:
+    """`memdec lora` (the lora method's training command)."""
     p = sub.add_parser("lora", help="LoRA baseline: a peft LoRA adapter trained on the domain corpus")
     _baseline_train_args(p)
     rank = p.add_mutually_exclusive_group()
@@ -155,6 +157,15 @@ def _add_lora(sub) -> None:
         print(f"lora: wrote {out}; evaluate with: memdec-eval --model hf --model_args pretrained={args.model},peft={out}")
 
     p.set_defaults(func=run)
+
+
+def _add_method_commands(sub) -> None:
+    """The training subcommands of registered methods (memdec.methods: built-ins, MEMDEC_PLUGINS files)."""
+    from memdec.methods import methods, resolve
+
+    for method in methods():
+        if method.train is not None:
+            resolve(method.train)(sub)
 
 
 # ---- datastore, index, targets (memdec/pipeline/datastore.py, memdec/pipeline/search.py, memdec/pipeline/targets.py) ----
@@ -455,7 +466,7 @@ def _add_export_router(sub) -> None:
 
 # ---- end of blocks ----
 
-REGISTER = [_add_demo, _add_train, _add_dapt, _add_lora, _add_datastore, _add_index, _add_targets, _add_pipeline,
+REGISTER = [_add_demo, _add_train, _add_method_commands, _add_datastore, _add_index, _add_targets, _add_pipeline,
             _add_report, _add_tune_lambda, _add_bench, _add_generate, _add_train_router, _add_export_router]
 
 
@@ -489,7 +500,12 @@ def check_device(device: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memdec` command."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except (ValueError, FileNotFoundError) as e:  # a MEMDEC_PLUGINS file that is missing or not a .py
+        print(f"memdec: error: {error_text(e)}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         if args.command != "bench":  # bench checks its own --device (cuda or cpu)
             check_device(getattr(args, "device", None))

@@ -8,7 +8,9 @@ A run is labelled from the results' own config, never from folder names (lm-eval
   "rag", "dapt", "lora", "base") or any label of your own. Otherwise it is inferred from the model
   class: `memdec` → +MemDec (with `router=` in its model_args → +MemDec (router)), `knnlm` → +kNN-LM, `incontext_rag` → +In-Context RAG; a run with
   `peft=` → +LoRA; a run whose `pretrained` is a local folder holding the `baseline.json` that
-  `memdec dapt` writes ({"method": "dapt", "base": ...}) → +DAPT; any other run → base.
+  `memdec dapt` writes ({"method": "dapt", "base": ...}) → +DAPT; any other run → base. The keys,
+  labels, aliases and model names are the method registry's (memdec.methods), so a method registered
+  by a MEMDEC_PLUGINS file (`--model NAME` of its `model`) gets its own label too.
 - `base` — the base model's short name (last path component): an explicit `base=` in `--metadata`
   wins; else the "base" of the DAPT folder's baseline.json; else `pretrained`. The folder must exist
   where the report is made; elsewhere pass `--metadata '{"method": "dapt", "base": "gpt2"}'`.
@@ -32,27 +34,48 @@ from typing import Any
 import pandas as pd
 
 from baselines import BASELINE_JSON
+from memdec.methods import find_method, methods
 
-# method key -> row label, in the order rows appear in tables
-METHODS = {
-    "base": "base",
-    "rag": "+In-Context RAG",
-    "knnlm": "+kNN-LM",
-    "dapt": "+DAPT",
-    "lora": "+LoRA",
-    "memdec": "+MemDec",
-    "memdec_router": "+MemDec (router)",
-}
-METHOD_ALIASES = {
-    "incontext_rag": "rag", "in-context rag": "rag", "in_context_rag": "rag", "+in-context rag": "rag",
-    "knn-lm": "knnlm", "knn_lm": "knnlm", "+knn-lm": "knnlm",
-    "+dapt": "dapt", "peft": "lora", "+lora": "lora", "memory_decoder": "memdec", "+memdec": "memdec",
-    "router": "memdec_router", "+memdec (router)": "memdec_router", "memdec-router": "memdec_router",
-}
-MODEL_METHODS = {"memdec": "memdec", "knnlm": "knnlm", "incontext_rag": "rag"}
 HF_MODELS = {"hf", "hf-auto", "huggingface", "hf-multimodal"}
-# model_args that tell two runs of one method and base apart (shown in the row label when they differ)
-VARIANT_ARGS = ("memory", "lmbda", "router", "router_threshold", "datastore", "k", "temperature", "peft", "corpus")  # listed first
+
+
+# The method tables below come from the method registry (memdec.methods): built-ins and MEMDEC_PLUGINS files.
+# METHODS, METHOD_ALIASES, MODEL_METHODS and VARIANT_ARGS stay importable as module attributes (read fresh).
+
+
+def method_labels() -> dict[str, str]:
+    """Method key -> row label, in the order rows appear in tables."""
+    return {m.name: m.label for m in methods()}
+
+
+def method_aliases() -> dict[str, str]:
+    """Other spellings (lower-case) -> method key."""
+    return {a.lower(): m.name for m in methods() for a in m.aliases if a.lower() != m.name}
+
+
+def model_methods() -> dict[str, str]:
+    """lm-eval model name -> the method its runs are (when no marker_arg of that model is set)."""
+    return {m.model.lower(): m.name for m in methods() if m.model and m.marker_arg is None}
+
+
+def variant_args(method: str | None = None) -> tuple[str, ...]:
+    """model_args shown first in row labels, in order: `method`'s own variant_args, then every method's."""
+    own = m.variant_args if method is not None and (m := find_method(method)) is not None else ()
+    return tuple(dict.fromkeys([*own, *(a for m in methods() for a in m.variant_args)]))
+
+
+_TABLES = {"METHODS": method_labels, "METHOD_ALIASES": method_aliases, "MODEL_METHODS": model_methods,
+           "VARIANT_ARGS": variant_args}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TABLES:
+        return _TABLES[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# model_args that tell two runs of one method and base apart are shown in the row label when they differ;
+# these never count
 IGNORED_ARGS = {"device", "batch_size", "max_batch_size", "parallelize", "device_map", "trust_remote_code",
                 "method", "base"}
 
@@ -120,10 +143,26 @@ def _dapt_marker(pretrained: Any) -> dict | None:
 
 def _method_key(value: Any) -> str:
     v = str(value).strip()
-    low = v.lower()
-    if low in METHODS:
-        return low
-    return METHOD_ALIASES.get(low, v)
+    method = find_method(v)
+    return v if method is None else method.name
+
+
+def _method_of_model(model: str, args: dict[str, Any]) -> str | None:
+    """The registered method a run of lm-eval model `model` with `args` is: one of that model's methods
+    (the one whose marker_arg is set, else the one without), else a model-less method whose marker_arg is
+    set (peft= → lora), else None."""
+    registered = methods()
+    own = [m for m in registered if m.model and m.model.lower() == model.lower()]
+    for m in own:
+        if m.marker_arg and args.get(m.marker_arg):  # memdec + router= → memdec_router (issue 17)
+            return m.name
+    for m in own:
+        if not m.marker_arg:
+            return m.name
+    for m in registered:
+        if m.model is None and m.marker_arg and args.get(m.marker_arg):
+            return m.name
+    return None
 
 
 def describe_run(res: dict[str, Any]) -> dict[str, Any]:
@@ -141,12 +180,8 @@ def describe_run(res: dict[str, Any]) -> dict[str, Any]:
     marker = None
     if explicit is not None:
         method = _method_key(explicit)
-    elif model.lower() in MODEL_METHODS:
-        method = MODEL_METHODS[model.lower()]
-        if method == "memdec" and args.get("router"):  # per-token weights: its own row (issue 17)
-            method = "memdec_router"
-    elif args.get("peft"):
-        method = "lora"
+    elif (found := _method_of_model(model, args)) is not None:
+        method = found
     elif (marker := _dapt_marker(pretrained)) is not None:
         method = "dapt"
     else:
@@ -176,6 +211,8 @@ def describe_run(res: dict[str, Any]) -> dict[str, Any]:
         "date": res.get("date"),
         "_args": args,
         "_meta": meta,
+        # whose variant_args order its label: its method, or for a label of your own the method its model is
+        "_variants": method if find_method(method) is not None else (_method_of_model(model, args) or method),
         "_max_length": res.get("max_length"),
     }
 
@@ -252,6 +289,7 @@ def run_rows(res: dict[str, Any], file: str = "") -> list[dict[str, Any]]:
             rows.append({
                 **{k: v for k, v in run.items() if not k.startswith("_")},
                 "file": file,
+                "_variants": run["_variants"],
                 "model_args": json.dumps(run["_args"], sort_keys=True, default=str),
                 "task": task,
                 "metric": metric,
@@ -279,7 +317,10 @@ def add_labels(df: pd.DataFrame) -> pd.DataFrame:
     model that report the same task (e.g. '+MemDec (lmbda=0.6)'); settings that do not change results
     (device, batch size) are ignored."""
     df = df.copy()
-    labels = df["method"].map(lambda m: METHODS.get(m, m))
+    names = method_labels()
+    labels = df["method"].map(lambda m: names.get(m, m))
+    variants = df["_variants"] if "_variants" in df else df["method"]
+    orders: dict[str, dict[str, int]] = {}
     for _key, part in df.groupby(["method", "base"], dropna=False, sort=False):
         runs = {f: json.loads(a) for f, a in zip(part["file"], part["model_args"], strict=True)}
         tasks = part.groupby("file")["task"].agg(set).to_dict()
@@ -290,8 +331,11 @@ def add_labels(df: pd.DataFrame) -> pd.DataFrame:
             diff = {k for k in keys if len({str(runs[f].get(k)) for f in files}) > 1}
             for f in files:
                 varying[f] |= diff
-        order = {k: i for i, k in enumerate(VARIANT_ARGS)}
         for idx, file in part["file"].items():
+            kind = variants.at[idx]
+            if kind not in orders:
+                orders[kind] = {k: i for i, k in enumerate(variant_args(kind))}
+            order = orders[kind]
             args, keys = runs[file], sorted(varying[file], key=lambda k: (order.get(k, len(order)), k))
             extra = ", ".join(_fmt_arg(k, args[k]) for k in keys if args.get(k) is not None)
             labels.at[idx] = f"{labels.at[idx]} ({extra})" if extra else labels.at[idx]

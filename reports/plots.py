@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.load import METHODS, dedupe, iter_tasks
+from reports.load import dedupe, iter_tasks, method_labels
 from reports.tables import (
     DOMAIN_TASKS,
     PPL_METRICS,
@@ -56,10 +56,12 @@ def lmbda_curve(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     rows = rows[rows["lmbda"].notna()].copy()
 
+    labels = method_labels()
+
     def series(r: pd.Series) -> str:
         extra = ", ".join(f"{a}={os.path.basename(str(r[a]).rstrip('/'))}" for a in SERIES_ARGS
                           if r[a] is not None and r[a] == r[a])
-        name = f"{r['base']} {METHODS.get(r['method'], r['method'])}"
+        name = f"{r['base']} {labels.get(r['method'], r['method'])}"
         return f"{name} ({extra})" if extra else name
 
     if rows.empty:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from reports.load import METHODS, dedupe, find_conflicts, iter_tasks
+from reports.load import dedupe, find_conflicts, iter_tasks, method_labels
 
 # metric names, in order of preference: the first one a task has is the one shown
 PPL_METRICS = ("token_perplexity", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -58,7 +58,7 @@ def pick_metric(df: pd.DataFrame, tasks: list[str], candidates: tuple[str, ...])
 
 def _row_order(labels: list[str]) -> list[str]:
     """Method rows in the paper's order (base, +In-Context RAG, ... +MemDec), then other labels."""
-    order = {label: i for i, label in enumerate(METHODS.values())}
+    order = {label: i for i, label in enumerate(method_labels().values())}
 
     def key(label: str) -> tuple[int, str]:
         head = label.split(" (")[0]

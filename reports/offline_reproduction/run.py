@@ -51,6 +51,7 @@ from memdec.core.formats import is_complete, read_json, write_json  # noqa: E402
 
 TASKS = {"bio": "memdec_bio_ppl", "finance": "memdec_finance_ppl", "law": "memdec_law_ppl",
          "general": "memdec_general_ppl"}
+# registered methods (memdec.methods) by name or alias; "router" is memdec_router (its stage and result names)
 METHODS = ("memdec", "knnlm", "rag", "dapt", "lora", "router")
 SPLITS = ("train", "valid", "test")
 
@@ -423,27 +424,31 @@ def job_domain(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...] = MET
 
 
 def eval_model(cfg: dict, paths: Paths, dom: str, base: str, method: str) -> tuple[str, dict[str, Any]]:
-    """(lm-eval model name, model_args) of one base x method for domain `dom`."""
+    """(lm-eval model name, model_args) of one base x method for domain `dom` (the model: the method registry's)."""
+    from memdec.methods import get_method
+
     b = str(paths.model(base))
     if method == "base":
-        return "hf", {"pretrained": b}
-    if method == "memdec":
-        return "memdec", {"pretrained": b, "memory": str(paths.memdec(dom))}
-    if method == "router":
-        return "memdec", {"pretrained": b, "memory": str(paths.memdec(dom)), "router": str(paths.router(dom))}
-    if method == "knnlm":
+        args = {"pretrained": b}
+    elif method == "memdec":
+        args = {"pretrained": b, "memory": str(paths.memdec(dom))}
+    elif method == "router":
+        args = {"pretrained": b, "memory": str(paths.memdec(dom)), "router": str(paths.router(dom))}
+    elif method == "knnlm":
         k = cfg["knnlm"]
-        return "knnlm", {"pretrained": b, "datastore": str(paths.datastore(dom, base)), "k": int(k["k"]),
-                         "lmbda": float(k["lmbda"]), "temperature": float(k["temperature"]), "backend": "torch"}
-    if method == "rag":
+        args = {"pretrained": b, "datastore": str(paths.datastore(dom, base)), "k": int(k["k"]),
+                "lmbda": float(k["lmbda"]), "temperature": float(k["temperature"]), "backend": "torch"}
+    elif method == "rag":
         r = cfg["rag"]
-        return "incontext_rag", {"pretrained": b, "corpus": str(paths.corpus(dom, "train")), "stride": int(r["stride"]),
-                                 "query_tokens": int(r["query_tokens"]), "max_doc_tokens": int(r["max_doc_tokens"])}
-    if method == "dapt":
-        return "hf", {"pretrained": str(paths.dapt(dom, base))}
-    if method == "lora":
-        return "hf", {"pretrained": b, "peft": str(paths.lora(dom, base))}
-    raise ValueError(f"unknown method {method!r} (known: base, {', '.join(METHODS)})")
+        args = {"pretrained": b, "corpus": str(paths.corpus(dom, "train")), "stride": int(r["stride"]),
+                "query_tokens": int(r["query_tokens"]), "max_doc_tokens": int(r["max_doc_tokens"])}
+    elif method == "dapt":
+        args = {"pretrained": str(paths.dapt(dom, base))}
+    elif method == "lora":
+        args = {"pretrained": b, "peft": str(paths.lora(dom, base))}
+    else:
+        raise ValueError(f"unknown method {method!r} (known: base, {', '.join(METHODS)})")
+    return get_method(method).model or "hf", args
 
 
 def eval_done(paths: Paths, group: str, name: str) -> bool:
