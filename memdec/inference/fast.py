@@ -75,6 +75,32 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _per_position(name: str, fn: Callable, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                  temperature: float, width: int) -> torch.Tensor:
+    """fn(logit rows, target rows, vocab_size, temperature) over all positions: float32 (*targets.shape[, width]).
+
+    One fused compiled kernel on CUDA, else float32 row chunks: a float32 copy of all of `logits` is never made.
+    """
+    shape = targets.shape
+    if logits.shape[:-1] != shape:
+        raise ValueError(f"{name}: logits {tuple(logits.shape)} do not match targets {tuple(shape)}")
+    if logits.shape[-1] < vocab_size:  # rare (a model smaller than the tokenizer): padded once, not per chunk
+        logits = align_vocab(logits, vocab_size)
+    x, t = _rows(logits), targets.reshape(-1)
+    tail = (width,) if width else ()
+    if x.shape[0] == 0:
+        return torch.zeros(*shape, *tail, dtype=torch.float32, device=logits.device)
+    if compile_enabled(x.device):
+        out = _call_compiled(name, fn, x, t, vocab_size, float(temperature))
+        if out is not None:
+            return out.float().reshape(*shape, *tail)
+    step = _rows_per_chunk(vocab_size)
+    out = torch.empty(x.shape[0], *tail, dtype=torch.float32, device=x.device)
+    for i in range(0, x.shape[0], step):
+        out[i : i + step] = fn(x[i : i + step], t[i : i + step], vocab_size, temperature)
+    return out.reshape(*shape, *tail)
+
+
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                     temperature: float = 1.0) -> torch.Tensor:
     """float32 log softmax(logits[..., :vocab_size] / temperature) at `targets`, shape of `targets`.
@@ -82,48 +108,16 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
     Works in float32 row chunks (or one fused compiled kernel on CUDA): a (rows, vocab) float32 copy
     of all of `logits` is never made. Entries past the logits' width get log-prob -inf.
     """
-    shape = targets.shape
-    if logits.shape[:-1] != shape:
-        raise ValueError(f"target_logprobs: logits {tuple(logits.shape)} do not match targets {tuple(shape)}")
-    if logits.shape[-1] < vocab_size:  # rare (a model smaller than the tokenizer): padded once, not per chunk
-        logits = align_vocab(logits, vocab_size)
-    x, t = _rows(logits), targets.reshape(-1)
-    if x.shape[0] == 0:
-        return torch.zeros(shape, dtype=torch.float32, device=logits.device)
-    if compile_enabled(x.device):
-        out = _call_compiled("target_logprobs", scoring.target_logprobs, x, t, vocab_size, float(temperature))
-        if out is not None:
-            return out.float().reshape(shape)
-    step = _rows_per_chunk(vocab_size)
-    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    for i in range(0, x.shape[0], step):
-        out[i : i + step] = scoring.target_logprobs(x[i : i + step], t[i : i + step], vocab_size, temperature)
-    return out.reshape(shape)
+    return _per_position("target_logprobs", scoring.target_logprobs, logits, targets, vocab_size, temperature, 0)
 
 
 def target_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                  temperature: float = 1.0) -> torch.Tensor:
     """`target_logprobs` with each position's largest probability and entropy: float32 (*targets.shape, 3).
 
-    One pass over the logits in float32 row chunks (one fused compiled kernel on CUDA), as `target_logprobs`.
+    One pass over the logits, as `target_logprobs` (the router's scalars come free with the target log-prob).
     """
-    shape = targets.shape
-    if logits.shape[:-1] != shape:
-        raise ValueError(f"target_stats: logits {tuple(logits.shape)} do not match targets {tuple(shape)}")
-    if logits.shape[-1] < vocab_size:
-        logits = align_vocab(logits, vocab_size)
-    x, t = _rows(logits), targets.reshape(-1)
-    if x.shape[0] == 0:
-        return torch.zeros(*shape, 3, dtype=torch.float32, device=logits.device)
-    if compile_enabled(x.device):
-        out = _call_compiled("target_stats", scoring.target_stats, x, t, vocab_size, float(temperature))
-        if out is not None:
-            return out.float().reshape(*shape, 3)
-    step = _rows_per_chunk(vocab_size)
-    out = torch.empty(x.shape[0], 3, dtype=torch.float32, device=x.device)
-    for i in range(0, x.shape[0], step):
-        out[i : i + step] = scoring.target_stats(x[i : i + step], t[i : i + step], vocab_size, temperature)
-    return out.reshape(*shape, 3)
+    return _per_position("target_stats", scoring.target_stats, logits, targets, vocab_size, temperature, 3)
 
 
 def mixture_target_logprobs(
