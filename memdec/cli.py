@@ -321,6 +321,42 @@ def _add_tune_lambda(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_tune_knnlm(sub) -> None:
+    p = sub.add_parser("tune-knnlm", help="the kNN-LM's lmbda and temperature with the lowest validation perplexity")
+    p.add_argument("--base", required=True, help="base model (hub name or folder): the datastore's model")
+    p.add_argument("--datastore", required=True, help="datastore folder (memdec datastore)")
+    p.add_argument("--data", required=True, help=f"validation text: {CORPUS_FORMS}")
+    _add_corpus_options(p)
+    p.add_argument("--k", type=int, default=1024, help="neighbours per position (default 1024)")
+    p.add_argument("--grid", default="0:1:0.05", help="lmbda grid: START:STOP:STEP or a,b,c (default 0:1:0.05)")
+    p.add_argument("--temperatures", default="1,2,4,8,16,32,64", help="temperature grid a,b,c (default 1,...,64)")
+    p.add_argument("--window", type=int, default=None, help="window (default: min(1024, the base's context))")
+    p.add_argument("--stride", type=int, default=None, help="stride (default: window / 2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--backend", default="torch", help="index backend, as knnlm's backend= (default torch)")
+    p.add_argument("--recompute-dists", action="store_true", help="exact distances from the stored keys")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep the per-position features here: another grid reuses them (no forward, no search)")
+    p.add_argument("--out", default=None, metavar="JSON", help="also write the grid and the best pair as JSON")
+
+    def run(args):
+        from memdec.eval.tune_knnlm import tune_knnlm
+
+        r = tune_knnlm(args.base, args.datastore, args.data, k=args.k, lmbda_grid=args.grid,
+                       temperatures=args.temperatures, window=args.window, stride=args.stride,
+                       batch_size=args.batch_size, backend=args.backend, recompute_dists=args.recompute_dists,
+                       device=args.device, dtype=args.dtype, split=args.split, text_column=args.text_column,
+                       max_docs=args.max_docs, cache_dir=args.cache, out=args.out)
+        print(f"{r.n_tokens} tokens of {r.data}, window {r.window}, stride {r.stride}, k {r.k}")
+        print(r.table())
+        print(f"best: lmbda {r.best_lmbda:g}, temperature {r.best_temperature:g}: perplexity {r.best_perplexity:.4f}"
+              f"  (--model knnlm --model_args pretrained=...,datastore=...,{r.model_args()})")
+
+    p.set_defaults(func=run)
+
+
 # ---- bench (memdec/bench.py) ----
 
 
@@ -467,7 +503,7 @@ def _add_export_router(sub) -> None:
 # ---- end of blocks ----
 
 REGISTER = [_add_demo, _add_train, _add_method_commands, _add_datastore, _add_index, _add_targets, _add_pipeline,
-            _add_report, _add_tune_lambda, _add_bench, _add_generate, _add_train_router, _add_export_router]
+            _add_report, _add_tune_lambda, _add_tune_knnlm, _add_bench, _add_generate, _add_train_router, _add_export_router]
 
 
 def build_parser() -> argparse.ArgumentParser:
