@@ -462,3 +462,20 @@ def test_target_stats_match_float64_and_router_scalars():
     want = torch.stack([lp.gather(-1, targets[..., None])[..., 0], p.amax(-1), ent], -1)
     assert torch.allclose(got.double(), want, atol=1e-5)
     assert torch.allclose(got[..., 1:], distribution_scalars(torch.log_softmax(logits / 2.0, -1)), atol=1e-5)
+
+
+def test_lmbda_has_one_owner(tiny):
+    """MemDecLM's lmbda is its MemoryDecoder's: set through either, read the same; bad values refused."""
+    from memdec.eval.models import MemDecLM
+
+    lm = MemDecLM(pretrained=tiny["base"], memory=tiny["memory"], lmbda=0.3, batch_size=2, device="cpu")
+    assert lm.lmbda == lm.joint.lmbda == 0.3 and "_lmbda" not in vars(lm)
+    lm.lmbda = 0.7
+    assert lm.joint.lmbda == 0.7 and lm.get_model_info()["lmbda"] == 0.7
+    lm.joint.lmbda = 0.2
+    assert lm.lmbda == 0.2
+    with pytest.raises(ValueError, match="lmbda"):
+        lm.lmbda = 1.5
+    with pytest.raises(ValueError, match="lmbda"):
+        lm.joint.lmbda = -0.1
+    assert lm.lmbda == 0.2

@@ -31,14 +31,13 @@ from memdec.inference.joint import (
     MemoryDecoder,
     check_context,
     check_memory_tokenizer,
-    check_router_args,
     check_temperature,
-    default_lmbda,
     generate_tokens,
     load_causal_lm,
     load_tokenizer,
     model_logprobs,
     read_memdec_json,
+    resolve_lmbda,
     resolve_model_path,
 )
 from memdec.inference.mixing import check_lmbda, mix_logprobs
@@ -73,8 +72,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 class MixtureLM(HFLM):
     """HFLM whose distribution is lmbda * p_other + (1 - lmbda) * p_base; subclasses define `other_logprobs`."""
 
-    def __init__(self, pretrained: Any, lmbda: float = 0.5, **kwargs: Any) -> None:
-        self._lmbda = check_lmbda(lmbda)
+    def __init__(self, pretrained: Any, lmbda: float | None = 0.5, **kwargs: Any) -> None:
+        if lmbda is not None:  # None: a subclass owns lmbda (MemDecLM: its MemoryDecoder's)
+            self.lmbda = lmbda
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise ValueError(f"{type(self).__name__}: {pretrained} is not a causal LM (only causal bases can be mixed)")
@@ -101,10 +101,6 @@ class MixtureLM(HFLM):
     @lmbda.setter
     def lmbda(self, value: float) -> None:
         self._lmbda = check_lmbda(value)
-        self._lmbda_changed()
-
-    def _lmbda_changed(self) -> None:
-        """Hook for subclasses that keep a copy of lmbda."""
 
     @property
     def mix_vocab_size(self) -> int:
@@ -298,18 +294,15 @@ class MemDecLM(MixtureLM):
             raise ValueError("memdec: give the Memory Decoder as memory=PATH_OR_ID in --model_args")
         fast = _as_bool(fast, "fast")
         self.graph_base = None if graph_base is None else _as_bool(graph_base, "graph_base")
-        if lmbda is not None:
-            check_lmbda(lmbda)
         router = None if router is None else str(router)
-        check_router_args(lmbda, router, router_threshold)
         mem_temperature = check_temperature(mem_temperature)
         memory = resolve_model_path(str(memory), "memory")
         memory_revision = None if memory_revision is None else str(memory_revision)
-        lmbda = default_lmbda(read_memdec_json(memory, memory_revision)) if lmbda is None else lmbda
+        lmbda = resolve_lmbda(lmbda, router, router_threshold, read_memdec_json(memory, memory_revision))
         trust = bool(kwargs.get("trust_remote_code", False))
         # before any weights are loaded: the two tokenizers must agree
         check_memory_tokenizer(_base_tokenizer(pretrained, kwargs), memory, memory_revision, trust)
-        super().__init__(pretrained, lmbda=lmbda, **kwargs)
+        super().__init__(pretrained, lmbda=None, **kwargs)  # lmbda lives in self.joint only
         mem_model = load_causal_lm(memory, "memory", memory_revision, self.model.dtype, self.device, trust)
         mem_limit = max_positions(mem_model)
         if kwargs.get("max_length") is None and mem_limit is not None and mem_limit < self.max_length:
@@ -318,15 +311,20 @@ class MemDecLM(MixtureLM):
             self._max_length = mem_limit  # no max_length given: the shorter of the two contexts
         check_context(mem_model, self.max_length, f"memory {memory}",
                       f" (max_length {self.max_length}); pass a smaller max_length in --model_args")
-        self.joint = MemoryDecoder(self.model, mem_model, self.tokenizer, self.lmbda, mem_temperature, memory,
+        self.joint = MemoryDecoder(self.model, mem_model, self.tokenizer, lmbda, mem_temperature, memory,
                                    memory_revision, router, router_threshold)
         if not fast:  # the plain paths: full mixtures for scoring, dynamic caches for decoding
             self.fast_scoring = False
             self.joint.fast_decode = False
 
-    def _lmbda_changed(self) -> None:
-        if hasattr(self, "joint"):
-            self.joint.lmbda = self.lmbda
+    @property
+    def lmbda(self) -> float:
+        """The joint model's lmbda (its one owner)."""
+        return self.joint.lmbda
+
+    @lmbda.setter
+    def lmbda(self, value: float) -> None:
+        self.joint.lmbda = value
 
     def other_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.joint.memory_logprobs(input_ids, attention_mask)

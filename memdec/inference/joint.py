@@ -265,6 +265,15 @@ class _Caches:
     caches: dict[str, Any] = field(default_factory=dict)
 
 
+def resolve_lmbda(lmbda: Any, router: Any, threshold: Any, memdec_json: dict[str, Any]) -> float:
+    """The fixed mixture weight, checked once: `lmbda` if given (refused beside a router), else the memory's
+    memdec.json lmbda, else DEFAULT_LMBDA. Called before any weights load."""
+    if lmbda is not None:
+        check_lmbda(lmbda)
+    check_router_args(lmbda, router, threshold)
+    return default_lmbda(memdec_json) if lmbda is None else check_lmbda(lmbda)
+
+
 def check_router_args(lmbda: Any, router: Any, threshold: Any) -> None:
     """One-line errors for lmbda and router together, a missing router folder, a threshold outside [0, 1]."""
     from memdec.inference.router import ROUTER_CONFIG, check_threshold
@@ -315,13 +324,22 @@ class MemoryDecoder:
         self.base = base.eval()
         self.memory = memory.eval()
         self.tokenizer = tokenizer
-        self.lmbda = check_lmbda(lmbda)
+        self.lmbda = lmbda
         self.mem_temperature = check_temperature(mem_temperature)
         self.memory_name = memory_name or getattr(memory, "name_or_path", None)
         self.memory_revision = memory_revision
         self.router = load_router(router, router_threshold, base, memory, tokenizer)
         if self.router is not None:
             self.router.to(base.device)
+
+    @property
+    def lmbda(self) -> float:
+        """Weight of the memory in the fixed mixture, in [0, 1] (checked on every assignment)."""
+        return self._lmbda
+
+    @lmbda.setter
+    def lmbda(self, value: float) -> None:
+        self._lmbda = check_lmbda(value)
 
     @classmethod
     def from_pretrained(
@@ -343,14 +361,10 @@ class MemoryDecoder:
         Tokenizers are compared before any weights are loaded; the memory gets the base's device and dtype.
         With `router` (a memdec train-router folder) the mixture is routed per token; lmbda must then be None.
         """
-        if lmbda is not None:
-            check_lmbda(lmbda)
-        check_router_args(lmbda, router, router_threshold)
         check_temperature(mem_temperature)
         base = resolve_model_path(base, "base")
         memory = resolve_model_path(memory, "memory")
-        info = read_memdec_json(memory, memory_revision)
-        lmbda = default_lmbda(info) if lmbda is None else lmbda
+        lmbda = resolve_lmbda(lmbda, router, router_threshold, read_memdec_json(memory, memory_revision))
         tokenizer = load_tokenizer(base, "base", revision, trust_remote_code)
         check_memory_tokenizer(tokenizer, memory, memory_revision, trust_remote_code)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
