@@ -357,7 +357,7 @@ def _add_tune_knnlm(sub) -> None:
     p.set_defaults(func=run)
 
 
-# ---- bench (memdec/bench.py) ----
+# ---- bench (memdec/bench/) ----
 
 
 def _add_bench(sub) -> None:

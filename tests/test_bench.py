@@ -124,14 +124,14 @@ def test_bench_needs_no_lm_eval_faiss_or_datasets():
 
 
 def _fake_clock(monkeypatch, times):
-    """bench._once returns the next duration listed for each function instead of timing it."""
+    """bench.timing._once returns the next duration listed for each function instead of timing it."""
     calls = []
 
     def once(fn, device):
         calls.append(fn)
         return times[fn].pop(0)
 
-    monkeypatch.setattr(bench, "_once", once)
+    monkeypatch.setattr(bench.timing, "_once", once)
     return calls
 
 
@@ -166,7 +166,7 @@ def test_paired_per_token_ratio(monkeypatch):
             return next(gen_n)
         return durations.get((who, k), 99.0 if who == "ref" else 12.0)
 
-    monkeypatch.setattr(bench, "_once", once)
+    monkeypatch.setattr(bench.timing, "_once", once)
     ratio = bench.paired_per_token_ratio(ref, gen, n, torch.device("cpu"), 1, 3)
     # gen: (40-12)/8 = 3.5, (36-12)/8 = 3.0, (52-12)/8 = 5.0 against ref 2.0 each: ratios 1.75, 1.5, 2.5
     assert ratio == pytest.approx(1.75)
