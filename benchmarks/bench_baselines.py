@@ -4,7 +4,7 @@
     python benchmarks/bench_baselines.py --device cuda --arch qwen2.5-1.5b --memory-arch qwen2.5-0.5b \
         --full-size --datastore-tokens 1000000 --k 1024 --out runs/bench-baselines.json   # one GPU
 
-`memdec bench` (memdec/bench.py) times the core computations; this script times what a user runs:
+`memdec bench` (memdec/bench/) times the core computations; this script times what a user runs:
 `loglikelihood_rolling` of lm-eval's `hf` model (the base), `memdec`, `knnlm` and `incontext_rag` on
 the same documents, including lm-eval's batching, the kNN search and scatter, and In-Context RAG's
 BM25 retrieval on the CPU. Models have random weights (architectures from memdec/configs/arch, no

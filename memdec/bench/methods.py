@@ -72,7 +72,7 @@ def score_memdec_fast(base, memory, ids: torch.Tensor, vocab: int, lmbda: float,
     return lp if per_token else lp.sum()
 
 
-def bench_router(base, memory, device: torch.device, seed: int):
+def bench_router(base, memory, device: torch.device, seed: int) -> Any:
     """A random 2-layer router over both hidden states and the four scalars (lmdeploy's "both" mode)."""
     from memdec.inference.router import Router, RouterNetwork, hidden_size
 
@@ -132,6 +132,7 @@ class KNN:
 
     @torch.no_grad()
     def score(self, ids: torch.Tensor, lmbda: float) -> torch.Tensor:
+        """Summed log-prob of the base mixed with the kNN distribution at every next token of `ids`."""
         x, t = ids[:, :-1], ids[:, 1:]
         with self.capture_keys(self.base) as cap:
             logits = self.base(x).logits

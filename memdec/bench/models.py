@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ def arch_names() -> list[str]:
     return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
 
 
-def arch_config(name: str, small: bool = False):
+def arch_config(name: str, small: bool = False) -> Any:
     """A transformers config for architecture `name` (memdec/configs/arch/NAME.json), shrunk if `small`."""
     from transformers import AutoConfig
 
@@ -44,7 +45,7 @@ def arch_config(name: str, small: bool = False):
     return AutoConfig.for_model(**fields)
 
 
-def build_model(name: str, small: bool, dtype: torch.dtype, device: torch.device, seed: int):
+def build_model(name: str, small: bool, dtype: torch.dtype, device: torch.device, seed: int) -> Any:
     """A random-weight causal LM of architecture `name` on `device` in `dtype`, eval mode."""
     import transformers
     from transformers import AutoModelForCausalLM
@@ -57,6 +58,7 @@ def build_model(name: str, small: bool, dtype: torch.dtype, device: torch.device
     return model.to(device=device, dtype=dtype).eval()
 
 
-def n_params(model) -> int:
+def n_params(model: torch.nn.Module) -> int:
+    """Number of parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
 
