@@ -354,14 +354,14 @@ def test_incontext_rag_says_what_max_doc_tokens_it_used(tiny, caplog):
     assert "\n" not in msg and "max_doc_tokens 5000" in msg and msg.endswith(f"using {used}")
 
 
-# ---- reports/offline_reproduction/stage_inputs.sh ----
+# ---- experiments/offline_reproduction/stage_inputs.sh ----
 
 
 def test_stage_inputs_default_is_relative_to_the_checkout(tmp_path):
-    script = Path(__file__).parents[1] / "reports" / "offline_reproduction" / "stage_inputs.sh"
+    script = Path(__file__).parents[1] / "experiments" / "offline_reproduction" / "stage_inputs.sh"
     checkout = tmp_path / "checkout"
-    (checkout / "reports" / "offline_reproduction").mkdir(parents=True)
-    copy = checkout / "reports" / "offline_reproduction" / "stage_inputs.sh"
+    (checkout / "experiments" / "offline_reproduction").mkdir(parents=True)
+    copy = checkout / "experiments" / "offline_reproduction" / "stage_inputs.sh"
     shutil.copy(script, copy)
     proc = subprocess.run(["bash", str(copy)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "pass it as SOURCE" in proc.stderr

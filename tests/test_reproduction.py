@@ -1,4 +1,4 @@
-"""Smoke test of reports/offline_reproduction/run.py at --small scale on CPU, on a tiny slice of corpora.
+"""Smoke test of experiments/offline_reproduction/run.py at --small scale on CPU, on a tiny slice of corpora.
 
 Runs every stage for one domain with two base models and three methods (+MemDec, +kNN-LM, +MemDec (router))
 plus the bases,
@@ -20,7 +20,7 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-HERE = ROOT / "reports" / "offline_reproduction"
+HERE = ROOT / "experiments" / "offline_reproduction"
 DATA = Path(__file__).parent / "data"
 
 

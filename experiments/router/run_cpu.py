@@ -1,6 +1,6 @@
 """Issue 17's CPU measurement: a per-token router against fixed-lmbda +MemDec in the `memdec demo` setting.
 
-    python reports/router/run_cpu.py --demo /tmp/i17demo --work /tmp/i17work --out reports/router
+    python experiments/router/run_cpu.py --demo /tmp/i17demo --work /tmp/i17work --out experiments/router
 
 1. the demo (`memdec demo --out DEMO`, run if missing): tiny base pretrained on memdec/data/general.jsonl,
    Memory Decoder trained on memdec/data/domain_train.jsonl, lmbda 0.5 (its memdec.json);

@@ -2,7 +2,7 @@
 # The offline reproduction on the GPU host, in one call (issue 8). Run from a checkout whose .device/ holds
 # the wheels (lm-eval, datasets, bm25s, ...) and the corpora (stage_inputs.sh):
 #
-#   OUT=/some/folder reports/offline_reproduction/run_gpu.sh
+#   OUT=/some/folder experiments/offline_reproduction/run_gpu.sh
 #
 # Starts run.py detached (setsid) in RUN (default /tmp/memdec_offline_reproduction, kept while the machine
 # stays warm), follows it for at most WAIT seconds (default 530), then writes the small result files
@@ -33,7 +33,7 @@ if running; then
   echo "run_gpu.sh: following the run already going (pid $(cat "$RUN/run.pid"))"
 else
   rm -f "$RUN/run.pid"  # run.py writes its own pid there
-  setsid nohup python3 reports/offline_reproduction/run.py --config reports/offline_reproduction/config.yaml \
+  setsid nohup python3 experiments/offline_reproduction/run.py --config experiments/offline_reproduction/config.yaml \
     --run "$RUN" --out "$RUN/out" $ARGS >> "$RUN/run.log" 2>&1 < /dev/null &
   for _ in $(seq 60); do [ -f "$RUN/run.pid" ] && break; sleep 1; done
   echo "run_gpu.sh: started run.py (pid $(cat "$RUN/run.pid" 2>/dev/null)), log $RUN/run.log"
@@ -42,7 +42,7 @@ while running && [ $((SECONDS - start)) -lt "$WAIT" ]; do sleep 5; done
 
 if running; then
   echo "run_gpu.sh: still running after $((SECONDS - start)) s; handing back what is finished (call again to follow)"
-  python3 reports/offline_reproduction/run.py --config reports/offline_reproduction/config.yaml --run "$RUN" \
+  python3 experiments/offline_reproduction/run.py --config experiments/offline_reproduction/config.yaml --run "$RUN" \
     --out "$OUT" --report-only $ARGS > "$RUN/report-only.log" 2>&1 || tail -n 5 "$RUN/report-only.log"
   rc=3
 else

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy the offline corpora that run_gpu.sh needs into .device/corpora/ (run on this machine, before the GPU call).
 #
-#   reports/offline_reproduction/stage_inputs.sh [SOURCE]
+#   experiments/offline_reproduction/stage_inputs.sh [SOURCE]
 #
 # SOURCE default, relative to the checkout: shared/corpora inside it, else ../shared/corpora beside it.
 #

@@ -1,6 +1,6 @@
 """The Memory Decoder paper's experiments at small scale on the offline corpora, in one command (issue 8).
 
-    python reports/offline_reproduction/run.py --run RUN_DIR --out OUT_DIR [--small] [--config config.yaml]
+    python experiments/offline_reproduction/run.py --run RUN_DIR --out OUT_DIR [--small] [--config config.yaml]
 
 Steps (each skipped when its output is complete, so a rerun after a kill or a timeout resumes):
 
