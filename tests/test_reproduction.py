@@ -1,4 +1,5 @@
-"""Smoke test of experiments/offline_reproduction/run.py at --small scale on CPU, on a tiny slice of corpora.
+"""Smoke test of experiments/offline_reproduction/run.py at --small scale on CPU, on a tiny slice of corpora;
+unit tests of its scheduler.py and claims.py.
 
 Runs every stage for one domain with two base models and three methods (+MemDec, +kNN-LM, +MemDec (router))
 plus the bases,
@@ -32,6 +33,7 @@ def _load_run():
 
 
 run = _load_run()
+from experiments.offline_reproduction import claims, scheduler  # noqa: E402  (run.py put ROOT on sys.path)
 
 
 def _docs(name: str) -> list[str]:
@@ -171,8 +173,44 @@ def test_read_capped_and_gpu_assignment(tmp_path):
     assert run.read_capped(path, 8) == ["aaaa", "bbb"]  # whole documents while they fit
     assert run.read_capped(path, 2) == ["aa"]  # the first document is cut to the cap
     # heaviest first onto the least loaded GPU: 5 -> 0, 4 -> 1, 3 -> 1 (load 4 < 5), 1 -> 0
-    assert run.assign_gpus({"a": 5, "b": 4, "c": 3, "d": 1}, 2) == {"a": 0, "b": 1, "c": 1, "d": 0}
-    assert set(run.assign_gpus({"a": 1, "b": 2}, 0).values()) == {0}
+    assert scheduler.assign_gpus({"a": 5, "b": 4, "c": 3, "d": 1}, 2) == {"a": 0, "b": 1, "c": 1, "d": 0}
+    assert set(scheduler.assign_gpus({"a": 1, "b": 2}, 0).values()) == {0}
+
+
+def test_scheduler_stages_skip_complete_and_keep_times(tmp_path):
+    ran = []
+    st = scheduler.Stages(tmp_path, "domain:x")
+    st("a", False, lambda: ran.append("a"))
+    st("b", True, lambda: ran.append("b"))
+    again = scheduler.Stages(tmp_path, "domain:x")
+    again("a", True, lambda: ran.append("a"))
+    times = json.loads((tmp_path / "domain-x.json").read_text())
+    assert ran == ["a"] and times["a"]["status"] == "skipped" and "seconds" in times["a"]
+    assert times["b"] == {"status": "skipped"}
+
+
+def test_serial_jobs_report_failures_and_keep_going():
+    def job(name: str) -> None:
+        if name == "bad":
+            raise RuntimeError("boom")
+
+    assert scheduler.run_jobs(["bad", "good"], job, lambda j: [], {}, 0, True, Path("."), ROOT) == ["bad"]
+
+
+def test_claims_labels_come_from_the_registry():
+    import pandas as pd
+
+    from memdec.methods import get_method
+
+    rows = [{"base": "b", "method": m, "task": t, "metric": "token_perplexity", "value": v,
+             "file": f"/r/{'base' if m == 'base' else 'bio'}/x.json"}
+            for m, v in (("base", 10.0), ("memdec", 8.0), ("knnlm", 9.0)) for t in ("memdec_bio_ppl", "g")]
+    lines = claims.claims(pd.DataFrame(rows), ["b"], ["bio"], {"bio": "memdec_bio_ppl", "general": "g"})
+    text = "\n".join(lines)
+    assert all(get_method(m).label in text for m in claims.CLAIM_METHODS)
+    assert "| b | bio | 10.00 | 8.00 | 9.00 | – | – | – |" in lines
+    assert "in 1 of 1 (base, domain) pairs (paper: all)" in text
+    assert f"- +MemDec beats {get_method('knnlm').label} in 1 of 1 (base, domain) pairs." in lines
 
 
 def test_bad_config_is_one_line_error(tmp_path, capsys):

@@ -26,6 +26,18 @@ Steps (each skipped when its output is complete, so a rerun after a kill or a ti
 Steps 4 and 5-6 run as parallel worker processes (this script with --job), spread over the GPUs found
 (CUDA_VISIBLE_DEVICES per worker); without a GPU, or with --serial, they run one after another in
 this process. Stage wall times go to RUN/times/JOB.json and OUT/times.json.
+
+This file is the recipe; scheduler.py runs its jobs and stages (workers, GPUs, resume, times) and claims.py
+checks the paper's claims. Method names and labels come from the method registry (memdec.methods).
+
+Step 5's datastore → targets → Memory Decoder is `memdec pipeline`'s sequence, run through the pipeline's
+stage functions and its completeness check (memdec.pipeline.run.stage_complete) rather than through
+`run_pipeline` itself, which would change what the run writes and resumes from: run_pipeline puts its
+outputs at OUTPUT/{datastore,memdec} (the recipe's are domains/DOM/{datastore-DOM-BASE,targets,memdec-DOM},
+which the results' model_args and the report's labels name), builds one datastore from one base (kNN-LM here
+needs one per base), adds an index stage the exact torch targets do not read, reruns every stage after
+one that ran, and records no stage times (resume and times.json use the stage names datastore:BASE,
+targets, memdec).
 """
 
 from __future__ import annotations
@@ -34,7 +46,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import time
@@ -47,7 +58,11 @@ ROOT = HERE.parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from memdec.core.formats import is_complete, read_json, write_json  # noqa: E402
+from experiments.offline_reproduction import scheduler  # noqa: E402
+from experiments.offline_reproduction.claims import claims  # noqa: E402
+from experiments.offline_reproduction.scheduler import Stages  # noqa: E402
+from memdec.core.formats import read_json, write_json  # noqa: E402
+from memdec.pipeline.run import stage_complete  # noqa: E402
 
 TASKS = {"bio": "memdec_bio_ppl", "finance": "memdec_finance_ppl", "law": "memdec_law_ppl",
          "general": "memdec_general_ppl"}
@@ -99,7 +114,7 @@ def load_config(path: str | os.PathLike, small: bool = False, corpora: str | Non
 class Paths:
     """Where everything lives below the run folder."""
 
-    def __init__(self, run: str | os.PathLike, cfg: dict[str, Any]):
+    def __init__(self, run: str | os.PathLike, cfg: dict[str, Any]) -> None:
         self.run = Path(run)
         self.cfg = cfg
         self.bases = list(cfg["bases"])
@@ -150,33 +165,6 @@ class Paths:
     @property
     def times(self) -> Path:
         return self.run / "times"
-
-
-# ------------------------------------------------------------------------------------- stage timing
-
-
-class Stages:
-    """Runs named stages, skipping complete ones, and records their wall time in RUN/times/JOB.json."""
-
-    def __init__(self, paths: Paths, job: str):
-        self.job = job
-        self.file = paths.times / f"{job.replace(':', '-')}.json"
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        self.data: dict[str, Any] = read_json(self.file) if self.file.exists() else {}
-
-    def __call__(self, name: str, done: bool, fn: Callable[[], Any]) -> None:
-        if done:
-            print(f"[{self.job}] {name}: complete, skipped", flush=True)
-            before = self.data.get(name, {})
-            rec = {"status": "skipped", **({"seconds": before["seconds"]} if "seconds" in before else {})}
-        else:
-            print(f"[{self.job}] {name}: running", flush=True)
-            t0 = time.perf_counter()
-            fn()
-            rec = {"status": "ran", "seconds": round(time.perf_counter() - t0, 2)}
-            print(f"[{self.job}] {name}: done in {rec['seconds']:.1f} s", flush=True)
-        self.data[name] = rec
-        write_json(self.file, self.data)
 
 
 def _progress() -> bool:
@@ -247,11 +235,13 @@ def _data_settings(cfg: dict) -> dict:
 
 
 def data_done(cfg: dict, paths: Paths) -> bool:
+    """True if RUN/data was made with these data settings."""
     marker = paths.run / "data" / "DONE.json"
     return marker.exists() and read_json(marker).get("settings") == json.loads(json.dumps(_data_settings(cfg)))
 
 
 def train_tokenizer(cfg: dict, paths: Paths) -> None:
+    """One byte-level BPE on general + domain train text, saved to RUN/tokenizer."""
     from memdec.tiny import train_tokenizer as train_bpe
 
     t = cfg["tokenizer"]
@@ -288,10 +278,6 @@ def init_bases(cfg: dict, paths: Paths) -> None:
         _save_atomic(paths.init(name), lambda p, m=model: save_model(m, tok, p))
 
 
-def _trained(path: Path) -> bool:
-    return (path / "memdec.json").exists()
-
-
 def _train_length(section: dict) -> dict:
     return {"steps": section["steps"]} if section.get("steps") else {"epochs": float(section.get("epochs", 1))}
 
@@ -300,9 +286,10 @@ def _train_length(section: dict) -> dict:
 
 
 def job_pretrain(cfg: dict, paths: Paths, base: str) -> None:
+    """Pretrain one base from its random init on general/train (memdec.pipeline.train.train, beta = 0)."""
     from memdec.pipeline.train import train
 
-    st = Stages(paths, f"pretrain:{base}")
+    st = Stages(paths.times, f"pretrain:{base}")
     p, b = cfg["pretrain"], cfg["bases"][base]
 
     def run():
@@ -311,50 +298,46 @@ def job_pretrain(cfg: dict, paths: Paths, base: str) -> None:
               lr=float(b["lr"]), warmup=float(p.get("warmup", 0.05)), weight_decay=float(p.get("weight_decay", 0.01)),
               save_every=int(p.get("save_every", 200)), seed=cfg["seed"], progress=_progress())
 
-    st("pretrain", _trained(paths.model(base)), run)
+    st("pretrain", stage_complete("train", paths.model(base)), run)
 
 
-def job_domain(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...] = METHODS) -> None:
-    """Everything of one domain: datastores, targets, Memory Decoder, lmbda, DAPT, LoRA, then its evaluations."""
+def memory_decoder_stages(st: Stages, cfg: dict[str, Any], paths: Paths, dom: str, bases: list[str]) -> None:
+    """`memdec pipeline`'s sequence for one domain, through its stage functions and completeness checks
+    (memdec.pipeline.run.stage_complete): a datastore per base in `bases` (the largest's feeds the targets),
+    exact kNN targets, a Memory Decoder trained from the smallest base. Stages datastore:BASE, targets, memdec."""
     from memdec.pipeline.data import CorpusSpec
+    from memdec.pipeline.datastore import build_datastore
+    from memdec.pipeline.targets import build_targets
+    from memdec.pipeline.train import train
 
-    st = Stages(paths, f"domain:{dom}")
+    dev, d, t, m = _device(), cfg["datastore"], cfg["targets"], cfg["memdec"]
+    corpus = CorpusSpec(path=str(paths.corpus(dom, "train")))
+    for base in bases:
+        st(f"datastore:{base}", stage_complete("datastore", paths.datastore(dom, base)),
+           lambda base=base: build_datastore(str(paths.model(base)), corpus, paths.datastore(dom, base),
+                                             window=int(d["window"]), stride=int(d["stride"]),
+                                             batch_size=int(d["batch_size"]), dtype="float32", device=dev,
+                                             progress=_progress()))
+    st("targets", stage_complete("targets", paths.targets(dom)),
+       lambda: build_targets(paths.datastore(dom, paths.largest), out=paths.targets(dom), k=int(t["k"]),
+                             temperature=float(t["temperature"]), backend="torch", device=dev, progress=_progress()))
+    st("memdec", stage_complete("train", paths.memdec(dom)),
+       lambda: train(paths.model(paths.smallest), paths.memdec(dom), datastore=paths.datastore(dom, paths.largest),
+                     targets=paths.targets(dom), beta=float(m["beta"]), batch_size=int(m["batch_size"]),
+                     lr=float(m["lr"]), seed=cfg["seed"], save_every=int(m.get("save_every", 200)),
+                     progress=_progress(), **_train_length(m)))
+
+
+def job_domain(cfg: dict[str, Any], paths: Paths, dom: str, methods: tuple[str, ...] = METHODS) -> None:
+    """Everything of one domain: datastores, targets, Memory Decoder, lmbda, router, DAPT, LoRA, then its
+    evaluations."""
+    st = Stages(paths.times, f"domain:{dom}")
     methods = tuple(m for m in methods if m != "base")
     train_file = str(paths.corpus(dom, "train"))
     dev = _device()
-    ds_cfg = cfg["datastore"]
-
-    for base in paths.bases:
-        if base != paths.largest and "knnlm" not in methods:
-            continue
-
-        def build(base=base):
-            from memdec.pipeline.datastore import build_datastore
-
-            build_datastore(str(paths.model(base)), CorpusSpec(path=train_file), paths.datastore(dom, base),
-                            window=int(ds_cfg["window"]), stride=int(ds_cfg["stride"]),
-                            batch_size=int(ds_cfg["batch_size"]), dtype="float32", device=dev, progress=_progress())
-
-        st(f"datastore:{base}", is_complete(paths.datastore(dom, base), "datastore"), build)
-
-    def targets():
-        from memdec.pipeline.targets import build_targets
-
-        build_targets(paths.datastore(dom, paths.largest), out=paths.targets(dom), k=int(cfg["targets"]["k"]),
-                      temperature=float(cfg["targets"]["temperature"]), backend="torch", device=dev,
-                      progress=_progress())
-
-    st("targets", is_complete(paths.targets(dom), "targets"), targets)
-
-    def memdec():
-        from memdec.pipeline.train import train
-
-        m = cfg["memdec"]
-        train(paths.model(paths.smallest), paths.memdec(dom), datastore=paths.datastore(dom, paths.largest),
-              targets=paths.targets(dom), beta=float(m["beta"]), batch_size=int(m["batch_size"]), lr=float(m["lr"]),
-              seed=cfg["seed"], save_every=int(m.get("save_every", 200)), progress=_progress(), **_train_length(m))
-
-    st("memdec", _trained(paths.memdec(dom)), memdec)
+    # kNN-LM reads a datastore of each base; the Memory Decoder's targets need the largest base's only
+    bases = [b for b in paths.bases if b == paths.largest or "knnlm" in methods]
+    memory_decoder_stages(st, cfg, paths, dom, bases)
 
     def tune():
         from memdec.eval.tune import tune_lambda
@@ -452,6 +435,7 @@ def eval_model(cfg: dict, paths: Paths, dom: str, base: str, method: str) -> tup
 
 
 def eval_done(paths: Paths, group: str, name: str) -> bool:
+    """True if RUN/results/GROUP holds a results file of run NAME."""
     return any((paths.results / group).glob(f"{name}_*.json"))
 
 
@@ -486,7 +470,8 @@ def run_eval(cfg: dict, paths: Paths, group: str, name: str, model: str, model_a
 
 
 def job_eval_bases(cfg: dict, paths: Paths) -> None:
-    st = Stages(paths, "eval:bases")
+    """Every base alone on the domain tests and general/test."""
+    st = Stages(paths.times, "eval:bases")
     tasks = [TASKS[d] for d in cfg["domains"]] + [TASKS["general"]]
     for base in paths.bases:
         model, args = eval_model(cfg, paths, "", base, "base")
@@ -498,68 +483,31 @@ def job_eval_bases(cfg: dict, paths: Paths) -> None:
 # ------------------------------------------------------------------------------------ orchestration
 
 
-def _weights(cfg: dict, kind: str, names: list[str]) -> dict[str, float]:
-    if kind == "pretrain":
-        return {n: cfg["bases"][n]["n_layer"] * cfg["bases"][n]["hidden"] ** 2 + 1.0 for n in names}
-    return {n: {"bio": 3.0, "law": 2.0, "finance": 1.5}.get(n, 0.5) for n in names}
-
-
-def assign_gpus(weights: dict[str, float], n_gpus: int) -> dict[str, int]:
-    """Greedy: heaviest job first, onto the least loaded GPU."""
-    load = [0.0] * max(1, n_gpus)
+def job_weights(cfg: dict[str, Any], jobs: list[str]) -> dict[str, float]:
+    """Each job's expected load, for spreading jobs over the GPUs: a base's size; a domain's corpus size."""
     out = {}
-    for name, w in sorted(weights.items(), key=lambda kv: -kv[1]):
-        g = min(range(len(load)), key=lambda i: load[i])
-        out[name] = g
-        load[g] += w
+    for job in jobs:
+        kind, _, name = job.partition(":")
+        if kind == "pretrain":
+            out[job] = cfg["bases"][name]["n_layer"] * cfg["bases"][name]["hidden"] ** 2 + 1.0
+        else:
+            out[job] = {"bio": 3.0, "law": 2.0, "finance": 1.5}.get(name, 0.5)
     return out
 
 
-def run_jobs(args, cfg: dict, paths: Paths, jobs: list[str], n_gpus: int, serial: bool) -> list[str]:
-    """Run jobs ("pretrain:BASE", "domain:DOM", "eval:bases"); returns the failed ones."""
-    failed = []
-    if serial:
-        for job in jobs:
-            try:
-                run_job(cfg, paths, job, tuple(args.methods))
-            except Exception as e:  # keep going: the report shows what finished
-                print(f"[{job}] FAILED: {type(e).__name__}: {e}", flush=True)
-                failed.append(job)
-        return failed
-    kinds = {j: j.split(":")[0] for j in jobs}
-    weights = {}
-    for kind in set(kinds.values()):
-        names = [j.split(":", 1)[1] for j in jobs if kinds[j] == kind]
-        weights.update({f"{kind}:{n}": w for n, w in _weights(cfg, kind, names).items()})
-    gpus = assign_gpus(weights, n_gpus)
-    threads = max(1, (os.cpu_count() or 2) // max(1, len(jobs)))
-    logs = paths.run / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = {}
-    for job in jobs:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpus[job]), OMP_NUM_THREADS=str(threads),
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                   TOKENIZERS_PARALLELISM="true" if job.startswith("pretrain") else "false")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--config", str(args.config), "--run", str(paths.run),
-               "--job", job, "--methods", *args.methods] + (["--small"] if args.small else []) + \
-              (["--corpora", args.corpora] if args.corpora else []) + \
-              (["--domains", *args.domains] if args.domains else [])
-        log = open(logs / f"{job.replace(':', '-')}.log", "a", encoding="utf-8")
-        print(f"started {job} on GPU {gpus[job]} (log {log.name})", flush=True)
-        procs[job] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT)), log)
-    for job, (proc, log) in procs.items():
-        rc = proc.wait()
-        log.close()
-        if rc != 0:
-            failed.append(job)
-            tail = Path(log.name).read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
-            print(f"[{job}] FAILED (exit {rc}); last lines of {log.name}:\n" + "\n".join(tail), flush=True)
-        else:
-            print(f"finished {job}", flush=True)
-    return failed
+def run_jobs(args: argparse.Namespace, cfg: dict[str, Any], paths: Paths, jobs: list[str], n_gpus: int,
+             serial: bool) -> list[str]:
+    """Run jobs ("pretrain:BASE", "domain:DOM", "eval:bases") through the scheduler; returns the failed ones."""
+    argv = ["--config", str(args.config), "--run", str(paths.run), "--methods", *args.methods] + \
+        (["--small"] if args.small else []) + (["--corpora", args.corpora] if args.corpora else []) + \
+        (["--domains", *args.domains] if args.domains else [])
+    return scheduler.run_jobs(jobs, lambda job: run_job(cfg, paths, job, tuple(args.methods)),
+                              lambda job: scheduler.worker_command(__file__, job, argv), job_weights(cfg, jobs),
+                              n_gpus, serial, logs=paths.run / "logs", root=ROOT)
 
 
-def run_job(cfg: dict, paths: Paths, job: str, methods: tuple[str, ...]) -> None:
+def run_job(cfg: dict[str, Any], paths: Paths, job: str, methods: tuple[str, ...]) -> None:
+    """One job in this process (a worker runs one, --serial all)."""
     import torch
 
     if torch.cuda.is_available():
@@ -575,30 +523,16 @@ def run_job(cfg: dict, paths: Paths, job: str, methods: tuple[str, ...]) -> None
         raise ValueError(f"unknown job {job!r}")
 
 
-def _gpu_info() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {"torch": torch.__version__, "n_gpus": torch.cuda.device_count()}
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return info
-
-
-def orchestrate(args, cfg: dict, paths: Paths) -> int:
+def orchestrate(args: argparse.Namespace, cfg: dict[str, Any], paths: Paths) -> int:
+    """The whole run: setup, pretraining, the domains and base evaluations, report, bundle; 1 if a job failed."""
     paths.run.mkdir(parents=True, exist_ok=True)
     (paths.run / "run.pid").write_text(str(os.getpid()))  # run_gpu.sh follows this process
     t_start = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    info = _gpu_info()
+    info = scheduler.gpu_info()
     serial = args.serial or (info["n_gpus"] == 0 and not args.parallel)
     phases: dict[str, float] = {}
-    st = Stages(paths, "setup")
+    st = Stages(paths.times, "setup")
     t0 = time.perf_counter()
     st("data", data_done(cfg, paths), lambda: prepare_data(cfg, paths))
     st("tokenizer", (paths.tokenizer / "tokenizer.json").exists(), lambda: train_tokenizer(cfg, paths))
@@ -614,32 +548,18 @@ def orchestrate(args, cfg: dict, paths: Paths) -> int:
         failed += run_jobs(args, cfg, paths, jobs, info["n_gpus"], serial)
         phases["domains_and_eval"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    write_times(paths, info, phases, time.perf_counter() - t_start, started)
+    scheduler.write_times(paths.run, info, phases, time.perf_counter() - t_start, started)
     try:
         make_report(cfg, paths, info)
     except Exception as e:  # the bundle below still hands back the raw results
         print(f"report: {type(e).__name__}: {e}", flush=True)
         failed.append("report")
     phases["report"] = time.perf_counter() - t0
-    write_times(paths, info, phases, time.perf_counter() - t_start, started)
+    scheduler.write_times(paths.run, info, phases, time.perf_counter() - t_start, started)
     if args.out:
         bundle(paths, Path(args.out))
     print(f"total wall time {time.perf_counter() - t_start:.1f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
-
-
-def write_times(paths: Paths, info: dict, phases: dict[str, float], total: float | None,
-                started: str | None = None) -> None:
-    """RUN/times.json: device, this invocation's phases, every invocation's wall time (a resumed run adds
-    one), their sum as total_s, and each job's stage times."""
-    jobs = {f.stem: read_json(f) for f in sorted(paths.times.glob("*.json"))} if paths.times.exists() else {}
-    old = read_json(paths.run / "times.json") if (paths.run / "times.json").exists() else {}
-    invocations = dict(old.get("invocations_s", {}))
-    if started is not None and total is not None:
-        invocations[started] = round(total, 1)
-    write_json(paths.run / "times.json", {"device": info, "phases_s": {k: round(v, 1) for k, v in phases.items()},
-                                          "invocations_s": invocations,
-                                          "total_s": round(sum(invocations.values()), 1), "jobs": jobs})
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -689,7 +609,7 @@ def make_report(cfg: dict, paths: Paths, info: dict | None = None) -> Path:
         for stage, rec in stages.items():
             lines.append(f"| {job} | {stage} | {rec.get('seconds', '')} | {rec['status']} |")
     lines += ["", f"Phases (s): {json.dumps(times.get('phases_s', {}))}", ""]
-    lines += claims(df, cfg, paths)
+    lines += claims(df, paths.bases, cfg["domains"], TASKS)
     lines += ["## Tables from `memdec report`", ""]
     lines += tables
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -703,54 +623,6 @@ def _n_params(path: Path) -> str:
         return f"{AutoModelForCausalLM.from_pretrained(str(path)).num_parameters():,}"
     except Exception:  # a missing model: the table says so
         return "–"
-
-
-def _ppl(df, base: str, method: str, task: str, domain: str | None = None) -> float | None:
-    rows = df[(df["base"] == base) & (df["method"] == method) & (df["task"] == task)
-              & (df["metric"] == "token_perplexity")]
-    if domain is not None and method != "base":
-        rows = rows[rows["file"].astype(str).str.contains(f"/{domain}/")]
-    return float(rows["value"].iloc[0]) if len(rows) else None
-
-
-def claims(df, cfg: dict, paths: Paths) -> list[str]:
-    """The paper's claims checked against the measured token perplexities (markdown lines)."""
-    lines = ["## The paper's claims against these numbers", ""]
-    names = {"memdec": "+MemDec", "knnlm": "+kNN-LM", "rag": "+In-Context RAG", "dapt": "+DAPT", "lora": "+LoRA"}
-    lines += ["Domain test token perplexity (lower is better):", "",
-              "| base | domain | base | " + " | ".join(names.values()) + " |",
-              "|---|---|---|" + "---|" * len(names)]
-    wins = {m: [0, 0] for m in names if m != "memdec"}
-    lowered = [0, 0]
-    for base in paths.bases:
-        for dom in cfg["domains"]:
-            b = _ppl(df, base, "base", TASKS[dom])
-            vals = {m: _ppl(df, base, m, TASKS[dom], dom) for m in names}
-            cells = " | ".join("–" if v is None else f"{v:.2f}" for v in vals.values())
-            lines.append(f"| {base} | {dom} | {'–' if b is None else f'{b:.2f}'} | {cells} |")
-            if b is not None and vals["memdec"] is not None:
-                lowered[0] += vals["memdec"] < b
-                lowered[1] += 1
-            for m in wins:
-                if vals["memdec"] is not None and vals[m] is not None:
-                    wins[m][0] += vals["memdec"] < vals[m]
-                    wins[m][1] += 1
-    lines += ["", f"- One Memory Decoder per domain lowers the domain perplexity of the base model in "
-              f"{lowered[0]} of {lowered[1]} (base, domain) pairs (paper: all)."]
-    for m, (w, n) in wins.items():
-        lines.append(f"- +MemDec beats {names[m]} in {w} of {n} (base, domain) pairs.")
-    lines += ["", "General test token perplexity (forgetting), mean over domains of the change against the base model:",
-              "", "| base | base ppl | " + " | ".join(names.values()) + " |", "|---|---|" + "---|" * len(names)]
-    for base in paths.bases:
-        b = _ppl(df, base, "base", TASKS["general"])
-        cells = []
-        for m in names:
-            v = [x for dom in cfg["domains"] if (x := _ppl(df, base, m, TASKS["general"], dom)) is not None]
-            cells.append("–" if not v or b is None else f"{sum(v) / len(v):.2f} ({sum(v) / len(v) - b:+.2f})")
-        lines.append(f"| {base} | {'–' if b is None else f'{b:.2f}'} | " + " | ".join(cells) + " |")
-    lines += ["", "(+MemDec and +kNN-LM mix a domain model into the base at every token, so they also change "
-              "general-text perplexity; +DAPT changes the base weights; +LoRA adds an adapter.)", ""]
-    return lines
 
 
 def bundle(paths: Paths, out: Path) -> None:
@@ -806,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.report_only:
             if not (paths.run / "times.json").exists():
-                write_times(paths, _gpu_info(), {}, None)
+                scheduler.write_times(paths.run, scheduler.gpu_info(), {}, None)
             try:
                 make_report(cfg, paths)
             except Exception as e:  # still hand back what there is

@@ -1,0 +1,1 @@
+"""Experiments built on memdec (each folder: its script, config, README and committed results)."""
