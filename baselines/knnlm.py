@@ -176,4 +176,5 @@ class KNNLM(MixtureLM):
 
 
 register_method(Method(name="knnlm", label="+kNN-LM", model="knnlm", model_class="baselines.knnlm:KNNLM",
-                       aliases=("knn-lm", "knn_lm", "+knn-lm"), variant_args=("lmbda", "datastore", "k", "temperature")))
+                       aliases=("knn-lm", "knn_lm", "+knn-lm"), variant_args=("lmbda", "datastore", "k", "temperature"),
+                       bench="memdec.bench.methods:knnlm_specs"))

@@ -59,7 +59,8 @@ class Method:
       report label when they differ ("+MemDec (memory=..., lmbda=0.6)").
     - `train`: "module:function" adding its `memdec` training subcommand, called as `function(subparsers)`
       like memdec/cli.py's blocks (the module is imported to build the parser: keep it light).
-    - `bench`: "module:function" timing it in `memdec bench`; not read yet (bench rows are still its own).
+    - `bench`: "module:function" returning its `memdec bench` rows, called as `function(settings)` -> a list of
+      memdec.bench.MethodSpec (built-ins in memdec.bench.BENCH_ORDER first, then the others in registry order).
     """
 
     name: str
@@ -242,12 +243,13 @@ def get_method(name_or_alias: str) -> Method:
 
 _MEMDEC_LM = "memdec.eval.models:MemDecLM"
 for _method in (
-    Method(name="base", label="base"),
+    Method(name="base", label="base", bench="memdec.bench.methods:base_specs"),
     Method(name="memdec", label="+MemDec", model="memdec", model_class=_MEMDEC_LM,
-           aliases=("memory_decoder", "+memdec"), variant_args=("memory", "lmbda")),
+           aliases=("memory_decoder", "+memdec"), variant_args=("memory", "lmbda"),
+           bench="memdec.bench.methods:memdec_specs"),
     Method(name="memdec_router", label="+MemDec (router)", model="memdec", model_class=_MEMDEC_LM,
            aliases=("router", "+memdec (router)", "memdec-router"), marker_arg="router",
-           variant_args=("memory", "lmbda", "router", "router_threshold")),
+           variant_args=("memory", "lmbda", "router", "router_threshold"), bench="memdec.bench.methods:router_specs"),
 ):
     _register(_method)
 del _method

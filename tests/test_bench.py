@@ -188,3 +188,25 @@ def test_scoring_ratios_are_against_the_fastest_base_row():
     assert "| 2.00x |" in lines["base"] and "| 1.00x |" in lines["base (compiled + graphed)"]
     assert "| 1.50x |" in lines["+MemDec (fast)"]  # 30 / 20, not 30 / 40
     assert "batch 1, prompt 4, 4 new tokens" in bench.markdown_table(result)
+
+
+def _toy_specs(settings):
+    from memdec.bench import MethodSpec
+
+    return [MethodSpec("+Toy", "a row added by a registered method")]
+
+
+def test_rows_come_from_the_method_registry(monkeypatch):
+    """`memdec bench` rows are the registered methods' `bench` specs: built-ins in table order, then others."""
+    from memdec import methods as registry
+    from memdec.bench import BenchSettings, method_specs
+
+    settings = BenchSettings.small_cpu()
+    names = [spec.name for spec in method_specs(settings)]
+    assert names[:6] == ["base", "base (HF static cache)", "base (compiled + graphed)", "+MemDec (plain)",
+                         "+MemDec (fast)", "+MemDec (router, fast)"]
+    assert names[6:-1] == [f"+kNN-LM {n}" for n in ("1k", "10k")] and names[-1] == "+In-Context RAG"
+    registry.methods()  # built-ins loaded before the toy joins
+    monkeypatch.setitem(registry._REGISTRY, "toy", registry.Method(name="toy", label="+Toy",
+                                                                   bench="test_bench:_toy_specs"))
+    assert [spec.name for spec in method_specs(settings)] == [*names, "+Toy"]

@@ -6,6 +6,7 @@ models (random-weight architectures), timing (medians, paired ratios, peak memor
 
 from . import methods, models, report, run, timing
 from .methods import (
+    BENCH_ORDER,
     KNN,
     BenchContext,
     MethodSpec,
@@ -34,7 +35,7 @@ from .timing import (
     time_ms,
 )
 
-__all__ = ["ARCH_DIR", "KNN", "SMALL", "BenchContext", "BenchSettings", "MethodSpec", "PairedDecode", "PairedScore",
+__all__ = ["ARCH_DIR", "BENCH_ORDER", "KNN", "SMALL", "BenchContext", "BenchSettings", "MethodSpec", "PairedDecode", "PairedScore",
            "PeakMemory", "Row", "_once", "_sync", "agreement", "arch_config", "arch_names", "bench", "bench_router",
            "build_model", "environment", "markdown_table", "method_specs", "methods", "models", "n_params",
            "paired_per_token_ratio", "paired_ratio", "per_token_ms", "plot", "report", "run", "run_bench",

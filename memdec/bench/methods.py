@@ -426,9 +426,21 @@ def _setup_rag(ctx: BenchContext) -> None:
     ctx.doc = torch.randint(0, ctx.vocab, (1, ctx.settings.rag_doc_tokens), generator=ctx.g).to(ctx.device)
 
 
+#: the table order of the built-in methods' rows; methods registered with a `bench` ref beyond these follow
+BENCH_ORDER = ("base", "memdec", "memdec_router", "knnlm", "rag")
+
+
 def method_specs(settings: BenchSettings) -> list[MethodSpec]:
-    """The rows of `memdec bench`, in table order."""
-    s = settings
+    """The rows of `memdec bench`, in table order: each registered method's `bench` specs (memdec.methods)."""
+    from memdec.methods import methods, resolve
+
+    timed = {m.name: m for m in methods() if m.bench}
+    names = [n for n in BENCH_ORDER if n in timed] + [n for n in timed if n not in BENCH_ORDER]
+    return [spec for n in names for spec in resolve(timed[n].bench)(settings)]
+
+
+def base_specs(settings: BenchSettings) -> list[MethodSpec]:
+    """The base alone: lm-eval's `hf` computation, HF's static cache, memdec's compiled + graphed base."""
     return [
         MethodSpec("base", "scoring as lm-eval `hf`; decoding: HF generate, dynamic cache, eager",
                    score=lambda c, ids: score_base_hf(c.base, ids, c.vocab),
@@ -442,6 +454,12 @@ def method_specs(settings: BenchSettings) -> list[MethodSpec]:
                    "CUDA graph, MemoryDecoder's decode loop)",
                    score=lambda c, ids: score_base_fast(c.base, ids, c.vocab),
                    decode=lambda c, k, smp: c.graphed_single(k, smp)),
+    ]
+
+
+def memdec_specs(settings: BenchSettings) -> list[MethodSpec]:
+    """+MemDec: the plain float32 mixture and the fast path of the `memdec` lm-eval model (paired with the base)."""
+    return [
         MethodSpec("+MemDec (plain)", "float32 (B,T,V) mixture; MemoryDecoder.generate with dynamic caches, eager",
                    score=lambda c, ids: score_memdec_plain(c.base, c.memory, ids, c.vocab, c.lmbda),
                    decode=lambda c, k, smp: c.joint_generate(k, smp, False), setup=_setup_joint),
@@ -456,6 +474,12 @@ def method_specs(settings: BenchSettings) -> list[MethodSpec]:
                    paired_decode=PairedDecode(lambda c, k, smp: c.graphed_single(k, smp),
                                               lambda c, k, smp: c.joint_generate(k, smp, True)),
                    paired_label="paired ratios (+MemDec fast / base)"),
+    ]
+
+
+def router_specs(settings: BenchSettings) -> list[MethodSpec]:
+    """+MemDec with a (random) router: the routed fast path, paired with +MemDec (fast)."""
+    return [
         MethodSpec("+MemDec (router, fast)",
                    "the `memdec` model's routed fast path: a random 2-layer router over both "
                    "hidden states and the four scalars (one fused pass per model's logits)",
@@ -468,7 +492,18 @@ def method_specs(settings: BenchSettings) -> list[MethodSpec]:
                                             lambda c, ids: score_memdec_router(c.base, c.hrunner, ids, c.vocab,
                                                                                c.router)),
                    paired_label="paired ratio (+MemDec router / +MemDec fast)", finish=_finish_memdec),
-        *(_knn_spec(size, s) for size in s.knn_sizes),
+    ]
+
+
+def knnlm_specs(settings: BenchSettings) -> list[MethodSpec]:
+    """+kNN-LM over each of `settings.knn_sizes` random keys."""
+    return [_knn_spec(size, settings) for size in settings.knn_sizes]
+
+
+def rag_specs(settings: BenchSettings) -> list[MethodSpec]:
+    """+In-Context RAG (a lower bound: its forward passes only)."""
+    s = settings
+    return [
         MethodSpec("+In-Context RAG", f"lower bound: forward passes only (stride {s.rag_stride}, "
                                       f"{s.rag_doc_tokens}-token document), retrieval left out; scoring estimated "
                                       f"from {s.rag_blocks} of its blocks",
