@@ -95,7 +95,8 @@ class MixtureLM(HFLM):
 
     @property
     def lmbda(self) -> float:
-        """Weight of the other distribution in the mixture, in [0, 1]."""
+        """Weight of the other distribution in the mixture, in [0, 1] (stored here only when the subclass has
+        no owner of its own: MemDecLM reads and writes its MemoryDecoder's)."""
         return self._lmbda
 
     @lmbda.setter
