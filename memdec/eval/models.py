@@ -45,7 +45,7 @@ from memdec.inference.joint import (
     resolve_lmbda,
     resolve_model_path,
 )
-from memdec.inference.mixing import check_lmbda, mix_logprobs
+from memdec.inference.mixing import lmbda_property, mix_logprobs
 from memdec.inference.scoring import max_positions
 
 __all__ = ["MixtureLM", "MemDecLM", "cpu_data_parallel"]
@@ -98,15 +98,8 @@ class MixtureLM(HFLM):
         _check_model_args(simple_parse_args_string(arg_string))
         return super().create_from_arg_string(arg_string, additional_config)
 
-    @property
-    def lmbda(self) -> float:
-        """Weight of the other distribution in the mixture, in [0, 1] (stored here only when the subclass has
-        no owner of its own: MemDecLM reads and writes its MemoryDecoder's)."""
-        return self._lmbda
-
-    @lmbda.setter
-    def lmbda(self, value: float) -> None:
-        self._lmbda = check_lmbda(value)
+    lmbda = lmbda_property("Weight of the other distribution in the mixture, in [0, 1] (stored here only for "
+                           "mixtures without an owner of their own: MemDecLM's is its MemoryDecoder's).")
 
     @property
     def mix_vocab_size(self) -> int:

@@ -38,7 +38,13 @@ from memdec.core.models import (  # noqa: F401  (re-exported: memdec.inference.j
     resolve_model_path,
 )
 from memdec.inference.fast import GraphedDecoder, cache_kwarg, mixture_logprobs
-from memdec.inference.mixing import check_lmbda, check_same_tokenizer, log_softmax, mix_logprobs
+from memdec.inference.mixing import (
+    check_lmbda,
+    check_same_tokenizer,
+    lmbda_property,
+    log_softmax,
+    mix_logprobs,
+)
 from memdec.inference.scoring import mixed_logprobs, pair_logprobs, perplexity
 
 DEFAULT_LMBDA = 0.5
@@ -331,14 +337,7 @@ class MemoryDecoder:
         if self.router is not None:
             self.router.to(base.device)
 
-    @property
-    def lmbda(self) -> float:
-        """Weight of the memory in the fixed mixture, in [0, 1] (checked on every assignment)."""
-        return self._lmbda
-
-    @lmbda.setter
-    def lmbda(self, value: float) -> None:
-        self._lmbda = check_lmbda(value)
+    lmbda = lmbda_property("Weight of the memory in the fixed mixture, in [0, 1] (checked on every assignment).")
 
     @classmethod
     def from_pretrained(

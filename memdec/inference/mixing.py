@@ -30,6 +30,18 @@ def check_lmbda(lmbda: float, name: str = "lmbda") -> float:
     return value
 
 
+def lmbda_property(doc: str) -> property:
+    """An `lmbda` attribute stored as `_lmbda` and checked by `check_lmbda` on every assignment."""
+
+    def get(self) -> float:
+        return self._lmbda
+
+    def set_(self, value: float) -> None:
+        self._lmbda = check_lmbda(value)
+
+    return property(get, set_, doc=doc)
+
+
 def mix_logprobs(base_logp: torch.Tensor, other_logp: torch.Tensor, lmbda: float) -> torch.Tensor:
     """log(lmbda * p_other + (1 - lmbda) * p_base), elementwise, from log-probabilities.
 
