@@ -96,7 +96,6 @@ class KNNLM(MixtureLM):
                              f"{datastore} holds keys of dim {ds.dim} (built with {ds.manifest.get('model')})")
         self.knn = KNNDistribution(ds, k, temperature, backend, recompute_dists, device=self.device)
         self._captured: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._inputs: dict[int, set[tuple[int, ...]]] | None = None
 
     @property
     def pretrained_name(self) -> str:
@@ -118,43 +117,13 @@ class KNNLM(MixtureLM):
             self.model(input_ids=input_ids, attention_mask=attention_mask)
             return capture.pop()
 
-    # ---- which positions are real tokens
-
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        # HFLM right-pads scoring batches with zeros and passes no attention mask; remember each
-        # request's model input (as HFLM cuts it) so that other_logprobs can tell padding apart
-        self._inputs = {}
-        for _, ctx, cont in requests:
-            inp = tuple((list(ctx) + list(cont))[-(self.max_length + 1) :][:-1])
-            self._inputs.setdefault(len(inp), set()).add(inp)
-        try:
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        finally:
-            self._inputs = None
-
-    def _real_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, T) bool: True at real tokens. Without a mask, a row's length is the longest request input it
-        starts with whose remainder is all zeros (HFLM's padding); over-counting only costs time."""
-        if attention_mask is not None:
-            return attention_mask.bool()
-        real = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        if not self._inputs:
-            return real
-        lengths = sorted(self._inputs, reverse=True)  # only the requests' lengths can match
-        for b, row in enumerate(input_ids.tolist()):
-            nonzero = [j for j, t in enumerate(row) if t != 0]
-            shortest = nonzero[-1] + 1 if nonzero else 1
-            for length in lengths:
-                if shortest <= length <= len(row) and tuple(row[:length]) in self._inputs[length]:
-                    real[b, length:] = False
-                    break
-        return real
-
     def other_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """log p_knn (B, T, V): the base key at each real (non-padding) position searched in the datastore."""
+        """log p_knn (B, T, V): the base key at each real position (`attention_mask` 1, every position without
+        one) searched in the datastore; padding gets a uniform placeholder."""
         vocab = self.mix_vocab_size
         keys = self._keys(input_ids, attention_mask)
-        real = self._real_positions(input_ids, attention_mask).to(keys.device)
+        real = (torch.ones(input_ids.shape, dtype=torch.bool) if attention_mask is None
+                else attention_mask.bool()).to(keys.device)
         out = torch.full((*input_ids.shape, vocab), -math.log(vocab), dtype=torch.float32, device=keys.device)
         if real.any():
             out[real] = self.knn.logprobs(keys[real], vocab)

@@ -138,7 +138,7 @@ def test_padding_positions_are_not_searched(tiny, texts, datastores, monkeypatch
     assert sum(asked) == int(mask.sum()) == 16
     assert out.shape == (3, 7, len(knn.tokenizer))
     assert torch.allclose(out[mask.bool()].exp().sum(-1), torch.ones(16))
-    # lm-eval's right-padded scoring batches (no mask): only each request's own input is searched
+    # lm-eval's right-padded scoring batches: only each request's own input is searched
     ll, _ = _requests(texts)
     asked.clear()
     batched = knn.loglikelihood(ll)
@@ -165,20 +165,32 @@ def test_bad_input(tiny, datastores):
         _knn(tiny, datastores["mixed"], k=4, recompute_dists="maybe")
 
 
-def test_real_positions_match_a_brute_force_search():
-    from types import SimpleNamespace
+def test_mask_reaching_other_logprobs_marks_exactly_the_real_tokens(tiny, datastores):
+    """HFLM right-pads each scoring batch without a mask; other_logprobs gets one marking each row's real tokens,
+    also for requests ending in token 0 (the padding id) and requests cut to max_length."""
+    knn = _knn(tiny, datastores["mixed"], k=3, lmbda=0.5, batch_size=3, max_length=12)
+    seen = []
+    other = knn.other_logprobs
 
-    from baselines.knnlm import KNNLM
+    def record(ids, mask=None):
+        seen.append((ids.cpu(), None if mask is None else mask.cpu()))
+        return other(ids, mask)
 
+    knn.other_logprobs = record
     g = torch.Generator().manual_seed(0)
-    requests = [tuple(torch.randint(1, 9, (n,), generator=g).tolist()) for n in (3, 5, 5, 8, 12)]
-    requests.append(requests[1][:2] + (0, 0, 7))  # a request holding zeros of its own
-    fake = SimpleNamespace(_inputs={})
-    for r in requests:
-        fake._inputs.setdefault(len(r), set()).add(r)
-    rows = [list(r) + [0] * (14 - len(r)) for r in requests] + [[0] * 14, [4] * 14]
-    ids = torch.tensor(rows)
-    got = KNNLM._real_positions(fake, ids, None)
-    for b, row in enumerate(rows):  # brute force: the longest request this row starts with, then only zeros
-        length = max((len(r) for r in requests if tuple(row[: len(r)]) == r and not any(row[len(r):])), default=14)
-        assert got[b].tolist() == [j < length for j in range(14)], (b, row)
+    pairs = [(torch.randint(1, 300, (n,), generator=g).tolist(), torch.randint(1, 300, (c,), generator=g).tolist())
+             for n, c in ((3, 1), (5, 2), (5, 3), (8, 1), (20, 4), (2, 1))]
+    pairs.append((pairs[1][0][:2] + [0, 0], [7, 0, 0]))  # real zeros at the end, as HFLM's padding
+    requests = [(("", ""), ctx, cont) for ctx, cont in pairs]
+    knn._loglikelihood_tokens(requests, disable_tqdm=True)
+    # independently: a request's model input is its last max_length + 1 tokens but the final one
+    expected = sorted(tuple((ctx + cont)[-13:][:-1]) for ctx, cont in pairs)
+    got = []
+    assert len(seen) == 3  # 7 requests in batches of 3
+    for ids, mask in seen:
+        assert mask is not None and mask.shape == ids.shape
+        for row, m in zip(ids.tolist(), mask.tolist(), strict=True):
+            n = sum(m)
+            assert m == [1] * n + [0] * (len(m) - n) and not any(row[n:])  # real tokens, then padding
+            got.append(tuple(row[:n]))
+    assert sorted(got) == expected

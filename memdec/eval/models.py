@@ -6,7 +6,10 @@ parallelize, `accelerate launch`) whose next-token log-probs are
     mix_logprobs(base_logp, self.other_logprobs(input_ids, attention_mask), lmbda)
 
 mixed once, in `_model_call`, so loglikelihood, loglikelihood_rolling and batch-size detection all
-see the mixture (HFLM's log_softmax of the returned log-probs is a no-op up to rounding). A subclass
+see the mixture (HFLM's log_softmax of the returned log-probs is a no-op up to rounding). HFLM right-pads
+each scoring batch and passes no mask; MixtureLM records each row's real length as HFLM pads the batch
+(`_recording_padding`) and hands `other_logprobs` the real mask (the base runs unmasked, as in HFLM:
+right padding never reaches a causal model's real positions). A subclass
 (the `memdec` model below, the kNN-LM baseline) only implements `other_logprobs`; `mixed_logprobs`
 calls `base_logprobs` first and then `other_logprobs` with the same tensors, so a subclass may
 capture the base's hidden states on the way. Generation runs memdec.inference.joint's decode loop on the
@@ -19,8 +22,10 @@ per model and mixed per token, the mixture's argmax only where lm-eval's is_gree
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -93,7 +98,8 @@ class MixtureLM(HFLM):
         _check_model_args(simple_parse_args_string(arg_string))
         return super().create_from_arg_string(arg_string, additional_config)
 
-    lmbda = lmbda_property("Weight of the other distribution in the mixture, in [0, 1].")
+    lmbda = lmbda_property("Weight of the other distribution in the mixture, in [0, 1] (stored here only for "
+                           "mixtures without an owner of their own: MemDecLM's is its MemoryDecoder's).")
 
     @property
     def mix_vocab_size(self) -> int:
@@ -107,8 +113,9 @@ class MixtureLM(HFLM):
     def other_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token log-probs (B, T, mix_vocab_size) of the distribution mixed with the base.
 
-        `attention_mask` (1 = real token) is None for right-padded batches and marks left padding in
-        generation; positions then count real tokens only (memdec.inference.joint.position_ids_from_mask).
+        `attention_mask` (1 = real token) marks the right padding of lm-eval's scoring batches and the left
+        padding of generation; positions then count real tokens only (memdec.inference.joint.position_ids_from_mask).
+        It is None only for a batch MixtureLM did not see padded (e.g. batch-size detection: no padding).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement other_logprobs")
 
@@ -117,18 +124,63 @@ class MixtureLM(HFLM):
         with torch.no_grad(), self._autocast():
             return model_logprobs(self.model, input_ids, attention_mask, self.mix_vocab_size)
 
-    def mixed_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """log(lmbda * p_other + (1 - lmbda) * p_base), (B, T, mix_vocab_size), float32."""
+    def mixed_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       other_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log(lmbda * p_other + (1 - lmbda) * p_base), (B, T, mix_vocab_size), float32.
+
+        `other_mask`, if given, replaces `attention_mask` for `other_logprobs` only (scoring: the real tokens
+        of a right-padded batch, which the base, like HFLM's, does not need).
+        """
         base = self.base_logprobs(input_ids, attention_mask)
         with torch.no_grad(), self._autocast():
-            other = self.other_logprobs(input_ids, attention_mask)
+            other = self.other_logprobs(input_ids, attention_mask if other_mask is None else other_mask)
         return mix_logprobs(base, other.to(base.device), self.lmbda)
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is not None:
             raise ValueError(f"{type(self).__name__}: encoder-decoder models cannot be mixed")
-        return self.mixed_logprobs(inps)
+        return self.mixed_logprobs(inps, other_mask=self._padding_mask(inps))
+
+    # -- the real tokens of HFLM's right-padded scoring batches --
+
+    #: each row's real length in the batch HFLM last padded (set by `_recording_padding`, taken by `_padding_mask`)
+    _padded_lengths: list[int] | None = None
+
+    @contextlib.contextmanager
+    def _recording_padding(self) -> Iterator[None]:
+        """While HFLM scores: record the real lengths of each batch it right-pads.
+
+        HFLM's `_loglikelihood_tokens` knows every row's length but passes `_model_call` only the padded ids;
+        it builds the batch with `lm_eval.models.huggingface.pad_and_concat`, which is wrapped here (and
+        restored on exit) to note `[len(row) for row in rows]` first.
+        """
+        import lm_eval.models.huggingface as hf
+
+        original = getattr(hf, "pad_and_concat", None)
+        if original is None:  # another lm-eval layout: other_logprobs then sees every position as real
+            yield
+            return
+
+        def pad_and_concat(max_length: int, tensors: list[torch.Tensor], padding_side: str = "right"):
+            if padding_side == "right":  # the causal batch (pad_and_concat replaces the tensors in place)
+                self._padded_lengths = [int(t.shape[-1]) for t in tensors]
+            return original(max_length, tensors, padding_side)
+
+        hf.pad_and_concat = pad_and_concat
+        try:
+            yield
+        finally:
+            hf.pad_and_concat = original
+            self._padded_lengths = None
+
+    def _padding_mask(self, inps: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) long, 1 at real tokens, of the batch just padded by HFLM; None if `inps` is not that batch."""
+        lengths, self._padded_lengths = self._padded_lengths, None
+        if lengths is None or len(lengths) != inps.shape[0] or max(lengths) != inps.shape[1]:
+            return None
+        real = torch.tensor(lengths, device=inps.device)
+        return (torch.arange(inps.shape[1], device=inps.device) < real[:, None]).long()
 
     # -- fast scoring (memdec.inference.fast): only the targets' mixed log-probs, never a (B, T, V) mixture --
 
@@ -157,7 +209,8 @@ class MixtureLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """HFLM's batching (sorting, batch sizes, one-token-continuation cache) around memdec.inference.fast scoring."""
         if not self.fast_scoring:
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            with self._recording_padding():
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         from lm_eval.models.utils import Collator
         from tqdm.auto import tqdm
 
@@ -322,10 +375,12 @@ class MemDecLM(MixtureLM):
     def other_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.joint.memory_logprobs(input_ids, attention_mask)
 
-    def mixed_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The lmbda mixture, or with a router the per-token routed mixture (memdec.inference.router)."""
+    def mixed_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       other_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The lmbda mixture, or with a router the per-token routed mixture (memdec.inference.router; both
+        models unmasked there: right padding never reaches a causal model's real positions)."""
         if self.joint.router is None:
-            return super().mixed_logprobs(input_ids, attention_mask)
+            return super().mixed_logprobs(input_ids, attention_mask, other_mask)
         with torch.no_grad(), self._autocast():
             return self.joint.logprobs(input_ids, attention_mask)
 

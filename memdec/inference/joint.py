@@ -274,10 +274,9 @@ class _Caches:
 def resolve_lmbda(lmbda: Any, router: Any, threshold: Any, memdec_json: dict[str, Any]) -> float:
     """The fixed mixture weight, checked once: `lmbda` if given (refused beside a router), else the memory's
     memdec.json lmbda, else DEFAULT_LMBDA. Called before any weights load."""
-    if lmbda is not None:
-        check_lmbda(lmbda)
+    value = None if lmbda is None else check_lmbda(lmbda)  # a bad value is its own error, even beside a router
     check_router_args(lmbda, router, threshold)
-    return default_lmbda(memdec_json) if lmbda is None else check_lmbda(lmbda)
+    return default_lmbda(memdec_json) if value is None else value
 
 
 def check_router_args(lmbda: Any, router: Any, threshold: Any) -> None:
