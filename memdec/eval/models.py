@@ -70,10 +70,6 @@ def cpu_data_parallel(lm: HFLM) -> HFLM:
     return lm
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
-
-
 class MixtureLM(HFLM):
     """HFLM whose distribution is lmbda * p_other + (1 - lmbda) * p_base; subclasses define `other_logprobs`."""
 
@@ -423,7 +419,7 @@ class MemDecLM(MixtureLM):
             lp = lp.cpu()
             am = None
             if greedy:
-                rows, b_rows, m_rows, lw_rows = fast._rows_per_chunk(vocab), _rows(bl), _rows(ml), lw.reshape(-1, 2)
+                rows, b_rows, m_rows, lw_rows = fast._rows_per_chunk(vocab), fast._rows(bl), fast._rows(ml), lw.reshape(-1, 2)
                 am = torch.cat([routed_logprobs(log_softmax(b_rows[i : i + rows], vocab),
                                                 log_softmax(m_rows[i : i + rows], vocab, temp),
                                                 lw_rows[i : i + rows]).argmax(-1)

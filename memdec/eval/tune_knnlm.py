@@ -7,7 +7,8 @@ What is kept per position is the base's log-prob of the target, the k squared di
 neighbours' values are the target; every (temperature, lmbda) of the grid then costs one softmax over
 those distances (memdec.inference.knn.neighbour_weights, the kNN-LM's own) and a mix
 (memdec.inference.scoring.mixed_logprobs), with no further forward pass or search. The numbers are the
-ones `--model knnlm` computes with the same k, backend and windows (float64 here).
+ones `--model knnlm` computes with the same k, backend and windows (the grid in float64, the base's target
+log-probs as tune-lambda's).
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from memdec.core.models import (
 )
 from memdec.eval.tune import parse_grid
 from memdec.inference.knn import neighbour_weights
-from memdec.inference.mixing import align_vocab
-from memdec.inference.scoring import mixed_logprobs, perplexity
+from memdec.inference.scoring import mixed_logprobs, perplexity, target_logprobs
 
 #: default temperature grid: the paper's kNN-LM settings lie inside it (1 for GPT-2 in neulab's scripts, 16-30 here)
 DEFAULT_TEMPERATURES = "1,2,4,8,16,32,64"
@@ -121,27 +121,36 @@ def knn_features(model, knn, tokens: np.ndarray, window: int, stride: int, batch
         with capture_keys(model) as cap:
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
             keys = cap.pop()
-        logp = torch.log_softmax(align_vocab(logits.double(), vocab_size), dim=-1)
+        # the base's target log-probs exactly as tune-lambda's (memdec.inference.scoring.token_logprobs)
+        lp = target_logprobs(logits[:, :-1], ids[:, 1:].to(device), vocab_size).cpu().double()
+        rows, queries, targets = [], [], []
         for b, w in enumerate(chunk):
             j0 = w.score_start - w.start  # first scored input position; its prediction comes from j0 - 1
-            pos = slice(j0 - 1, w.end - w.start - 1)
-            rows = slice(w.score_start - 1, w.end - 1)
-            target = ids[b, j0 : w.end - w.start].to(device)
-            base_lp[rows] = logp[b, pos].gather(-1, target[:, None])[:, 0].cpu().numpy()
-            d, nb = knn.neighbours(keys[b, pos])
-            valid = (nb >= 0) & torch.isfinite(d)
-            vals = values.to(nb.device)[nb.clamp_min(0)]
-            dists[rows] = torch.where(valid, d.float(), torch.full_like(d.float(), math.inf)).cpu().numpy()
-            hits[rows] = (valid & (vals == target.to(nb.device)[:, None])).cpu().numpy()
+            rows.append(slice(w.score_start - 1, w.end - 1))
+            base_lp[rows[-1]] = lp[b, j0 - 1 : w.end - w.start - 1].numpy()
+            queries.append(keys[b, j0 - 1 : w.end - w.start - 1])
+            targets.append(ids[b, j0 : w.end - w.start])
+        d, nb = knn.neighbours(torch.cat(queries))  # one search for the whole batch
+        target = torch.cat(targets).to(nb.device)
+        valid = (nb >= 0) & torch.isfinite(d)
+        hit = (valid & (values.to(nb.device)[nb.clamp_min(0)] == target[:, None])).cpu().numpy()
+        d = torch.where(valid, d.float(), torch.full_like(d.float(), math.inf)).cpu().numpy()
+        start = 0
+        for r in rows:
+            stop = start + (r.stop - r.start)
+            dists[r], hits[r] = d[start:stop], hit[start:stop]
+            start = stop
     return base_lp, dists, hits
 
 
-def knn_target_logprobs(dists: np.ndarray, hits: np.ndarray, temperature: float) -> np.ndarray:
+def knn_target_logprobs(dists: np.ndarray | torch.Tensor, hits: np.ndarray | torch.Tensor,
+                        temperature: float) -> np.ndarray:
     """float64 log p_knn(target) (n,) at one temperature from `knn_features`' distances and hits (-inf: no hit)."""
-    d = torch.from_numpy(np.asarray(dists, dtype=np.float64))
+    d = torch.as_tensor(np.asarray(dists, dtype=np.float64)) if not torch.is_tensor(dists) else dists.double()
+    hit = torch.as_tensor(np.asarray(hits)) if not torch.is_tensor(hits) else hits
     ids = torch.where(torch.isfinite(d), 0, -1)  # neighbour_weights' validity: a finite distance
     p, _ = neighbour_weights(d, ids, temperature)
-    mass = torch.where(torch.from_numpy(np.asarray(hits)), p, torch.zeros_like(p)).sum(-1)
+    mass = torch.where(hit, p, torch.zeros_like(p)).sum(-1)
     with np.errstate(divide="ignore"):
         return np.log(mass.numpy())
 
@@ -149,9 +158,11 @@ def knn_target_logprobs(dists: np.ndarray, hits: np.ndarray, temperature: float)
 def grid_perplexities(base_lp: np.ndarray, dists: np.ndarray, hits: np.ndarray, lmbdas: list[float],
                       temperatures: list[float]) -> list[list[float]]:
     """Token perplexity of the kNN-LM mixture at every (temperature, lmbda): [temperature][lmbda]."""
+    d = torch.as_tensor(np.asarray(dists, dtype=np.float64))  # converted once for every temperature
+    hit = torch.as_tensor(np.asarray(hits))
     out = []
     for t in temperatures:
-        knn_lp = knn_target_logprobs(dists, hits, t)
+        knn_lp = knn_target_logprobs(d, hit, t)
         out.append([perplexity(mixed_logprobs(base_lp, knn_lp, lm)) for lm in lmbdas])
     return out
 
@@ -222,7 +233,6 @@ def tune_knnlm(
     spec = CorpusSpec.from_arg(data, split=split, text_column=text_column, max_docs=max_docs)
     limit = context_length(base, "base")
     device = device or default_device()
-    knn = KNNDistribution(ds, k=k, temperature=1.0, backend=backend, recompute_dists=recompute_dists, device=device)
     tokens = tokenize(load_texts(spec), tok, progress=progress)
     window = int(window or default_window(limit))
     stride = int(stride or default_stride(window))
@@ -230,15 +240,17 @@ def tune_knnlm(
     check_min_tokens(len(tokens), window, f"data {spec.describe()}")
     stem = None
     if cache_dir:
-        key = _cache_key(base, ds, tokens, window, stride, knn.k, dtype, backend, recompute_dists)
+        key = _cache_key(base, ds, tokens, window, stride, int(k), dtype, backend, recompute_dists)
         stem = Path(cache_dir) / f"knnlm_features_{key}"
     n = len(tokens) - 1
     names = ("base_logprobs", "distances", "hits")
     if stem is not None and all(Path(f"{stem}.{x}.npy").exists() for x in names):
         base_lp = load_npy(f"{stem}.base_logprobs.npy", mmap=False, shape=(n,), dtype=np.float64)
-        dists = load_npy(f"{stem}.distances.npy", mmap=False, shape=(n, knn.k), dtype=np.float32)
-        hits = load_npy(f"{stem}.hits.npy", mmap=False, shape=(n, knn.k), dtype=np.bool_)
-    else:
+        dists = load_npy(f"{stem}.distances.npy", mmap=False, shape=(n, int(k)), dtype=np.float32)
+        hits = load_npy(f"{stem}.hits.npy", mmap=False, shape=(n, int(k)), dtype=np.bool_)
+    else:  # the index is opened (and the base loaded) only when the features are not cached
+        knn = KNNDistribution(ds, k=k, temperature=1.0, backend=backend, recompute_dists=recompute_dists,
+                              device=device)
         model = load_causal_lm(base, "base", dtype=torch_dtype, device=device)
         if key_dim(model) != ds.dim:
             raise ValueError(f"tune-knnlm: base {base} has keys of dim {key_dim(model)}, datastore {datastore} "
@@ -254,7 +266,7 @@ def tune_knnlm(
     result = KNNTuneResult(lmbdas=lmbdas, temperatures=temps, perplexities=ppls, best_lmbda=lmbdas[li],
                            best_temperature=temps[ti], best_perplexity=ppls[ti][li],
                            base_perplexity=perplexity(base_lp), n_tokens=n, window=window, stride=stride,
-                           k=knn.k, data=spec.describe(), datastore=str(ds.path))
+                           k=int(k), data=spec.describe(), datastore=str(ds.path))
     if out:
         write_json(out, {**asdict(result), "base": str(base), "model_args": result.model_args()})
     return result
