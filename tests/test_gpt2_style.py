@@ -232,6 +232,28 @@ def test_knnlm_in_memdec_eval_uses_the_datastore_of_memdec_datastore(gpt2_style,
     assert abs(got - math.exp(-base.mean())) > 1e-2 * got  # the neighbours changed it
 
 
+def test_tune_knnlm_matches_a_brute_force_knnlm(gpt2_style, run, ref, tok, tmp_path):
+    """tune-knnlm with a GPT-2-style tokenizer (no pad token) on the datastore of `memdec datastore`: every grid
+    cell equals the float64 brute-force kNN-LM over every key, window by window."""
+    from memdec.pipeline.datastore import Datastore
+
+    out = tmp_path / "knn.json"
+    law = str(FIXTURES / f"{TASK}.jsonl")
+    temps, lmbdas = [1.0, 4.0], [0.0, 0.25]
+    assert main(["tune-knnlm", "--base", gpt2_style["base"], "--datastore", run["datastore"], "--data", law,
+                 "--k", "8", "--grid", "0,0.25", "--temperatures", "1,4", "--window", str(WINDOW), "--device", "cpu",
+                 "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    ds = Datastore.open(run["datastore"])
+    keys_all = torch.from_numpy(ds.keys().astype(np.float64))
+    values = torch.from_numpy(ds.values.astype(np.int64))
+    tokens = law_tokens(tok)
+    for ti, temp in enumerate(temps):
+        for li, lmbda in enumerate(lmbdas):
+            lp = hand_logprobs(_knn_logp(ref["base"], keys_all, values, 8, temp, lmbda), tokens, WINDOW, WINDOW // 2)
+            assert got["perplexities"][ti][li] == pytest.approx(math.exp(-lp.mean()), rel=1e-4), (temp, lmbda)
+
+
 def _mixture_logp(ref, lmbda: float):
     def logp(ids):
         pb, pm = (torch.softmax(ref[m](ids).logits[0], -1) for m in ("base", "memory"))
