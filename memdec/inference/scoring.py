@@ -23,12 +23,16 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
 
     Tokens past the logits' width (a model smaller than the tokenizer) get log-prob -inf.
     """
+    logits = _scaled(logits, vocab_size, temperature)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _scaled(logits: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """logits[..., :vocab_size] / temperature in float32 or better (padded with -inf past their width)."""
     logits = align_vocab(logits, vocab_size)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def target_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -37,11 +41,7 @@ def target_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
 
     The router's scalars (memdec.inference.router.distribution_scalars) and the target log-prob in one pass.
     """
-    logits = align_vocab(logits, vocab_size)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = _scaled(logits, vocab_size, temperature)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     p = torch.exp(logits - lse)
     finite = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
