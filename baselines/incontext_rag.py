@@ -296,6 +296,6 @@ class InContextRAG(HFLM):
 
 
 register_method(Method(name="rag", label="+In-Context RAG", model="incontext_rag",
-                       model_class="baselines.incontext_rag:InContextRAG", variant_args=("corpus",),
+                       model_class="baselines.incontext_rag:InContextRAG", variant_args=("corpus", "stride"),
                        aliases=("incontext_rag", "in-context rag", "in_context_rag", "+in-context rag"),
                        bench="memdec.bench.methods:rag_specs"))

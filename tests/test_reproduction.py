@@ -69,7 +69,7 @@ def config(tmp_path_factory) -> Path:
     small["bases"] = {k: v for i, (k, v) in enumerate(small["bases"].items()) if i in (0, len(small["bases"]) - 1)}
     small["tune"] = {"grid": "0.5"}
     path = tmp_path_factory.mktemp("cfg") / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")  # bases: smallest first
     return path
 
 
@@ -78,7 +78,7 @@ def done(tmp_path_factory, corpora, config) -> dict:
     root = tmp_path_factory.mktemp("repro")
     argv = ["--config", str(config), "--run", str(root / "run"), "--out", str(root / "out"), "--small",
             "--corpora", str(corpora), "--serial", "--domains", "finance", "--methods", "base", "memdec", "knnlm",
-            "router"]
+            "router", "rag", "dapt", "lora"]
     rc = run.main(argv)
     return {"rc": rc, "argv": argv, "run": root / "run", "out": root / "out", "config": config}
 
@@ -147,7 +147,9 @@ def test_bundle_report_and_times(done):
     with tarfile.open(out / "results.tar.gz") as tar:
         names = tar.getnames()
     n_json = len(list((runs / "results").rglob("*.json")))
-    assert sum(n.endswith(".json") for n in names) == n_json == 2 + 2 * 3 + 1  # bases, memdec+knnlm+router, tune
+    # bases; memdec, knnlm, router, rag, dapt, lora per base; RAG at the paper's stride per base and the copy check;
+    # tune-lambda, tune-knnlm per base, the DAPT and LoRA learning-rate choices, the case study
+    assert sum(n.endswith(".json") for n in names) == n_json == 2 + 2 * 6 + 2 + 1 + 1 + 2 + 2 + 1
     md = (out / "results.md").read_text()
     assert "## The paper's claims against these numbers" in md and "Domain perplexity" in md
     times = json.loads((out / "times.json").read_text())
@@ -203,13 +205,13 @@ def test_claims_labels_come_from_the_registry():
     from memdec.methods import get_method
 
     rows = [{"base": "b", "method": m, "task": t, "metric": "token_perplexity", "value": v,
-             "file": f"/r/{'base' if m == 'base' else 'bio'}/x.json"}
+             "file": f"/r/{'base' if m == 'base' else 'bio'}/b__{m}_2026.json"}
             for m, v in (("base", 10.0), ("memdec", 8.0), ("knnlm", 9.0)) for t in ("memdec_bio_ppl", "g")]
     lines = claims.claims(pd.DataFrame(rows), ["b"], ["bio"], {"bio": "memdec_bio_ppl", "general": "g"})
     text = "\n".join(lines)
     assert all(get_method(m).label in text for m in claims.CLAIM_METHODS)
-    assert "| b | bio | 10.00 | 8.00 | 9.00 | – | – | – |" in lines
-    assert "in 1 of 1 (base, domain) pairs (paper: all)" in text
+    assert "| b | bio | 10.00 | 8.00 | – | 9.00 | – | – | – |" in lines
+    assert "1 of 1 (base, domain) pairs (paper: all)" in text
     assert f"- +MemDec beats {get_method('knnlm').label} in 1 of 1 (base, domain) pairs." in lines
 
 
@@ -228,12 +230,52 @@ def test_stage_inputs_script_lists_every_corpus_file():
     assert all(s in text for s in ("train", "valid", "test"))
 
 
-def test_router_method_trained_once_and_evaluated_with_every_base(done):
-    router = done["run"] / "domains" / "finance" / "router-finance"
-    cfg = json.loads((router / "router_config.json").read_text())
-    tuned = json.loads((done["run"] / "results" / "finance" / "tune_lambda.json").read_text())
-    assert cfg["inputs"] == "memory" and cfg["base"].endswith(tuned["base"])  # the base tune-lambda uses
+def test_router_trained_per_base_and_evaluated_with_it(done):
     for base in ("base-10m", "base-100m"):
+        router = done["run"] / "domains" / "finance" / f"router-finance-{base}"
+        cfg = json.loads((router / "router_config.json").read_text())
+        assert cfg["inputs"] == "both" and cfg["base"].endswith(f"models/{base}")
         (path,) = (done["run"] / "results" / "finance").glob(f"{base}__router_*.json")
         res = json.loads(path.read_text())
         assert res["config"]["router"] == str(router) and res["config"]["lmbda"] is None
+
+
+def test_knnlm_evaluated_at_its_tuned_settings(done):
+    """Each base's kNN-LM runs at the (lmbda, temperature) tune-knnlm chose for it on valid."""
+    for base in ("base-10m", "base-100m"):
+        tuned = json.loads((done["run"] / "results" / "finance" / f"tune_knnlm-{base}.json").read_text())
+        assert tuned["datastore"].endswith(f"datastore-finance-{base}")
+        args = _results(done["run"] / "results" / "finance", f"{base}__knnlm")["config"]["model_args"]
+        assert args["lmbda"] == tuned["best_lmbda"] and args["temperature"] == tuned["best_temperature"]
+
+
+def test_finetune_learning_rate_chosen_on_valid_and_used_for_every_base(done):
+    """DAPT / LoRA: every grid point with the largest base, the lowest valid perplexity wins, every base uses it."""
+    runs = done["run"]
+    for method in ("dapt", "lora"):
+        choice = json.loads((runs / "results" / "finance" / f"lr_{method}.json").read_text())
+        ppl = {float(k): v for k, v in choice["valid_perplexity"].items()}
+        assert choice["base"] == "base-100m" and choice["best_lr"] == min(ppl, key=ppl.get)
+        assert len(ppl) == 2 and all(math.isfinite(v) for v in ppl.values())
+        for base in ("base-10m", "base-100m"):
+            folder = runs / "domains" / "finance" / f"{method}-finance-{base}-lr{choice['best_lr']:g}"
+            assert (folder / "baseline.json").exists()
+            args = _results(runs / "results" / "finance", f"{base}__{method}")["config"]["model_args"]
+            assert str(folder) in args.values()
+
+
+def test_rag_paper_stride_and_copy_check(done):
+    """RAG at the paper's stride per base, and the copy check (corpus = train + test) with the largest base."""
+    runs = done["run"]
+    for base in ("base-10m", "base-100m"):
+        res = _results(runs / "results" / "finance", f"{base}__rag-stride8")
+        assert res["config"]["model_args"]["stride"] == 8 and set(res["results"]) == {"memdec_finance_ppl"}
+    res = _results(runs / "results" / "finance", "base-100m__rag-copy")
+    corpus = runs / "data" / "finance-train+test.jsonl"
+    assert res["config"]["model_args"]["corpus"] == str(corpus)
+    lines = corpus.read_text().splitlines()
+    n_train = len((runs / "data" / "finance-train.jsonl").read_text().splitlines())
+    n_test = len((runs / "data" / "finance-test.jsonl").read_text().splitlines())
+    assert len(lines) == n_train + n_test
+    md = (done["out"] / "results.md").read_text()
+    assert "RAG, corpus with the test documents" in md and "(iii) A smaller base + MemDec" in md

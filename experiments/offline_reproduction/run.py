@@ -149,14 +149,27 @@ class Paths:
     def memdec(self, dom: str) -> Path:
         return self.domain(dom) / f"memdec-{dom}"
 
-    def dapt(self, dom: str, base: str) -> Path:
-        return self.domain(dom) / f"dapt-{dom}-{base}"
+    def dapt(self, dom: str, base: str, lr: float) -> Path:
+        return self.domain(dom) / f"dapt-{dom}-{base}-lr{lr:g}"
 
-    def router(self, dom: str) -> Path:
-        return self.domain(dom) / f"router-{dom}"
+    def router(self, dom: str, base: str) -> Path:
+        return self.domain(dom) / f"router-{dom}-{base}"
 
-    def lora(self, dom: str, base: str) -> Path:
-        return self.domain(dom) / f"lora-{dom}-{base}"
+    def lora(self, dom: str, base: str, lr: float) -> Path:
+        return self.domain(dom) / f"lora-{dom}-{base}-lr{lr:g}"
+
+    def copy_corpus(self, dom: str) -> Path:
+        """The RAG copy check's retrieval corpus: the domain's train split and its test documents."""
+        return self.run / "data" / f"{dom}-train+test.jsonl"
+
+    def knnlm_tuning(self, dom: str, base: str) -> Path:
+        return self.results / dom / f"tune_knnlm-{base}.json"
+
+    def lr_choice(self, dom: str, method: str) -> Path:
+        return self.results / dom / f"lr_{method}.json"
+
+    def case_study(self, dom: str) -> Path:
+        return self.results / dom / "case_study.json"
 
     @property
     def results(self) -> Path:
@@ -285,6 +298,11 @@ def _train_length(section: dict) -> dict:
 # ------------------------------------------------------------------------------------------- jobs
 
 
+def pretrain_steps(cfg: dict, base: str) -> int:
+    """A base's pretraining steps: its own `steps`, else the pretrain section's."""
+    return int(cfg["bases"][base].get("steps") or cfg["pretrain"]["steps"])
+
+
 def job_pretrain(cfg: dict, paths: Paths, base: str) -> None:
     """Pretrain one base from its random init on general/train (memdec.pipeline.train.train, beta = 0)."""
     from memdec.pipeline.train import train
@@ -294,7 +312,8 @@ def job_pretrain(cfg: dict, paths: Paths, base: str) -> None:
 
     def run():
         train(paths.init(base), paths.model(base), corpus=str(paths.corpus("general", "train")), beta=0.0,
-              window=cfg["context"], stride=cfg["context"], steps=int(p["steps"]), batch_size=int(p["batch_size"]),
+              window=cfg["context"], stride=cfg["context"], steps=pretrain_steps(cfg, base),
+              batch_size=int(p["batch_size"]),
               lr=float(b["lr"]), warmup=float(p.get("warmup", 0.05)), weight_decay=float(p.get("weight_decay", 0.01)),
               save_every=int(p.get("save_every", 200)), seed=cfg["seed"], progress=_progress())
 
@@ -329,20 +348,19 @@ def memory_decoder_stages(st: Stages, cfg: dict[str, Any], paths: Paths, dom: st
 
 
 def job_domain(cfg: dict[str, Any], paths: Paths, dom: str, methods: tuple[str, ...] = METHODS) -> None:
-    """Everything of one domain: datastores, targets, Memory Decoder, lmbda, router, DAPT, LoRA, then its
-    evaluations."""
+    """Everything of one domain: datastores, targets, Memory Decoder, lmbda, the kNN-LM's lmbda and temperature,
+    routers, DAPT and LoRA (learning rate on valid), then its evaluations and the case study."""
     st = Stages(paths.times, f"domain:{dom}")
     methods = tuple(m for m in methods if m != "base")
-    train_file = str(paths.corpus(dom, "train"))
     dev = _device()
     # kNN-LM reads a datastore of each base; the Memory Decoder's targets need the largest base's only
     bases = [b for b in paths.bases if b == paths.largest or "knnlm" in methods]
     memory_decoder_stages(st, cfg, paths, dom, bases)
+    e = cfg["eval"]
 
     def tune():
         from memdec.eval.tune import tune_lambda
 
-        e = cfg["eval"]
         out = paths.results / dom
         out.mkdir(parents=True, exist_ok=True)
         r = tune_lambda(str(paths.model(paths.largest)), str(paths.memdec(dom)), str(paths.corpus(dom, "valid")),
@@ -357,57 +375,197 @@ def job_domain(cfg: dict[str, Any], paths: Paths, dom: str, methods: tuple[str, 
     st("tune-lambda", "lmbda_tuning" in read_json(paths.memdec(dom) / "memdec.json")
        and (paths.results / dom / "tune_lambda.json").exists(), tune)
 
-    if "router" in methods:  # issue 17: a per-token router on the domain's valid split + general valid text
-        def router():
-            from memdec.inference.router import train_router
+    if "knnlm" in methods and knnlm_tuned(cfg):  # the kNN-LM's lmbda x temperature on valid, per base
+        for base in paths.bases:
+            st(f"tune-knnlm:{base}", paths.knnlm_tuning(dom, base).exists(),
+               lambda base=base: tune_knnlm_stage(cfg, paths, dom, base, dev))
 
-            e, r = cfg["eval"], cfg.get("router", {})
-            # trained with the largest base (as tune-lambda); it reads the memory's hidden state and the four
-            # scalars only (lmdeploy's mem_hidden_both_scalars), so one router serves every base
-            train_router(str(paths.model(paths.largest)), str(paths.memdec(dom)),
-                         [str(paths.corpus(dom, "valid")), str(paths.corpus("general", "valid"))], paths.router(dom),
-                         inputs=r.get("inputs", "memory"), layers=int(r.get("layers", 2)),
-                         steps=int(r.get("steps", 500)), window=int(e["window"]), stride=int(e["stride"]),
-                         batch_size=int(e["batch_size"]), device=dev, cache_dir=paths.run / "cache" / "router",
-                         progress=_progress())
+    if "router" in methods:  # issue 17: a per-token router per base on the domain's valid split + general valid
+        for base in paths.bases:
+            st(f"router:{base}", (paths.router(dom, base) / "router_config.json").exists(),
+               lambda base=base: router_stage(cfg, paths, dom, base, dev))
 
-        st("router", (paths.router(dom) / "router_config.json").exists(), router)
+    for method in ("dapt", "lora"):
+        if method in methods:
+            finetune_stages(st, cfg, paths, dom, method, dev)
 
+    if "rag" in methods and dom in rag_settings(cfg, "copy_check"):
+        st("copy-corpus", paths.copy_corpus(dom).exists(), lambda: _write_jsonl(
+            paths.copy_corpus(dom), [json.loads(line)["text"] for f in (paths.corpus(dom, "train"),
+                                     paths.corpus(dom, "test")) for line in f.open(encoding="utf-8")]))
+
+    for base, method, name, tasks in domain_evals(cfg, paths, dom, methods):
+        model, args = eval_model(cfg, paths, dom, base, method, variant=name.partition("__")[2])
+        st(f"eval:{name}", eval_done(paths, dom, name),
+           lambda model=model, args=args, name=name, base=base, method=method, tasks=tasks: run_eval(
+               cfg, paths, dom, name, model, args, tasks, {"method": method, "base": base, "domain": dom}))
+
+    if {"memdec", "knnlm"} <= set(methods) and cfg.get("case_study"):
+        st("case-study", paths.case_study(dom).exists(), lambda: case_study_stage(cfg, paths, dom, dev))
+
+
+def domain_evals(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...]) -> list[tuple[str, str, str, list[str]]]:
+    """(base, method, run name, tasks) of every evaluation of domain `dom`: each base x method on the domain and
+    general tests, and for RAG the paper's stride and the copy check (domain test only) where the config asks."""
+    out = [(base, m, f"{base}__{m}", [TASKS[dom], TASKS["general"]]) for base in paths.bases for m in methods]
+    if "rag" in methods:
+        if dom in rag_settings(cfg, "paper_stride"):
+            out += [(base, "rag", f"{base}__rag-stride{int(cfg['rag']['paper_stride']['stride'])}", [TASKS[dom]])
+                    for base in paths.bases]
+        if dom in rag_settings(cfg, "copy_check"):
+            out.append((paths.largest, "rag", f"{paths.largest}__rag-copy", [TASKS[dom]]))
+    return out
+
+
+def rag_settings(cfg: dict, what: str) -> list[str]:
+    """The domains of the RAG extra `what` ("paper_stride" or "copy_check"); none when the config has none."""
+    return list((cfg["rag"].get(what) or {}).get("domains", []))
+
+
+def knnlm_tuned(cfg: dict) -> bool:
+    """Whether the kNN-LM's lmbda and temperature are tuned on valid (else the config's fixed ones)."""
+    return bool(cfg["knnlm"].get("tune"))
+
+
+def tune_knnlm_stage(cfg: dict, paths: Paths, dom: str, base: str, dev: str) -> None:
+    """`memdec tune-knnlm` of `base` with its own datastore of `dom` on the domain's valid split."""
+    from memdec.eval.tune_knnlm import tune_knnlm
+
+    e, k = cfg["eval"], cfg["knnlm"]
+    paths.knnlm_tuning(dom, base).parent.mkdir(parents=True, exist_ok=True)
+    tune_knnlm(str(paths.model(base)), str(paths.datastore(dom, base)), str(paths.corpus(dom, "valid")), k=int(k["k"]),
+               lmbda_grid=k["tune"].get("lmbda_grid", "0:1:0.05"),
+               temperatures=k["tune"].get("temperatures", "1,2,4,8,16,32,64"), window=int(e["window"]),
+               stride=int(e["stride"]), batch_size=int(e["batch_size"]), backend="torch", device=dev,
+               cache_dir=paths.run / "cache" / "knnlm", out=paths.knnlm_tuning(dom, base), progress=_progress())
+
+
+def knnlm_settings(cfg: dict, paths: Paths, dom: str, base: str) -> dict[str, float]:
+    """The kNN-LM's {lmbda, temperature} for (dom, base): tuned on valid (tune-knnlm's JSON), else the config's."""
+    if not knnlm_tuned(cfg):
+        return {"lmbda": float(cfg["knnlm"]["lmbda"]), "temperature": float(cfg["knnlm"]["temperature"])}
+    f = paths.knnlm_tuning(dom, base)
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: no kNN-LM tuning of {base} on {dom} (stage tune-knnlm:{base} first)")
+    t = read_json(f)
+    return {"lmbda": float(t["best_lmbda"]), "temperature": float(t["best_temperature"])}
+
+
+def router_stage(cfg: dict, paths: Paths, dom: str, base: str, dev: str) -> None:
+    """A router for (base, the domain's Memory Decoder) on the domain's valid split and general/valid."""
+    from memdec.inference.router import train_router
+
+    e, r = cfg["eval"], cfg.get("router", {})
+    train_router(str(paths.model(base)), str(paths.memdec(dom)),
+                 [str(paths.corpus(dom, "valid")), str(paths.corpus("general", "valid"))], paths.router(dom, base),
+                 inputs=r.get("inputs", "both"), layers=int(r.get("layers", 2)), steps=int(r.get("steps", 500)),
+                 window=int(e["window"]), stride=int(e["stride"]), batch_size=int(e["batch_size"]), device=dev,
+                 cache_dir=paths.run / "cache" / "router", progress=_progress())
+
+
+def lr_grid(cfg: dict, method: str) -> list[float]:
+    """The learning rates DAPT / LoRA try (`lr_grid`, else the one `lr`)."""
+    c = cfg[method]
+    return [float(x) for x in (c.get("lr_grid") or [c["lr"]])]
+
+
+def chosen_lr(cfg: dict, paths: Paths, dom: str, method: str) -> float:
+    """The learning rate of `method` ("dapt"/"lora") chosen on valid for `dom` (the only one of a one-point grid)."""
+    grid = lr_grid(cfg, method)
+    if len(grid) == 1:
+        return grid[0]
+    f = paths.lr_choice(dom, method)
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: no learning-rate choice of {method} on {dom} (stage lr-{method} first)")
+    return float(read_json(f)["best_lr"])
+
+
+def _finetuned(paths: Paths, method: str, dom: str, base: str, lr: float) -> Path:
+    return (paths.dapt if method == "dapt" else paths.lora)(dom, base, lr)
+
+
+def finetune(cfg: dict, paths: Paths, dom: str, method: str, base: str, lr: float) -> None:
+    """DAPT (full fine-tuning) or LoRA (rank matched to the Memory Decoder) of `base` on the domain's train split."""
+    c = cfg[method]
+    common = dict(corpus=str(paths.corpus(dom, "train")), lr=lr, window=cfg["context"],
+                  batch_size=int(c["batch_size"]), seed=cfg["seed"], save_every=int(c.get("save_every", 200)),
+                  progress=_progress(), **_train_length(c))
+    out = _finetuned(paths, method, dom, base, lr)
+    if method == "dapt":
+        from baselines.dapt import dapt
+
+        dapt(str(paths.model(base)), out, **common)
+    else:
+        from baselines.lora import lora
+
+        lora(str(paths.model(base)), out, match_params=str(paths.memdec(dom)), **common)
+
+
+def valid_perplexity(cfg: dict, paths: Paths, dom: str, method: str, base: str, lr: float, dev: str) -> float:
+    """Token perplexity on the domain's valid split (the evaluation's windows) of a fine-tuned base."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memdec.inference.scoring import perplexity, token_logprobs
+    from memdec.pipeline.data import CorpusSpec, corpus_tokens
+
+    e, out = cfg["eval"], _finetuned(paths, method, dom, base, lr)
+    tok = AutoTokenizer.from_pretrained(str(paths.tokenizer))
+    if method == "dapt":
+        model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(paths.model(base)),
+                                                                                dtype=torch.float32), str(out))
+        model = model.merge_and_unload()
+    model = model.to(dev).eval()
+    tokens, _, _ = corpus_tokens(CorpusSpec(path=str(paths.corpus(dom, "valid"))), tok, progress=False)
+    lp = token_logprobs(model, tokens, int(e["window"]), int(e["stride"]), batch_size=int(e["batch_size"]),
+                        vocab_size=len(tok))
+    return float(perplexity(lp))
+
+
+def finetune_stages(st: Stages, cfg: dict, paths: Paths, dom: str, method: str, dev: str) -> None:
+    """DAPT or LoRA of `dom`: the largest base at every learning rate of the grid, the one with the lowest valid
+    perplexity (RUN/results/DOM/lr_METHOD.json), then every other base at that learning rate."""
+    grid = lr_grid(cfg, method)
+    done = lambda base, lr: (_finetuned(paths, method, dom, base, lr) / "baseline.json").exists()  # noqa: E731
+    for lr in grid:
+        st(f"{method}@{lr:g}:{paths.largest}", done(paths.largest, lr),
+           lambda lr=lr: finetune(cfg, paths, dom, method, paths.largest, lr))
+    if len(grid) > 1:
+        def choose():
+            ppl = {f"{lr:g}": valid_perplexity(cfg, paths, dom, method, paths.largest, lr, dev) for lr in grid}
+            best = min(grid, key=lambda lr: ppl[f"{lr:g}"])
+            write_json(paths.lr_choice(dom, method), {"domain": dom, "method": method, "base": paths.largest,
+                                                      "grid": grid, "valid_perplexity": ppl, "best_lr": best})
+
+        st(f"lr-{method}", paths.lr_choice(dom, method).exists(), choose)
+    lr = chosen_lr(cfg, paths, dom, method)
     for base in paths.bases:
-        if "dapt" in methods:
-            def dapt(base=base):
-                from baselines.dapt import dapt as run_dapt
-
-                d = cfg["dapt"]
-                run_dapt(str(paths.model(base)), paths.dapt(dom, base), corpus=train_file, lr=float(d["lr"]),
-                         window=cfg["context"], batch_size=int(d["batch_size"]), seed=cfg["seed"],
-                         save_every=int(d.get("save_every", 200)), progress=_progress(), **_train_length(d))
-
-            st(f"dapt:{base}", (paths.dapt(dom, base) / "baseline.json").exists(), dapt)
-        if "lora" in methods:
-            def lora(base=base):
-                from baselines.lora import lora as run_lora
-
-                c = cfg["lora"]
-                run_lora(str(paths.model(base)), paths.lora(dom, base), corpus=train_file,
-                         match_params=str(paths.memdec(dom)), lr=float(c["lr"]), window=cfg["context"],
-                         batch_size=int(c["batch_size"]), seed=cfg["seed"], save_every=int(c.get("save_every", 200)),
-                         progress=_progress(), **_train_length(c))
-
-            st(f"lora:{base}", (paths.lora(dom, base) / "baseline.json").exists(), lora)
-
-    for base in paths.bases:
-        for method in methods:
-            model, args = eval_model(cfg, paths, dom, base, method)
-            name = f"{base}__{method}"
-            st(f"eval:{name}", eval_done(paths, dom, name),
-               lambda model=model, args=args, name=name, base=base, method=method: run_eval(
-                   cfg, paths, dom, name, model, args, [TASKS[dom], TASKS["general"]],
-                   {"method": method, "base": base, "domain": dom}))
+        if base != paths.largest:
+            st(f"{method}@{lr:g}:{base}", done(base, lr), lambda base=base: finetune(cfg, paths, dom, method, base, lr))
 
 
-def eval_model(cfg: dict, paths: Paths, dom: str, base: str, method: str) -> tuple[str, dict[str, Any]]:
-    """(lm-eval model name, model_args) of one base x method for domain `dom` (the model: the method registry's)."""
+def case_study_stage(cfg: dict, paths: Paths, dom: str, dev: str) -> None:
+    """The paper's case study: long-tail tokens of the test split under base, kNN-LM and Memory Decoder."""
+    from experiments.offline_reproduction.case_study import case_study
+
+    e, c = cfg["eval"], cfg["case_study"]
+    base = paths.largest
+    case_study(str(paths.model(base)), str(paths.memdec(dom)), str(paths.datastore(dom, base)),
+               str(paths.corpus(dom, "test")), str(paths.corpus("general", "train")),
+               knnlm={"k": int(cfg["knnlm"]["k"]), **knnlm_settings(cfg, paths, dom, base)},
+               lmbda=float(read_json(paths.memdec(dom) / "memdec.json")["lmbda"]), window=int(e["window"]),
+               stride=int(e["stride"]), batch_size=int(e["batch_size"]), n_tokens=int(c.get("n_tokens", 10)),
+               min_count=int(c.get("min_count", 3)), device=dev, out=paths.case_study(dom))
+
+
+def eval_model(cfg: dict, paths: Paths, dom: str, base: str, method: str,
+               variant: str = "") -> tuple[str, dict[str, Any]]:
+    """(lm-eval model name, model_args) of one base x method for domain `dom` (the model: the method registry's);
+    `variant` is the run name's method part ("rag-stride4", "rag-copy" for RAG's extras)."""
     from memdec.methods import get_method
 
     b = str(paths.model(base))
@@ -416,19 +574,20 @@ def eval_model(cfg: dict, paths: Paths, dom: str, base: str, method: str) -> tup
     elif method == "memdec":
         args = {"pretrained": b, "memory": str(paths.memdec(dom))}
     elif method == "router":
-        args = {"pretrained": b, "memory": str(paths.memdec(dom)), "router": str(paths.router(dom))}
+        args = {"pretrained": b, "memory": str(paths.memdec(dom)), "router": str(paths.router(dom, base))}
     elif method == "knnlm":
-        k = cfg["knnlm"]
-        args = {"pretrained": b, "datastore": str(paths.datastore(dom, base)), "k": int(k["k"]),
-                "lmbda": float(k["lmbda"]), "temperature": float(k["temperature"]), "backend": "torch"}
+        args = {"pretrained": b, "datastore": str(paths.datastore(dom, base)), "k": int(cfg["knnlm"]["k"]),
+                **knnlm_settings(cfg, paths, dom, base), "backend": "torch"}
     elif method == "rag":
         r = cfg["rag"]
-        args = {"pretrained": b, "corpus": str(paths.corpus(dom, "train")), "stride": int(r["stride"]),
+        corpus = paths.copy_corpus(dom) if variant == "rag-copy" else paths.corpus(dom, "train")
+        stride = int(r["paper_stride"]["stride"]) if variant.startswith("rag-stride") else int(r["stride"])
+        args = {"pretrained": b, "corpus": str(corpus), "stride": stride,
                 "query_tokens": int(r["query_tokens"]), "max_doc_tokens": int(r["max_doc_tokens"])}
     elif method == "dapt":
-        args = {"pretrained": str(paths.dapt(dom, base))}
+        args = {"pretrained": str(paths.dapt(dom, base, chosen_lr(cfg, paths, dom, "dapt")))}
     elif method == "lora":
-        args = {"pretrained": b, "peft": str(paths.lora(dom, base))}
+        args = {"pretrained": b, "peft": str(paths.lora(dom, base, chosen_lr(cfg, paths, dom, "lora")))}
     else:
         raise ValueError(f"unknown method {method!r} (known: base, {', '.join(METHODS)})")
     return get_method(method).model or "hf", args
@@ -609,11 +768,28 @@ def make_report(cfg: dict, paths: Paths, info: dict | None = None) -> Path:
         for stage, rec in stages.items():
             lines.append(f"| {job} | {stage} | {rec.get('seconds', '')} | {rec['status']} |")
     lines += ["", f"Phases (s): {json.dumps(times.get('phases_s', {}))}", ""]
-    lines += claims(df, paths.bases, cfg["domains"], TASKS)
+    lines += claims(df, paths.bases, cfg["domains"], TASKS, claim_facts(cfg, paths))
     lines += ["## Tables from `memdec report`", ""]
     lines += tables
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "results.md"
+
+
+def claim_facts(cfg: dict, paths: Paths) -> dict[str, Any]:
+    """What claims.claims reads besides the results: the tunings on valid and the case studies, where finished."""
+    knn = {dom: {b: read_json(paths.knnlm_tuning(dom, b)) for b in paths.bases if paths.knnlm_tuning(dom, b).exists()}
+           for dom in cfg["domains"]}
+    lr = {dom: {m: read_json(paths.lr_choice(dom, m)) for m in ("dapt", "lora") if paths.lr_choice(dom, m).exists()}
+          for dom in cfg["domains"]}
+    cases = {}
+    for dom in cfg["domains"]:
+        if paths.case_study(dom).exists():
+            from experiments.offline_reproduction.case_study import case_study_lines
+
+            cases[dom] = case_study_lines(read_json(paths.case_study(dom)))
+    stride = (cfg["rag"].get("paper_stride") or {}).get("stride")
+    return {"knnlm": {d: v for d, v in knn.items() if v}, "lr": {d: v for d, v in lr.items() if v},
+            "rag_stride": int(stride) if stride else None, "case_study": cases}
 
 
 def _n_params(path: Path) -> str:
