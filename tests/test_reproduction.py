@@ -148,8 +148,8 @@ def test_bundle_report_and_times(done):
         names = tar.getnames()
     n_json = len(list((runs / "results").rglob("*.json")))
     # bases; memdec, knnlm, router, rag, dapt, lora per base; RAG at the paper's stride per base and the copy check;
-    # tune-lambda, tune-knnlm per base, the DAPT and LoRA learning-rate choices, the case study
-    assert sum(n.endswith(".json") for n in names) == n_json == 2 + 2 * 6 + 2 + 1 + 1 + 2 + 2 + 1
+    # tune-lambda, tune-knnlm per base, the DAPT and LoRA learning-rate choices, the case study, the RAG check
+    assert sum(n.endswith(".json") for n in names) == n_json == 2 + 2 * 6 + 2 + 1 + 1 + 2 + 2 + 1 + 1
     md = (out / "results.md").read_text()
     assert "## The paper's claims against these numbers" in md and "Domain perplexity" in md
     times = json.loads((out / "times.json").read_text())
@@ -177,6 +177,17 @@ def test_read_capped_and_gpu_assignment(tmp_path):
     # heaviest first onto the least loaded GPU: 5 -> 0, 4 -> 1, 3 -> 1 (load 4 < 5), 1 -> 0
     assert scheduler.assign_gpus({"a": 5, "b": 4, "c": 3, "d": 1}, 2) == {"a": 0, "b": 1, "c": 1, "d": 0}
     assert set(scheduler.assign_gpus({"a": 1, "b": 2}, 0).values()) == {0}
+
+
+def test_workers_get_their_own_compile_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    a = scheduler.worker_env("domain:bio", 0, 4, ROOT, tmp_path)
+    b = scheduler.worker_env("domain:law", 1, 4, ROOT, tmp_path)
+    assert a["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile" / "domain-bio") != b["TORCHINDUCTOR_CACHE_DIR"]
+    assert a["TRITON_CACHE_DIR"].startswith(a["TORCHINDUCTOR_CACHE_DIR"]) and a["CUDA_VISIBLE_DEVICES"] == "0"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert scheduler.worker_env("eval:bases", 0, 1, ROOT, tmp_path)["TORCHINDUCTOR_CACHE_DIR"] == str(
+        tmp_path / "mine" / "eval-bases")
 
 
 def test_scheduler_stages_skip_complete_and_keep_times(tmp_path):
@@ -279,3 +290,5 @@ def test_rag_paper_stride_and_copy_check(done):
     assert len(lines) == n_train + n_test
     md = (done["out"] / "results.md").read_text()
     assert "RAG, corpus with the test documents" in md and "(iii) A smaller base + MemDec" in md
+    check = json.loads((runs / "results" / "finance" / "rag_check.json").read_text())
+    assert check["copy"]["points"] == check["honest"]["points"] > 0 and "- Retrieval, finance:" in md

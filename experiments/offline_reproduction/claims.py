@@ -141,13 +141,19 @@ def _rag(df: Any, bases: list[str], domains: list[str], tasks: dict[str, str], f
             cp = token_ppl(df, base, "rag-copy", tasks[dom], dom)
             if s4 is not None or cp is not None:
                 rows.append(f"| {dom} | {base} | {_f(b)} | {_f(r)} | {_f(s4)} | {_f(cp)} |")
-    if not rows:
+    checks = []
+    for dom, c in sorted((facts.get("rag_check") or {}).items()):
+        checks.append(f"- Retrieval, {dom}: the best BM25 chunk holds the next {c['copy']['stride']} test tokens "
+                      f"verbatim at {100 * c['copy']['holds_next_block']:.1f} % of {c['copy']['points']} retrieval "
+                      f"points when the corpus holds the test documents, {100 * c['honest']['holds_next_block']:.1f} % "
+                      "from the train split alone (rag_check.py).")
+    if not rows and not checks:
         return []
     return ["In-Context RAG: the honest run (retrieval from the domain's train split), the paper's retrieval "
             f"stride {stride}, and the copy check (the retrieval corpus also holds the test documents, same "
             "settings as the honest run):", "",
             f"| domain | base | base | RAG (stride 32) | RAG (stride {stride}) | RAG, corpus with the test documents |",
-            "|---|---|---|---|---|---|", *rows, "",
+            "|---|---|---|---|---|---|", *rows, "", *checks, *([""] if checks else []),
             "(If the copy check cuts perplexity sharply, retrieval and prompting work and the model can copy what "
             "it is shown; then the honest run's lack of gain is the retrieved train text not predicting the test "
             "text well enough for models this small, not the implementation.)", ""]

@@ -168,6 +168,9 @@ class Paths:
     def lr_choice(self, dom: str, method: str) -> Path:
         return self.results / dom / f"lr_{method}.json"
 
+    def rag_check(self, dom: str) -> Path:
+        return self.results / dom / "rag_check.json"
+
     def case_study(self, dom: str) -> Path:
         return self.results / dom / "case_study.json"
 
@@ -393,6 +396,7 @@ def job_domain(cfg: dict[str, Any], paths: Paths, dom: str, methods: tuple[str, 
         st("copy-corpus", paths.copy_corpus(dom).exists(), lambda: _write_jsonl(
             paths.copy_corpus(dom), [json.loads(line)["text"] for f in (paths.corpus(dom, "train"),
                                      paths.corpus(dom, "test")) for line in f.open(encoding="utf-8")]))
+        st("rag-retrieval", paths.rag_check(dom).exists(), lambda: rag_retrieval_stage(cfg, paths, dom))
 
     for base, method, name, tasks in domain_evals(cfg, paths, dom, methods):
         model, args = eval_model(cfg, paths, dom, base, method, variant=name.partition("__")[2])
@@ -546,6 +550,22 @@ def finetune_stages(st: Stages, cfg: dict, paths: Paths, dom: str, method: str, 
     for base in paths.bases:
         if base != paths.largest:
             st(f"{method}@{lr:g}:{base}", done(base, lr), lambda base=base: finetune(cfg, paths, dom, method, base, lr))
+
+
+def rag_retrieval_stage(cfg: dict, paths: Paths, dom: str) -> None:
+    """The copy check at the retrieval level (rag_check.py): how often BM25's chunk holds the next tokens,
+    from the honest corpus and from the one with the test documents."""
+    from transformers import AutoTokenizer
+
+    from experiments.offline_reproduction.rag_check import retrieval_check
+
+    r = cfg["rag"]
+    tok = AutoTokenizer.from_pretrained(str(paths.tokenizer))
+    docs = [json.loads(line)["text"] for line in paths.corpus(dom, "test").open(encoding="utf-8") if line.strip()]
+    res = [retrieval_check(tok, docs, str(c), int(r["stride"]), int(r["query_tokens"]), int(r["max_doc_tokens"]),
+                           str(paths.run / "cache" / "rag")) for c in (paths.corpus(dom, "train"), paths.copy_corpus(dom))]
+    paths.rag_check(dom).parent.mkdir(parents=True, exist_ok=True)
+    write_json(paths.rag_check(dom), {"domain": dom, "honest": res[0], "copy": res[1]})
 
 
 def case_study_stage(cfg: dict, paths: Paths, dom: str, dev: str) -> None:
@@ -788,8 +808,9 @@ def claim_facts(cfg: dict, paths: Paths) -> dict[str, Any]:
 
             cases[dom] = case_study_lines(read_json(paths.case_study(dom)))
     stride = (cfg["rag"].get("paper_stride") or {}).get("stride")
+    checks = {dom: read_json(paths.rag_check(dom)) for dom in cfg["domains"] if paths.rag_check(dom).exists()}
     return {"knnlm": {d: v for d, v in knn.items() if v}, "lr": {d: v for d, v in lr.items() if v},
-            "rag_stride": int(stride) if stride else None, "case_study": cases}
+            "rag_stride": int(stride) if stride else None, "case_study": cases, "rag_check": checks}
 
 
 def _n_params(path: Path) -> str:

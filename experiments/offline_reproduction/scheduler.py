@@ -80,7 +80,8 @@ def run_jobs(jobs: list[str], run_job: Callable[[str], None], command: Callable[
 
     `serial`: `run_job(job)` in this process, one after another. Else one worker process per job,
     `command(job)` run in `root` (on PYTHONPATH) with its output in LOGS/JOB.log, on the GPU `assign_gpus`
-    gives it by `weights`, with the CPU threads shared between the workers."""
+    gives it by `weights`, with the CPU threads shared between the workers and a compile cache of its own
+    (`worker_env`)."""
     failed = []
     if serial:
         for job in jobs:
@@ -95,9 +96,7 @@ def run_jobs(jobs: list[str], run_job: Callable[[str], None], command: Callable[
     logs.mkdir(parents=True, exist_ok=True)
     procs = {}
     for job in jobs:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpus[job]), OMP_NUM_THREADS=str(threads),
-                   PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                   TOKENIZERS_PARALLELISM="true" if job.startswith("pretrain") else "false")
+        env = worker_env(job, gpus[job], threads, root, logs.parent / "cache")
         log = open(logs / f"{job.replace(':', '-')}.log", "a", encoding="utf-8")
         print(f"started {job} on GPU {gpus[job]} (log {log.name})", flush=True)
         procs[job] = (subprocess.Popen(command(job), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(root)),
@@ -112,6 +111,20 @@ def run_jobs(jobs: list[str], run_job: Callable[[str], None], command: Callable[
         else:
             print(f"finished {job}", flush=True)
     return failed
+
+
+def worker_env(job: str, gpu: int, threads: int, root: Path, cache: Path) -> dict[str, str]:
+    """A worker's environment: its GPU, its CPU threads, `root` on PYTHONPATH, and torch.compile's inductor
+    and triton caches in CACHE/compile/JOB (below an inductor cache dir the user set, if any): workers
+    compiling the same graphs at once never share one cache folder (on 2026-12-04 one of three concurrent
+    workers hung in its first compile, the others took 3-5x their usual compile time)."""
+    name = job.replace(":", "-")
+    user = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    compile_cache = (Path(user) if user else cache / "compile") / name
+    return dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), OMP_NUM_THREADS=str(threads),
+                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                TOKENIZERS_PARALLELISM="true" if job.startswith("pretrain") else "false",
+                TORCHINDUCTOR_CACHE_DIR=str(compile_cache), TRITON_CACHE_DIR=str(compile_cache / "triton"))
 
 
 def worker_command(script: str | os.PathLike, job: str, argv: list[str]) -> list[str]:
