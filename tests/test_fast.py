@@ -479,3 +479,34 @@ def test_lmbda_has_one_owner(tiny):
     with pytest.raises(ValueError, match="lmbda"):
         lm.joint.lmbda = -0.1
     assert lm.lmbda == 0.2
+
+
+@pytest.mark.parametrize("temp", [1.0, 0.7])
+@pytest.mark.parametrize("vocab", [9, 11, 13])  # narrower than, as wide as and wider than the logits
+def test_scoring_target_stats_float64_with_masked_columns(temp, vocab):
+    """scoring.target_stats (max + one sum pass) against float64 softmax: -inf entries, a temperature, slicing."""
+    from memdec.inference import scoring
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 4, 11, generator=g, dtype=torch.float64) * 4 + 20  # large logits: no cancellation
+    logits[..., 2] = -math.inf
+    logits[0, 1, 5:] = -math.inf  # a row with most of its mass masked
+    targets = torch.randint(0, vocab, (3, 4), generator=g)
+    targets[0, 1] = 6  # a masked target: log-prob -inf
+    got = scoring.target_stats(logits, targets, vocab, temperature=temp)
+    assert got.dtype == torch.float64
+    x = torch.full((3, 4, vocab), -math.inf, dtype=torch.float64)
+    w = min(vocab, 11)
+    x[..., :w] = logits[..., :w] / temp
+    finite = torch.isfinite(x)
+    z = torch.where(finite, x, torch.zeros_like(x))
+    p = torch.where(finite, torch.exp(z - z.amax(-1, keepdim=True)), torch.zeros_like(z))
+    p = p / p.sum(-1, keepdim=True)
+    logp = torch.where(finite, torch.log(p), torch.full_like(p, -math.inf))
+    ent = -(p * torch.where(finite, torch.log(p), torch.zeros_like(p))).sum(-1)
+    want = torch.stack([logp.gather(-1, targets[..., None])[..., 0], p.amax(-1), ent], -1)
+    assert got[0, 1, 0] == -math.inf
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    f32 = scoring.target_stats(logits.float(), targets, vocab, temperature=temp)
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), want, atol=2e-5, rtol=1e-5)
