@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -510,3 +511,74 @@ def test_scoring_target_stats_float64_with_masked_columns(temp, vocab):
     f32 = scoring.target_stats(logits.float(), targets, vocab, temperature=temp)
     assert f32.dtype == torch.float32
     torch.testing.assert_close(f32.double(), want, atol=2e-5, rtol=1e-5)
+
+
+def _tiny_lm(arch: str, n_layer: int = 2, seed: int = 0):
+    """A random tiny GPT-2 or Qwen2 causal LM built here (no tokenizer, no files)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
+
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=96, n_positions=128, n_embd=32, n_layer=n_layer, n_head=4, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _test_backend() -> str:
+    """aot_eager (Dynamo and AOT autograd, seconds on CPU); inductor's C++ build with MEMDEC_TEST_INDUCTOR=1."""
+    return "inductor" if os.environ.get("MEMDEC_TEST_INDUCTOR") == "1" else "aot_eager"
+
+
+#: the longer compile cases (each torch.compile of a tiny model takes several seconds on CPU) with MEMDEC_TEST_COMPILE=1
+_full_compile = pytest.mark.skipif(os.environ.get("MEMDEC_TEST_COMPILE") != "1",
+                                   reason="a longer compile case: set MEMDEC_TEST_COMPILE=1")
+
+
+def _hidden_reference(model, ids, keep):
+    ref = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    want_l, want_h = ref.logits, ref.hidden_states[-1]
+    return (want_l[:, -keep:], want_h[:, -keep:]) if keep else (want_l, want_h)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_lm_logits_hidden_is_the_head_input(arch):
+    """lm_logits_hidden's hidden state (a pre-hook on the LM head) is output_hidden_states' last entry."""
+    model = _tiny_lm(arch)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for b, t, keep in [(2, 17, 0), (2, 19, 5), (1, 9, 9)]:
+            ids = torch.randint(0, 96, (b, t), generator=g)
+            want_l, want_h = _hidden_reference(model, ids, keep)
+            logits, hidden = fast.lm_logits_hidden(model, ids, keep=keep)
+            assert hidden.shape == (b, keep or t, 32)
+            torch.testing.assert_close(hidden, want_h, atol=0, rtol=0)
+            torch.testing.assert_close(logits, want_l, atol=0, rtol=0)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone after each call
+
+
+@pytest.mark.parametrize("arch, keeps", [("qwen2", (0,)), pytest.param("gpt2", (0, 5), marks=_full_compile),
+                                         pytest.param("qwen2", (0, 5), marks=_full_compile)])
+def test_lm_logits_hidden_under_torch_compile(arch, keeps):
+    """The head's pre-hook traces under torch.compile(model.forward, dynamic=True) in one graph (fullgraph), gives
+    the eager hidden state, and a new hook at a new length recompiles nothing."""
+    import torch._dynamo as dynamo
+
+    model = _tiny_lm(arch)
+    compiled = torch.compile(model.forward, dynamic=True, fullgraph=True, backend=_test_backend())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for keep in keeps:
+            for i, (b, t) in enumerate([(2, 17), (3, 23)]):
+                ids = torch.randint(0, 96, (b, t), generator=g)
+                want_l, want_h = _hidden_reference(model, ids, keep)
+                with dynamo.config.patch(error_on_recompile=i > 0):  # each keep is a guard of its own, a length not
+                    logits, hidden = fast.lm_logits_hidden(model, ids, keep=keep, forward=compiled)
+                assert hidden.shape == (b, keep or t, 32)
+                torch.testing.assert_close(hidden, want_h, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(logits, want_l, atol=1e-5, rtol=1e-5)
+    assert not model.get_output_embeddings()._forward_pre_hooks
+

@@ -23,7 +23,7 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -209,17 +209,37 @@ def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return logits[:, -keep:] if keep else logits
 
 
+@contextlib.contextmanager
+def capture_head_input(model) -> Iterator[list[torch.Tensor]]:
+    """Record the input of `model`'s LM head (the final hidden state, after the final norm) on each forward.
+
+    A forward pre-hook on `model.get_output_embeddings()`, registered for the block only. It works eagerly,
+    under torch.compile (Dynamo replays the append after the graph: the hidden state is one more graph
+    output, the hook's registration changes no guard) and inside a CUDA-graph capture (the recorded tensor
+    is the captured buffer, like the logits).
+    """
+    seen: list[torch.Tensor] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 def lm_logits_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      keep: int = 0, forward: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`lm_logits` and the final hidden state (the LM head's input): ((B, T or keep, V'), (B, T or keep, H))."""
-    kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
-    if keep and accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = int(keep)
-    out = (forward or model)(input_ids=input_ids, use_cache=False, output_hidden_states=True, **kwargs)
-    logits, hidden = out.logits, out.hidden_states[-1]
-    if keep:
-        logits, hidden = logits[:, -keep:], hidden[:, -keep:]
-    return logits, hidden
+    """`lm_logits` and the final hidden state (the LM head's input): ((B, T or keep, V'), (B, T or keep, H)).
+
+    The hidden state is what the head reads (`capture_head_input`), not output_hidden_states, which would make
+    every layer's hidden state an output of the forward. With `logits_to_keep` the head's input is already cut.
+    """
+    with capture_head_input(model) as seen:
+        logits = lm_logits(model, input_ids, attention_mask, keep, forward)
+    if not seen:
+        raise RuntimeError(f"lm_logits_hidden: the LM head of {type(model).__name__} did not run in its forward")
+    hidden = seen[-1]
+    return logits, hidden[:, -keep:] if keep else hidden
 
 
 def padded_shape(t: int, keep: int, bucket: int, limit: int | None = None) -> tuple[int, int, int]:
