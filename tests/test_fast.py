@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -582,3 +583,98 @@ def test_lm_logits_hidden_under_torch_compile(arch, keeps):
                 torch.testing.assert_close(logits, want_l, atol=1e-5, rtol=1e-5)
     assert not model.get_output_embeddings()._forward_pre_hooks
 
+
+def _force_compiled(model, **kwargs) -> fast.GraphedForward:
+    """A GraphedForward compiled off the GPU (GraphedForward compiles on CUDA only): its internal helper, called here."""
+    runner = fast.GraphedForward(model, use_compile=False, **kwargs)
+    runner.use_compile = True
+    runner._forward = runner._compiled_forward(backend=_test_backend())
+    return runner
+
+
+def test_decoder_layers_is_the_repeated_block_list():
+    gpt2, qwen = _tiny_lm("gpt2", 3), _tiny_lm("qwen2", 3)
+    assert fast.decoder_layers(gpt2) is gpt2.transformer.h
+    assert fast.decoder_layers(qwen) is qwen.model.layers
+    assert fast.decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
+    mixed = torch.nn.Module()
+    mixed.a = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.ReLU()])  # two classes: no
+    mixed.b = torch.nn.ModuleList([torch.nn.ReLU(), torch.nn.ReLU()])
+    assert fast.decoder_layers(mixed) is mixed.b
+
+
+def test_regional_compile_equals_eager_and_compiles_one_layer(monkeypatch):
+    """Regional compilation (each decoder layer compiled, identical layers sharing one graph) gives the eager
+    logits and hidden states; the plain and hidden runners share the compiled layers; the model called
+    anywhere else (an attention mask) runs its plain layers."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("MEMDEC_COMPILE_MODE", raising=False)
+    model = _tiny_lm("qwen2", n_layer=4, seed=1)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (2, 24), generator=g)
+    with torch.no_grad():  # on a copy: output_hidden_states installs transformers' capturing hooks for good
+        ref = copy.deepcopy(model)(input_ids=ids, use_cache=False, output_hidden_states=True)
+    graphs = counters["stats"]["unique_graphs"]
+    runner = _force_compiled(model)
+    hrunner = _force_compiled(model, hidden=True)
+    assert runner.compile_mode == "regional" and runner._regional is hrunner._regional is not None
+    assert runner._regional.layers == list(model.model.layers)
+    torch.testing.assert_close(runner(ids), ref.logits, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # four layers, one compiled graph
+    with dynamo.config.patch(error_on_recompile=True):  # the hidden runner and a new length reuse it
+        logits, hidden = hrunner(ids)
+        torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden, ref.hidden_states[-1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(runner(ids[:, :17], keep=5), ref.logits[:, 12:17], atol=1e-5, rtol=1e-5)
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)  # off outside the runners
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    frames = counters["frames"]["total"]
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert counters["frames"]["total"] == frames  # no compiled code ran for the masked call
+    torch.testing.assert_close(runner(ids, mask), masked, atol=0, rtol=0)  # a mask: the plain forward
+    with torch.no_grad():  # transformers' output-capturing hooks on the layers (graph breaks): still the same numbers
+        model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    torch.testing.assert_close(hrunner(ids)[1], ref.hidden_states[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_compile_mode_setting_and_fallbacks(monkeypatch, caplog):
+    """MEMDEC_COMPILE_MODE picks regional / full (bad values refused); a model without a layer list compiles in
+    full; a failing compiled layer warns once and leaves both of the model's runners on the plain forward."""
+    model = _tiny_lm("gpt2", n_layer=2)
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "full")
+    assert fast.GraphedForward(model).compile_mode == "full"
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "Regional")
+    assert fast.GraphedForward(model).compile_mode == "regional"
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "everything")
+    with pytest.raises(ValueError, match="MEMDEC_COMPILE_MODE"):
+        fast.GraphedForward(model)
+    monkeypatch.delenv("MEMDEC_COMPILE_MODE")
+    with pytest.raises(ValueError, match="compile_mode"):
+        fast.GraphedForward(model, compile_mode="partial")
+    monkeypatch.setattr(fast, "decoder_layers", lambda m: None)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    runner = fast.GraphedForward(model, use_compile=False)
+    runner._compiled_forward()
+    assert calls == [{"dynamic": True}] and runner._regional is None
+    monkeypatch.undo()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor exploded\nmore")
+
+    runner, hrunner = _force_compiled(model), _force_compiled(model, hidden=True)
+    runner._regional._compiled = [broken] * len(runner._regional.layers)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    with caplog.at_level("WARNING", logger="memdec.inference.fast"):
+        torch.testing.assert_close(runner(ids), want.logits, atol=0, rtol=0)
+        torch.testing.assert_close(hrunner(ids)[1], want.hidden_states[-1], atol=0, rtol=0)
+        runner(ids)
+    assert [r.getMessage() for r in caplog.records if "failed" in r.getMessage()] == [
+        "memdec.inference.fast: compiling the forward failed (RuntimeError: inductor exploded); running it uncompiled"]
+    assert not runner.use_compile
