@@ -7,8 +7,9 @@ per model through torch.compile on CUDA), and the target log-probabilities are m
 
     log p(t) = logaddexp(log(lmbda) + log p_mem(t), log(1 - lmbda) + log p_base(t))
 
-The second model's scoring forward (GraphedForward) is compiled and, for batches up to a few thousand
-tokens, replayed as one CUDA graph per right-padded shape, beside the base's forward on a side stream.
+The second model's scoring forward (GraphedForward) is compiled (by default each decoder layer, once per
+model: regional compilation) and, for batches up to a few thousand tokens, replayed as one CUDA graph per
+right-padded shape, beside the base's forward on a side stream.
 
 Decoding at batch 1 keeps both models' KV caches static, compiles each forward and captures one
 decode step of both models in a single CUDA graph, the memory's forward on a side stream, so its
