@@ -210,3 +210,27 @@ def test_rows_come_from_the_method_registry(monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "toy", registry.Method(name="toy", label="+Toy",
                                                                    bench="test_bench:_toy_specs"))
     assert [spec.name for spec in method_specs(settings)] == [*names, "+Toy"]
+
+
+def test_router_cost_script_small_cpu_run(tmp_path, monkeypatch, capsys):
+    """benchmarks/router_cost.py --small --device cpu --compare-modes: its JSON (first calls, modes, ratios)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "router_cost.py"
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "regional")  # recorded: the script's --compile-mode is undone after
+    monkeypatch.setattr(sys, "argv", [str(script), "--out", str(tmp_path), "--small", "--device", "cpu",
+                                      "--shapes", "1x32,2x32", "--rounds", "1", "--compare-modes",
+                                      "--compile-mode", "full"])
+    runpy.run_path(str(script), run_name="__main__")
+    res = json.loads((tmp_path / "router_cost.json").read_text())
+    assert res["compile_mode"] == "full" and set(res["shapes"]) == {"1x32", "2x32"}
+    assert set(res["first_call_s"]) == {"memory", "memory_hidden", "base", "base_hidden"}
+    for row in res["shapes"].values():
+        assert set(row["first_call_s"]) == {"memdec_fast", "memdec_router"} and row["paired_ratio"] > 0
+    cmp = res["compare_modes"]
+    assert set(cmp["first_call_s"]) == {"regional", "full"} and cmp["paired_ratio_regional_over_full"] > 0
+    assert cmp["max_abs_diff_regional_vs_full"] == 0.0  # plain forwards on CPU
+    assert res["max_abs_diff_vs_plain_fp32_mixture"] < 1e-4
+    assert "compare-modes done" in capsys.readouterr().out

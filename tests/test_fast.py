@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 
 import pytest
 import torch
@@ -479,3 +481,200 @@ def test_lmbda_has_one_owner(tiny):
     with pytest.raises(ValueError, match="lmbda"):
         lm.joint.lmbda = -0.1
     assert lm.lmbda == 0.2
+
+
+@pytest.mark.parametrize("temp", [1.0, 0.7])
+@pytest.mark.parametrize("vocab", [9, 11, 13])  # narrower than, as wide as and wider than the logits
+def test_scoring_target_stats_float64_with_masked_columns(temp, vocab):
+    """scoring.target_stats (max + one sum pass) against float64 softmax: -inf entries, a temperature, slicing."""
+    from memdec.inference import scoring
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 4, 11, generator=g, dtype=torch.float64) * 4 + 20  # large logits: no cancellation
+    logits[..., 2] = -math.inf
+    logits[0, 1, 5:] = -math.inf  # a row with most of its mass masked
+    targets = torch.randint(0, vocab, (3, 4), generator=g)
+    targets[0, 1] = 6  # a masked target: log-prob -inf
+    got = scoring.target_stats(logits, targets, vocab, temperature=temp)
+    assert got.dtype == torch.float64
+    x = torch.full((3, 4, vocab), -math.inf, dtype=torch.float64)
+    w = min(vocab, 11)
+    x[..., :w] = logits[..., :w] / temp
+    finite = torch.isfinite(x)
+    z = torch.where(finite, x, torch.zeros_like(x))
+    p = torch.where(finite, torch.exp(z - z.amax(-1, keepdim=True)), torch.zeros_like(z))
+    p = p / p.sum(-1, keepdim=True)
+    logp = torch.where(finite, torch.log(p), torch.full_like(p, -math.inf))
+    ent = -(p * torch.where(finite, torch.log(p), torch.zeros_like(p))).sum(-1)
+    want = torch.stack([logp.gather(-1, targets[..., None])[..., 0], p.amax(-1), ent], -1)
+    assert got[0, 1, 0] == -math.inf
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    f32 = scoring.target_stats(logits.float(), targets, vocab, temperature=temp)
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), want, atol=2e-5, rtol=1e-5)
+
+
+def _tiny_lm(arch: str, n_layer: int = 2, seed: int = 0):
+    """A random tiny GPT-2 or Qwen2 causal LM built here (no tokenizer, no files)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
+
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=96, n_positions=128, n_embd=32, n_layer=n_layer, n_head=4, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _test_backend() -> str:
+    """aot_eager (Dynamo and AOT autograd, seconds on CPU); inductor's C++ build with MEMDEC_TEST_INDUCTOR=1."""
+    return "inductor" if os.environ.get("MEMDEC_TEST_INDUCTOR") == "1" else "aot_eager"
+
+
+#: the longer compile cases (each torch.compile of a tiny model takes several seconds on CPU) with MEMDEC_TEST_COMPILE=1
+_full_compile = pytest.mark.skipif(os.environ.get("MEMDEC_TEST_COMPILE") != "1",
+                                   reason="a longer compile case: set MEMDEC_TEST_COMPILE=1")
+
+
+def _hidden_reference(model, ids, keep):
+    ref = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    want_l, want_h = ref.logits, ref.hidden_states[-1]
+    return (want_l[:, -keep:], want_h[:, -keep:]) if keep else (want_l, want_h)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_lm_logits_hidden_is_the_head_input(arch):
+    """lm_logits_hidden's hidden state (a pre-hook on the LM head) is output_hidden_states' last entry."""
+    model = _tiny_lm(arch)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for b, t, keep in [(2, 17, 0), (2, 19, 5), (1, 9, 9)]:
+            ids = torch.randint(0, 96, (b, t), generator=g)
+            want_l, want_h = _hidden_reference(model, ids, keep)
+            logits, hidden = fast.lm_logits_hidden(model, ids, keep=keep)
+            assert hidden.shape == (b, keep or t, 32)
+            torch.testing.assert_close(hidden, want_h, atol=0, rtol=0)
+            torch.testing.assert_close(logits, want_l, atol=0, rtol=0)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone after each call
+
+
+@pytest.mark.parametrize("arch, keeps", [("qwen2", (0,)), pytest.param("gpt2", (0, 5), marks=_full_compile),
+                                         pytest.param("qwen2", (0, 5), marks=_full_compile)])
+def test_lm_logits_hidden_under_torch_compile(arch, keeps):
+    """The head's pre-hook traces under torch.compile(model.forward, dynamic=True) in one graph (fullgraph), gives
+    the eager hidden state, and a new hook at a new length recompiles nothing."""
+    import torch._dynamo as dynamo
+
+    model = _tiny_lm(arch)
+    compiled = torch.compile(model.forward, dynamic=True, fullgraph=True, backend=_test_backend())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for keep in keeps:
+            for i, (b, t) in enumerate([(2, 17), (3, 23)]):
+                ids = torch.randint(0, 96, (b, t), generator=g)
+                want_l, want_h = _hidden_reference(model, ids, keep)
+                with dynamo.config.patch(error_on_recompile=i > 0):  # each keep is a guard of its own, a length not
+                    logits, hidden = fast.lm_logits_hidden(model, ids, keep=keep, forward=compiled)
+                assert hidden.shape == (b, keep or t, 32)
+                torch.testing.assert_close(hidden, want_h, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(logits, want_l, atol=1e-5, rtol=1e-5)
+    assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+def _force_compiled(model, **kwargs) -> fast.GraphedForward:
+    """A GraphedForward compiled off the GPU (GraphedForward compiles on CUDA only): its internal helper, called here."""
+    runner = fast.GraphedForward(model, use_compile=False, **kwargs)
+    runner.use_compile = True
+    runner._forward = runner._compiled_forward(backend=_test_backend())
+    return runner
+
+
+def test_decoder_layers_is_the_repeated_block_list():
+    gpt2, qwen = _tiny_lm("gpt2", 3), _tiny_lm("qwen2", 3)
+    assert fast.decoder_layers(gpt2) is gpt2.transformer.h
+    assert fast.decoder_layers(qwen) is qwen.model.layers
+    assert fast.decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
+    mixed = torch.nn.Module()
+    mixed.a = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.ReLU()])  # two classes: no
+    mixed.b = torch.nn.ModuleList([torch.nn.ReLU(), torch.nn.ReLU()])
+    assert fast.decoder_layers(mixed) is mixed.b
+
+
+def test_regional_compile_equals_eager_and_compiles_one_layer(monkeypatch):
+    """Regional compilation (each decoder layer compiled, identical layers sharing one graph) gives the eager
+    logits and hidden states; the plain and hidden runners share the compiled layers; the model called
+    anywhere else (an attention mask) runs its plain layers."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("MEMDEC_COMPILE_MODE", raising=False)
+    model = _tiny_lm("qwen2", n_layer=4, seed=1)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (2, 24), generator=g)
+    with torch.no_grad():  # on a copy: output_hidden_states installs transformers' capturing hooks for good
+        ref = copy.deepcopy(model)(input_ids=ids, use_cache=False, output_hidden_states=True)
+    graphs = counters["stats"]["unique_graphs"]
+    runner = _force_compiled(model)
+    hrunner = _force_compiled(model, hidden=True)
+    assert runner.compile_mode == "regional" and runner._regional is hrunner._regional is not None
+    assert runner._regional.layers == list(model.model.layers)
+    torch.testing.assert_close(runner(ids), ref.logits, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # four layers, one compiled graph
+    with dynamo.config.patch(error_on_recompile=True):  # the hidden runner and a new length reuse it
+        logits, hidden = hrunner(ids)
+        torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden, ref.hidden_states[-1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(runner(ids[:, :17], keep=5), ref.logits[:, 12:17], atol=1e-5, rtol=1e-5)
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)  # off outside the runners
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    frames = counters["frames"]["total"]
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert counters["frames"]["total"] == frames  # no compiled code ran for the masked call
+    torch.testing.assert_close(runner(ids, mask), masked, atol=0, rtol=0)  # a mask: the plain forward
+    with torch.no_grad():  # transformers' output-capturing hooks on the layers (graph breaks): still the same numbers
+        model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    torch.testing.assert_close(hrunner(ids)[1], ref.hidden_states[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_compile_mode_setting_and_fallbacks(monkeypatch, caplog):
+    """MEMDEC_COMPILE_MODE picks regional / full (bad values refused); a model without a layer list compiles in
+    full; a failing compiled layer warns once and leaves both of the model's runners on the plain forward."""
+    model = _tiny_lm("gpt2", n_layer=2)
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "full")
+    assert fast.GraphedForward(model).compile_mode == "full"
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "Regional")
+    assert fast.GraphedForward(model).compile_mode == "regional"
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "everything")
+    with pytest.raises(ValueError, match="MEMDEC_COMPILE_MODE"):
+        fast.GraphedForward(model)
+    monkeypatch.delenv("MEMDEC_COMPILE_MODE")
+    with pytest.raises(ValueError, match="compile_mode"):
+        fast.GraphedForward(model, compile_mode="partial")
+    monkeypatch.setattr(fast, "decoder_layers", lambda m: None)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    runner = fast.GraphedForward(model, use_compile=False)
+    runner._compiled_forward()
+    assert calls == [{"dynamic": True}] and runner._regional is None
+    monkeypatch.undo()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor exploded\nmore")
+
+    runner, hrunner = _force_compiled(model), _force_compiled(model, hidden=True)
+    runner._regional._compiled = [broken] * len(runner._regional.layers)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    with caplog.at_level("WARNING", logger="memdec.inference.fast"):
+        torch.testing.assert_close(runner(ids), want.logits, atol=0, rtol=0)
+        torch.testing.assert_close(hrunner(ids)[1], want.hidden_states[-1], atol=0, rtol=0)
+        runner(ids)
+    assert [r.getMessage() for r in caplog.records if "failed" in r.getMessage()] == [
+        "memdec.inference.fast: compiling the forward failed (RuntimeError: inductor exploded); running it uncompiled"]
+    assert not runner.use_compile

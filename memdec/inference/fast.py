@@ -7,8 +7,9 @@ per model through torch.compile on CUDA), and the target log-probabilities are m
 
     log p(t) = logaddexp(log(lmbda) + log p_mem(t), log(1 - lmbda) + log p_base(t))
 
-The second model's scoring forward (GraphedForward) is compiled and, for batches up to a few thousand
-tokens, replayed as one CUDA graph per right-padded shape, beside the base's forward on a side stream.
+The second model's scoring forward (GraphedForward) is compiled (by default each decoder layer, once per
+model: regional compilation) and, for batches up to a few thousand tokens, replayed as one CUDA graph per
+right-padded shape, beside the base's forward on a side stream.
 
 Decoding at batch 1 keeps both models' KV caches static, compiles each forward and captures one
 decode step of both models in a single CUDA graph, the memory's forward on a side stream, so its
@@ -23,7 +24,7 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -209,17 +210,37 @@ def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return logits[:, -keep:] if keep else logits
 
 
+@contextlib.contextmanager
+def capture_head_input(model) -> Iterator[list[torch.Tensor]]:
+    """Record the input of `model`'s LM head (the final hidden state, after the final norm) on each forward.
+
+    A forward pre-hook on `model.get_output_embeddings()`, registered for the block only. It works eagerly,
+    under torch.compile (Dynamo replays the append after the graph: the hidden state is one more graph
+    output, the hook's registration changes no guard) and inside a CUDA-graph capture (the recorded tensor
+    is the captured buffer, like the logits).
+    """
+    seen: list[torch.Tensor] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 def lm_logits_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      keep: int = 0, forward: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`lm_logits` and the final hidden state (the LM head's input): ((B, T or keep, V'), (B, T or keep, H))."""
-    kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
-    if keep and accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = int(keep)
-    out = (forward or model)(input_ids=input_ids, use_cache=False, output_hidden_states=True, **kwargs)
-    logits, hidden = out.logits, out.hidden_states[-1]
-    if keep:
-        logits, hidden = logits[:, -keep:], hidden[:, -keep:]
-    return logits, hidden
+    """`lm_logits` and the final hidden state (the LM head's input): ((B, T or keep, V'), (B, T or keep, H)).
+
+    The hidden state is what the head reads (`capture_head_input`), not output_hidden_states, which would make
+    every layer's hidden state an output of the forward. With `logits_to_keep` the head's input is already cut.
+    """
+    with capture_head_input(model) as seen:
+        logits = lm_logits(model, input_ids, attention_mask, keep, forward)
+    if not seen:
+        raise RuntimeError(f"lm_logits_hidden: the LM head of {type(model).__name__} did not run in its forward")
+    hidden = seen[-1]
+    return logits, hidden[:, -keep:] if keep else hidden
 
 
 def padded_shape(t: int, keep: int, bucket: int, limit: int | None = None) -> tuple[int, int, int]:
@@ -237,6 +258,86 @@ def padded_shape(t: int, keep: int, bucket: int, limit: int | None = None) -> tu
     return tb, kb, start - (tb - kb if kb else 0)
 
 
+COMPILE_MODES = ("regional", "full")
+
+
+def default_compile_mode() -> str:
+    """How GraphedForward compiles a forward: MEMDEC_COMPILE_MODE=regional (default: each decoder layer) or full."""
+    mode = os.environ.get("MEMDEC_COMPILE_MODE", "").strip().lower() or "regional"
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"MEMDEC_COMPILE_MODE={mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's repeated decoder blocks: its largest nn.ModuleList whose children all share one class
+    (model.model.layers of Qwen2 / Llama, model.transformer.h of GPT-2), or None."""
+    best = None
+    for mod in model.modules():
+        if (isinstance(mod, torch.nn.ModuleList) and len(mod) and len({type(c) for c in mod}) == 1
+                and (best is None or len(mod) > len(best))):
+            best = mod
+    return best
+
+
+class RegionalCompile:
+    """One model's decoder layers, each compiled with `layer.compile(dynamic=True)` (PyTorch's regional
+    compilation: identical layers reuse one compiled code, so a cold compile costs about one layer's, not the
+    whole forward's), switched on only inside `active()`: the same model called anywhere else runs its plain
+    layers (no recompiles for an attention mask or a KV cache, no compiled layer inside another torch.compile).
+    """
+
+    def __init__(self, layers: torch.nn.ModuleList, **compile_kwargs: Any) -> None:
+        self.layers = list(layers)
+        self.failed = False  # set when compiling failed in one of the model's runners: the others run plain
+        self._compiled = []
+        for layer in self.layers:
+            before = layer._compiled_call_impl
+            layer.compile(dynamic=True, **compile_kwargs)
+            self._compiled.append(layer._compiled_call_impl)
+            layer._compiled_call_impl = before
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a copy of the model compiles its own layers (regional_compile makes them)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Within the block, calling a layer runs its compiled code (unless compiling failed)."""
+        before = [layer._compiled_call_impl for layer in self.layers]
+        if not self.failed:
+            for layer, fn in zip(self.layers, self._compiled, strict=True):
+                layer._compiled_call_impl = fn
+        try:
+            yield
+        finally:
+            for layer, fn in zip(self.layers, before, strict=True):
+                layer._compiled_call_impl = fn
+
+    def wrap(self, forward: Callable) -> Callable:
+        """`forward` run with the compiled layers active."""
+        @functools.wraps(forward)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with self.active():
+                return forward(*args, **kwargs)
+        return run
+
+
+def regional_compile(model: torch.nn.Module, **compile_kwargs: Any) -> RegionalCompile | None:
+    """The model's one RegionalCompile (made on first use, shared by all its GraphedForwards), or None when
+    it has no decoder layer list. `compile_kwargs` (e.g. a backend) go to `layer.compile` on first use only."""
+    entry = model.__dict__.get("_memdec_regional")
+    if entry is None:
+        layers = decoder_layers(model)
+        if layers is None:
+            return None
+        import torch._dynamo as dynamo
+
+        # one entry per model size, batch-1 specialisation, plain / hidden variant: room for base and memory
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        entry = model.__dict__["_memdec_regional"] = RegionalCompile(layers, **compile_kwargs)
+    return entry
+
+
 class GraphedForward:
     """A causal LM's logits for right-padded batches (no attention mask); on CUDA compiled and graphed.
 
@@ -246,13 +347,21 @@ class GraphedForward:
     forward: no per-kernel launch cost, which dominates small batches. Larger batches run compiled,
     ungraphed. At most `max_graphs` graphs whose outputs together take at most `max_graph_bytes` are
     kept (least recently used dropped; they share one memory pool). Elsewhere, or where compiling or
-    capturing fails, the plain forward runs. The result of a graphed call is valid until the next call.
-    With `hidden`, the result is (logits, final hidden state) (`lm_logits_hidden`).
+    capturing fails, the plain forward runs (one warning). The result of a graphed call is valid until the
+    next call. With `hidden`, the result is (logits, final hidden state) (`lm_logits_hidden`).
+
+    `compile_mode` (None: MEMDEC_COMPILE_MODE, see `default_compile_mode`) says what is compiled. "regional"
+    (the default) compiles each of the model's repeated decoder layers (`decoder_layers`,
+    `layer.compile(dynamic=True)`) once per model, shared by its runners (plain and hidden) and active only
+    during their forwards (`RegionalCompile`): identical layers share one compiled code, so a cold compile
+    takes about one layer's time, while the CUDA graph still covers the whole forward. "full" compiles the
+    whole forward (torch.compile(model.forward, dynamic=True)), as does "regional" for a model without a
+    layer list.
     """
 
     def __init__(self, model, bucket: int = 64, max_graphs: int = 4, max_tokens: int = 8192,
                  max_graph_bytes: int = 3 * 2**30, use_graph: bool | None = None,
-                 use_compile: bool | None = None, hidden: bool = False) -> None:
+                 use_compile: bool | None = None, hidden: bool = False, compile_mode: str | None = None) -> None:
         self.model = model
         self.hidden = bool(hidden)
         self.device = next(model.parameters()).device
@@ -263,12 +372,26 @@ class GraphedForward:
         on_cuda = self.device.type == "cuda"
         self.use_compile = compile_enabled(self.device) if use_compile is None else (use_compile and on_cuda)
         self.use_graph = on_cuda if use_graph is None else (use_graph and on_cuda)
-        self._forward = torch.compile(model.forward, dynamic=True) if self.use_compile else model.forward
+        self.compile_mode = compile_mode or default_compile_mode()
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"GraphedForward: compile_mode {self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
+        self._regional: RegionalCompile | None = None
+        self._forward = self._compiled_forward() if self.use_compile else model.forward
         self._graphs: dict[tuple[int, int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a deep copy of the model gets no graphs of this one's weights (graphed() makes new ones)
+
+    def _compiled_forward(self, **compile_kwargs: Any) -> Callable:
+        """The model's forward compiled as `compile_mode` says (`compile_kwargs`, e.g. a backend, go to torch.compile)."""
+        if self.compile_mode == "regional":
+            self._regional = regional_compile(self.model, **compile_kwargs)
+            if self._regional is not None:
+                return self._regional.wrap(self.model.forward)
+            log.info("memdec.inference.fast: %s has no decoder layer list; compiling its whole forward",
+                     type(self.model).__name__)
+        return torch.compile(self.model.forward, dynamic=True, **compile_kwargs)
 
     def _logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
         return (lm_logits_hidden if self.hidden else lm_logits)(self.model, ids, None, keep, self._forward)
@@ -280,6 +403,8 @@ class GraphedForward:
             except Exception as e:  # a compiler problem must never break scoring
                 log.warning("memdec.inference.fast: compiling the forward failed (%s); running it uncompiled", first_line(e, typed=True))
                 self.use_compile, self._forward = False, self.model.forward
+                if self._regional is not None:  # the model's other runners share the compiled layers: plain too
+                    self._regional.failed = True
         return self._logits(input_ids, keep)
 
     def _graph_bytes(self, b: int, t: int, k: int) -> int:
@@ -367,7 +492,14 @@ def graph_base_enabled() -> bool:
 
 def base_forward(model, graph: bool | None = None, hidden: bool = False) -> Callable[..., Any]:
     """`(input_ids, attention_mask, keep) -> logits` (with `hidden`: (logits, final hidden state)) of a base:
-    `graphed(model, hidden)` if `graph` (None: the MEMDEC_GRAPH_BASE setting), else the plain forward."""
+    `graphed(model, hidden)` if `graph` (None: the MEMDEC_GRAPH_BASE setting), else the plain forward.
+
+    `model` may be a GraphedForward already (made with the same `hidden`): it is used as it is.
+    """
+    if isinstance(model, GraphedForward):
+        if model.hidden != bool(hidden):
+            raise ValueError(f"base_forward: a GraphedForward with hidden={model.hidden} where hidden={bool(hidden)} is needed")
+        return model
     if graph if graph is not None else graph_base_enabled():
         return graphed(model, hidden)
     plain = lm_logits_hidden if hidden else lm_logits

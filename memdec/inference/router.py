@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from torch import nn
 
 from memdec.core.errors import first_line
 from memdec.core.formats import commit_partial, open_partial, read_json, write_json
+from memdec.inference.fast import capture_head_input  # noqa: F401  (its owner is fast; re-exported)
 from memdec.inference.mixing import check_lmbda, mix_logprobs, tokenizer_fingerprint
 
 ROUTER_CONFIG = "router_config.json"
@@ -178,18 +178,6 @@ def routed_target_logprobs(base_lp: torch.Tensor, memory_lp: torch.Tensor, log_w
 
 
 # ---- hidden states ----
-
-
-@contextmanager
-def capture_head_input(model):
-    """Record the input of `model`'s LM head (the final hidden state, after the final norm) on each forward."""
-    seen: list[torch.Tensor] = []
-    head = model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 
 def forward_with_hidden(model, **kwargs) -> tuple[Any, torch.Tensor]:

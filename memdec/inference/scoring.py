@@ -39,16 +39,21 @@ def target_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                  temperature: float = 1.0) -> torch.Tensor:
     """(log p(target), largest probability, entropy) (..., 3) in float32 of softmax(logits[..., :vocab_size] / T).
 
-    The router's scalars (memdec.inference.router.distribution_scalars) and the target log-prob in one pass.
+    The router's scalars (memdec.inference.router.distribution_scalars) and the target log-prob from one max
+    and one sum pass over each row: with m the row's max, e = exp(x - m), s0 = sum(e) and s1 = sum(e * (x - m))
+    over finite x, lse = m + log s0, entropy = log s0 - s1 / s0, largest probability = 1 / s0. (-inf entries
+    add nothing; taking s1 about m, not 0, avoids cancelling two large numbers.)
     """
-    logits = _scaled(logits, vocab_size, temperature)
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    p = torch.exp(logits - lse)
-    finite = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
-    entropy = lse.squeeze(-1) - (p * finite).sum(dim=-1)
-    top = torch.exp(logits.amax(dim=-1) - lse.squeeze(-1))
-    lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
-    return torch.stack([lp, top, entropy], dim=-1)
+    x = _scaled(logits, vocab_size, temperature)
+    m = x.amax(dim=-1, keepdim=True)
+    d = x - m
+    e = torch.exp(d)
+    s0 = e.sum(dim=-1)
+    s1 = (e * torch.where(torch.isfinite(d), d, torch.zeros_like(d))).sum(dim=-1)
+    log_s0 = torch.log(s0)
+    lse = m.squeeze(-1) + log_s0
+    lp = x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    return torch.stack([lp, s0.reciprocal(), log_s0 - s1 / s0], dim=-1)
 
 
 @torch.no_grad()
