@@ -610,7 +610,7 @@ def test_regional_compile_equals_eager_and_compiles_one_layer(monkeypatch):
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
-    monkeypatch.delenv("MEMDEC_COMPILE_MODE", raising=False)
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "regional")
     model = _tiny_lm("qwen2", n_layer=4, seed=1)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 96, (2, 24), generator=g)
@@ -653,6 +653,8 @@ def test_compile_mode_setting_and_fallbacks(monkeypatch, caplog):
     with pytest.raises(ValueError, match="MEMDEC_COMPILE_MODE"):
         fast.GraphedForward(model)
     monkeypatch.delenv("MEMDEC_COMPILE_MODE")
+    assert fast.GraphedForward(model).compile_mode == "full"  # the default until regional is measured on a GPU
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "regional")
     with pytest.raises(ValueError, match="compile_mode"):
         fast.GraphedForward(model, compile_mode="partial")
     monkeypatch.setattr(fast, "decoder_layers", lambda m: None)
@@ -662,6 +664,7 @@ def test_compile_mode_setting_and_fallbacks(monkeypatch, caplog):
     runner._compiled_forward()
     assert calls == [{"dynamic": True}] and runner._regional is None
     monkeypatch.undo()
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "regional")
 
     def broken(*args, **kwargs):
         raise RuntimeError("inductor exploded\nmore")

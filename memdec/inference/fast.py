@@ -7,8 +7,8 @@ per model through torch.compile on CUDA), and the target log-probabilities are m
 
     log p(t) = logaddexp(log(lmbda) + log p_mem(t), log(1 - lmbda) + log p_base(t))
 
-The second model's scoring forward (GraphedForward) is compiled (by default each decoder layer, once per
-model: regional compilation) and, for batches up to a few thousand tokens, replayed as one CUDA graph per
+The second model's scoring forward (GraphedForward) is compiled (the whole forward, or with
+MEMDEC_COMPILE_MODE=regional each decoder layer once per model) and, for batches up to a few thousand tokens, replayed as one CUDA graph per
 right-padded shape, beside the base's forward on a side stream.
 
 Decoding at batch 1 keeps both models' KV caches static, compiles each forward and captures one
@@ -262,8 +262,9 @@ COMPILE_MODES = ("regional", "full")
 
 
 def default_compile_mode() -> str:
-    """How GraphedForward compiles a forward: MEMDEC_COMPILE_MODE=regional (default: each decoder layer) or full."""
-    mode = os.environ.get("MEMDEC_COMPILE_MODE", "").strip().lower() or "regional"
+    """How GraphedForward compiles a forward: MEMDEC_COMPILE_MODE=full (default: the whole forward) or regional
+    (each decoder layer; cold compiles ~4x faster on CPU, not yet measured on a GPU, so not the default)."""
+    mode = os.environ.get("MEMDEC_COMPILE_MODE", "").strip().lower() or "full"
     if mode not in COMPILE_MODES:
         raise ValueError(f"MEMDEC_COMPILE_MODE={mode!r}: use one of {', '.join(COMPILE_MODES)}")
     return mode
@@ -351,12 +352,12 @@ class GraphedForward:
     next call. With `hidden`, the result is (logits, final hidden state) (`lm_logits_hidden`).
 
     `compile_mode` (None: MEMDEC_COMPILE_MODE, see `default_compile_mode`) says what is compiled. "regional"
-    (the default) compiles each of the model's repeated decoder layers (`decoder_layers`,
+    compiles each of the model's repeated decoder layers (`decoder_layers`,
     `layer.compile(dynamic=True)`) once per model, shared by its runners (plain and hidden) and active only
     during their forwards (`RegionalCompile`): identical layers share one compiled code, so a cold compile
     takes about one layer's time, while the CUDA graph still covers the whole forward. "full" compiles the
-    whole forward (torch.compile(model.forward, dynamic=True)), as does "regional" for a model without a
-    layer list.
+    whole forward (torch.compile(model.forward, dynamic=True); the default), as does "regional" for a model
+    without a layer list.
     """
 
     def __init__(self, model, bucket: int = 64, max_graphs: int = 4, max_tokens: int = 8192,
