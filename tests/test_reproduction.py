@@ -179,6 +179,21 @@ def test_read_capped_and_gpu_assignment(tmp_path):
     assert set(scheduler.assign_gpus({"a": 1, "b": 2}, 0).values()) == {0}
 
 
+def test_a_silent_worker_is_killed_and_the_others_finish(tmp_path):
+    """stall_s: a worker whose log does not grow is killed (with its children) and reported failed; others finish."""
+    import sys
+    import time
+
+    cmds = {"quiet": [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                      "'import time; time.sleep(60)']); time.sleep(60)"],
+            "ok": [sys.executable, "-c", "print('done')"]}
+    t0 = time.time()
+    failed = scheduler.run_jobs(["quiet", "ok"], lambda j: None, cmds.__getitem__, {}, 0, False, tmp_path / "logs",
+                                ROOT, stall_s=2)
+    assert failed == ["quiet"] and time.time() - t0 < 30
+    assert "done" in (tmp_path / "logs" / "ok.log").read_text()
+
+
 def test_workers_get_their_own_compile_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     a = scheduler.worker_env("domain:bio", 0, 4, ROOT, tmp_path)

@@ -682,7 +682,8 @@ def run_jobs(args: argparse.Namespace, cfg: dict[str, Any], paths: Paths, jobs: 
         (["--domains", *args.domains] if args.domains else [])
     return scheduler.run_jobs(jobs, lambda job: run_job(cfg, paths, job, tuple(args.methods)),
                               lambda job: scheduler.worker_command(__file__, job, argv), job_weights(cfg, jobs),
-                              n_gpus, serial, logs=paths.run / "logs", root=ROOT)
+                              n_gpus, serial, logs=paths.run / "logs", root=ROOT,
+                              stall_s=float(cfg["stall_timeout_s"]) if cfg.get("stall_timeout_s") else None)
 
 
 def run_job(cfg: dict[str, Any], paths: Paths, job: str, methods: tuple[str, ...]) -> None:

@@ -75,13 +75,15 @@ def assign_gpus(weights: dict[str, float], n_gpus: int) -> dict[str, int]:
 
 
 def run_jobs(jobs: list[str], run_job: Callable[[str], None], command: Callable[[str], list[str]],
-             weights: dict[str, float], n_gpus: int, serial: bool, logs: Path, root: Path) -> list[str]:
+             weights: dict[str, float], n_gpus: int, serial: bool, logs: Path, root: Path,
+             stall_s: float | None = None) -> list[str]:
     """Run `jobs`; returns the failed ones (the others keep going: the report shows what finished).
 
     `serial`: `run_job(job)` in this process, one after another. Else one worker process per job,
     `command(job)` run in `root` (on PYTHONPATH) with its output in LOGS/JOB.log, on the GPU `assign_gpus`
     gives it by `weights`, with the CPU threads shared between the workers and a compile cache of its own
-    (`worker_env`)."""
+    (`worker_env`). With `stall_s`, a worker whose log has not grown for that long is killed (with the processes
+    it started) and counted as failed: a rerun resumes it from its last finished stage."""
     failed = []
     if serial:
         for job in jobs:
@@ -99,18 +101,37 @@ def run_jobs(jobs: list[str], run_job: Callable[[str], None], command: Callable[
         env = worker_env(job, gpus[job], threads, root, logs.parent / "cache")
         log = open(logs / f"{job.replace(':', '-')}.log", "a", encoding="utf-8")
         print(f"started {job} on GPU {gpus[job]} (log {log.name})", flush=True)
-        procs[job] = (subprocess.Popen(command(job), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(root)),
-                      log)
-    for job, (proc, log) in procs.items():
-        rc = proc.wait()
-        log.close()
-        if rc != 0:
-            failed.append(job)
-            tail = Path(log.name).read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
-            print(f"[{job}] FAILED (exit {rc}); last lines of {log.name}:\n" + "\n".join(tail), flush=True)
-        else:
-            print(f"finished {job}", flush=True)
+        procs[job] = (subprocess.Popen(command(job), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(root),
+                                       start_new_session=True), log)
+    while procs:
+        for job, (proc, log) in list(procs.items()):
+            rc, why = proc.poll(), ""
+            if rc is None and stall_s is not None and time.time() - os.path.getmtime(log.name) > stall_s:
+                _kill_group(proc)
+                rc, why = proc.wait(), f"stalled: no output for {stall_s:g} s, killed; "
+            if rc is None:
+                continue
+            del procs[job]
+            log.close()
+            if rc != 0 or why:
+                failed.append(job)
+                tail = Path(log.name).read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+                print(f"[{job}] FAILED ({why}exit {rc}); last lines of {log.name}:\n" + "\n".join(tail), flush=True)
+            else:
+                print(f"finished {job}", flush=True)
+        if procs:
+            time.sleep(1.0)
     return failed
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill a worker and every process it started (its own session)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
 
 
 def worker_env(job: str, gpu: int, threads: int, root: Path, cache: Path) -> dict[str, str]:
