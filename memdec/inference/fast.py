@@ -700,16 +700,17 @@ class GraphedDecoder:
 
     def _forward(self, i: int, ids: torch.Tensor, cpos: torch.Tensor) -> torch.Tensor:
         kwargs = {self.cache_kw[i]: self.caches[i]}
-        out = self.forwards[i](input_ids=ids, cache_position=cpos,
-                               position_ids=cpos.unsqueeze(0).expand(ids.shape[0], -1), use_cache=True,
-                               output_hidden_states=self.hidden, **kwargs)
-        return self._last(out)
+        return self._last(i, self.forwards[i], input_ids=ids, cache_position=cpos,
+                          position_ids=cpos.unsqueeze(0).expand(ids.shape[0], -1), use_cache=True, **kwargs)
 
-    def _last(self, out) -> torch.Tensor:
-        """The last position's logits (with the final hidden state appended when `hidden`)."""
+    def _last(self, i: int, forward: Callable, **kwargs: Any) -> torch.Tensor:
+        """forward(**kwargs)'s last-position logits; when `hidden`, with model i's final hidden state (its LM head's
+        input, `capture_head_input`) appended."""
         if not self.hidden:
-            return out.logits[:, -1]
-        return torch.cat([out.logits[:, -1], out.hidden_states[-1][:, -1].to(out.logits.dtype)], dim=-1)
+            return forward(**kwargs).logits[:, -1]
+        with capture_head_input(self.models[i]) as seen:
+            out = forward(**kwargs)
+        return torch.cat([out.logits[:, -1], seen[-1][:, -1].to(out.logits.dtype)], dim=-1)
 
     def _step_eager(self, ids: torch.Tensor, cpos: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(self.models) == 1 or self.device.type != "cuda":
@@ -749,11 +750,10 @@ class GraphedDecoder:
         cpos = torch.arange(n, device=self.device)
         # the prompt runs eagerly (its shape changes from call to call; compiling it would recompile)
         outs = []
-        for m, c, kw in zip(self.models, self.caches, self.cache_kw, strict=True):
+        for i, (m, c, kw) in enumerate(zip(self.models, self.caches, self.cache_kw, strict=True)):
             kwargs = {kw: c, "logits_to_keep": 1} if accepts_logits_to_keep(m) else {kw: c}
-            outs.append(self._last(m(input_ids=input_ids, cache_position=cpos,
-                                     position_ids=cpos.unsqueeze(0).expand(b, -1), use_cache=True,
-                                     output_hidden_states=self.hidden, **kwargs)))
+            outs.append(self._last(i, m, input_ids=input_ids, cache_position=cpos,
+                                   position_ids=cpos.unsqueeze(0).expand(b, -1), use_cache=True, **kwargs))
         self.pos = n
         return (self.post(tuple(outs)),) if self.post is not None else tuple(outs)
 
