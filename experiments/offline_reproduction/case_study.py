@@ -162,7 +162,9 @@ def case_study_lines(result: dict) -> list[str]:
     lines = ["| token | test count | per M in general | " + " | ".join(label for _, label in COLUMNS) + " |",
              "|---|---:|---:|" + "---:|" * len(COLUMNS)]
     for r in result["tokens"]:
-        text = r["text"].strip().replace("|", "\\|") or repr(r["text"])
+        # a leading space shown as ␣: " phosphatidyl" (word start) and "phosphatidyl" (inside a word) are two tokens
+        raw = r["text"]
+        text = ("␣" if raw[:1].isspace() else "") + raw.strip().replace("|", "\\|") or repr(raw)
         lines.append(f"| `{text}` | {r['test_count']} | {r['per_million']:.1f} | "
                      + " | ".join(_cell(r["mean_prob"][c], ".4g") for c, _ in COLUMNS) + " |")
     for key, name in (("long_tail", "these tokens"), ("all", "all tokens")):
