@@ -162,7 +162,7 @@ def test_rerun_skips_every_stage(done):
     before = sorted(p.name for p in (runs / "results").rglob("*.json"))
     assert run.main(done["argv"]) == 0
     assert sorted(p.name for p in (runs / "results").rglob("*.json")) == before
-    for job in ("setup", "pretrain-base-10m", "domain-finance", "eval-bases"):
+    for job in ("setup", "pretrain-base-10m", "domain-finance", "finetune-finance", "eval-bases"):
         stages = json.loads((runs / "times" / f"{job}.json").read_text())
         assert stages and all(rec["status"] == "skipped" for rec in stages.values()), job
         assert all("seconds" in rec for rec in stages.values()), job  # earlier wall times kept

@@ -1,26 +1,29 @@
-"""The Memory Decoder paper's experiments at small scale on the offline corpora, in one command (issue 8).
+"""The Memory Decoder paper's experiments at small scale on the offline corpora, in one command (issues 8, 18).
 
     python experiments/offline_reproduction/run.py --run RUN_DIR --out OUT_DIR [--small] [--config config.yaml]
 
 Steps (each skipped when its output is complete, so a rerun after a kill or a timeout resumes):
 
-1. data      capped copies of the corpora (RUN/data/NAME/SPLIT.jsonl) and the test splits as the
+1. data      capped copies of the corpora (RUN/data/NAME-SPLIT.jsonl) and the test splits as the
              lm-eval tasks' local files (RUN/eval_data/memdec_{bio,finance,law,general}_ppl.jsonl)
 2. tokenizer one byte-level BPE on general + domain train text (memdec.tiny.train_tokenizer)
 3. init      random GPT-2 models of three sizes (memdec.tiny.tiny_model), RUN/init/BASE
-4. pretrain  each base on general/train (memdec.pipeline.train.train, beta = 0), RUN/models/BASE
+4. pretrain  each base on general/train for its own number of steps (a family that differs; train(beta=0))
 5. domain    per domain: a datastore per base (memdec.pipeline.datastore), kNN targets from the largest base's
              (memdec.pipeline.targets), a Memory Decoder from the smallest base (memdec.pipeline.train), lmbda on valid
-             (memdec.eval.tune.tune_lambda, largest base), DAPT and LoRA (--match-params) per base
-             (baselines.dapt / baselines.lora); then memdec-eval (in process) of every base x method on
-             the domain's test split and on general/test: +MemDec, +kNN-LM, +In-Context RAG, +DAPT, +LoRA,
-             +MemDec (router): a per-token router (memdec.inference.router, issue 17) trained with the largest base on the
-             domain's valid split + general/valid, reading the memory's hidden state and the four scalars, so it
-             is evaluated with every base
+             (memdec.eval.tune.tune_lambda, largest base), the kNN-LM's lmbda and temperature per base on valid
+             (memdec.eval.tune_knnlm), a per-token router per base (memdec.inference.router, issue 17) on the
+             domain's valid split + general/valid; then memdec-eval (in process) of every base x method on the
+             domain's test split and on general/test (+MemDec, +MemDec (router), +kNN-LM, +In-Context RAG, and
+             RAG at the paper's stride and the copy check where the config asks), RAG's retrieval check
+             (rag_check.py) and the case study (case_study.py)
+   finetune  per domain, beside it: DAPT and LoRA (rank matched to the Memory Decoder) of the largest base at
+             every learning rate of the grid, the one with the lowest valid perplexity, every other base at it,
+             and their memdec-eval runs
 6. eval      every base alone on the three domain tests and general/test
 7. report    `memdec report` over RUN/results (RUN/report/report.md, .csv, .png) and RUN/report/results.md
-             (card, stage times, lmbda, tables, the paper's claims checked against the numbers)
-8. bundle    OUT/: results.tar.gz (lm-eval JSONs, tune-lambda curves), report.md/.csv/_size.png,
+             (card, stage times, lmbda, tables, the paper's claims checked against the numbers: claims.py)
+8. bundle    OUT/: results.tar.gz (lm-eval JSONs, tuning JSONs, tune-lambda curves), report.md/.csv/_size.png,
              results.md, times.json, logs.tar.gz
 
 Steps 4 and 5-6 run as parallel worker processes (this script with --job), spread over the GPUs found
@@ -68,6 +71,8 @@ TASKS = {"bio": "memdec_bio_ppl", "finance": "memdec_finance_ppl", "law": "memde
          "general": "memdec_general_ppl"}
 # registered methods (memdec.methods) by name or alias; "router" is memdec_router (its stage and result names)
 METHODS = ("memdec", "knnlm", "rag", "dapt", "lora", "router")
+#: the methods that fine-tune the base (their own job per domain, "finetune:DOM")
+FINETUNED = ("dapt", "lora")
 SPLITS = ("train", "valid", "test")
 
 
@@ -352,7 +357,7 @@ def memory_decoder_stages(st: Stages, cfg: dict[str, Any], paths: Paths, dom: st
 
 def job_domain(cfg: dict[str, Any], paths: Paths, dom: str, methods: tuple[str, ...] = METHODS) -> None:
     """Everything of one domain: datastores, targets, Memory Decoder, lmbda, the kNN-LM's lmbda and temperature,
-    routers, DAPT and LoRA (learning rate on valid), then its evaluations and the case study."""
+    routers, then its evaluations (but DAPT's and LoRA's: job_finetune) and the case study."""
     st = Stages(paths.times, f"domain:{dom}")
     methods = tuple(m for m in methods if m != "base")
     dev = _device()
@@ -388,24 +393,35 @@ def job_domain(cfg: dict[str, Any], paths: Paths, dom: str, methods: tuple[str, 
             st(f"router:{base}", (paths.router(dom, base) / "router_config.json").exists(),
                lambda base=base: router_stage(cfg, paths, dom, base, dev))
 
-    for method in ("dapt", "lora"):
-        if method in methods:
-            finetune_stages(st, cfg, paths, dom, method, dev)
-
     if "rag" in methods and dom in rag_settings(cfg, "copy_check"):
         st("copy-corpus", paths.copy_corpus(dom).exists(), lambda: _write_jsonl(
             paths.copy_corpus(dom), [json.loads(line)["text"] for f in (paths.corpus(dom, "train"),
                                      paths.corpus(dom, "test")) for line in f.open(encoding="utf-8")]))
         st("rag-retrieval", paths.rag_check(dom).exists(), lambda: rag_retrieval_stage(cfg, paths, dom))
 
+    evaluate(st, cfg, paths, dom, tuple(m for m in methods if m not in FINETUNED))
+
+    if {"memdec", "knnlm"} <= set(methods) and cfg.get("case_study"):
+        st("case-study", paths.case_study(dom).exists(), lambda: case_study_stage(cfg, paths, dom, dev))
+
+
+def job_finetune(cfg: dict[str, Any], paths: Paths, dom: str, methods: tuple[str, ...] = METHODS) -> None:
+    """DAPT and LoRA of one domain (learning rate on valid, then every base) and their evaluations: a job of its
+    own, beside the domain's, as it needs only the pretrained bases."""
+    st = Stages(paths.times, f"finetune:{dom}")
+    methods = tuple(m for m in FINETUNED if m in methods)
+    for method in methods:
+        finetune_stages(st, cfg, paths, dom, method, _device())
+    evaluate(st, cfg, paths, dom, methods)
+
+
+def evaluate(st: Stages, cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...]) -> None:
+    """memdec-eval of `methods` on domain `dom` (`domain_evals`), each run a stage eval:BASE__RUN."""
     for base, method, name, tasks in domain_evals(cfg, paths, dom, methods):
         model, args = eval_model(cfg, paths, dom, base, method, variant=name.partition("__")[2])
         st(f"eval:{name}", eval_done(paths, dom, name),
            lambda model=model, args=args, name=name, base=base, method=method, tasks=tasks: run_eval(
                cfg, paths, dom, name, model, args, tasks, {"method": method, "base": base, "domain": dom}))
-
-    if {"memdec", "knnlm"} <= set(methods) and cfg.get("case_study"):
-        st("case-study", paths.case_study(dom).exists(), lambda: case_study_stage(cfg, paths, dom, dev))
 
 
 def domain_evals(cfg: dict, paths: Paths, dom: str, methods: tuple[str, ...]) -> list[tuple[str, str, str, list[str]]]:
@@ -502,7 +518,9 @@ def finetune(cfg: dict, paths: Paths, dom: str, method: str, base: str, lr: floa
     else:
         from baselines.lora import lora
 
-        lora(str(paths.model(base)), out, match_params=str(paths.memdec(dom)), **common)
+        # the rank whose parameter count matches the Memory Decoder's: it has the smallest base's architecture
+        # (it is initialised from it), so its count is known before it is trained and LoRA need not wait for it
+        lora(str(paths.model(base)), out, match_params=str(paths.model(paths.smallest)), **common)
 
 
 def valid_perplexity(cfg: dict, paths: Paths, dom: str, method: str, base: str, lr: float, dev: str) -> float:
@@ -669,6 +687,8 @@ def job_weights(cfg: dict[str, Any], jobs: list[str]) -> dict[str, float]:
         kind, _, name = job.partition(":")
         if kind == "pretrain":
             out[job] = cfg["bases"][name]["n_layer"] * cfg["bases"][name]["hidden"] ** 2 + 1.0
+        elif kind == "finetune":
+            out[job] = {"bio": 2.0, "law": 1.5, "finance": 1.0}.get(name, 0.5)
         else:
             out[job] = {"bio": 3.0, "law": 2.0, "finance": 1.5}.get(name, 0.5)
     return out
@@ -676,7 +696,8 @@ def job_weights(cfg: dict[str, Any], jobs: list[str]) -> dict[str, float]:
 
 def run_jobs(args: argparse.Namespace, cfg: dict[str, Any], paths: Paths, jobs: list[str], n_gpus: int,
              serial: bool) -> list[str]:
-    """Run jobs ("pretrain:BASE", "domain:DOM", "eval:bases") through the scheduler; returns the failed ones."""
+    """Run jobs ("pretrain:BASE", "domain:DOM", "finetune:DOM", "eval:bases") through the scheduler; returns the
+    failed ones."""
     argv = ["--config", str(args.config), "--run", str(paths.run), "--methods", *args.methods] + \
         (["--small"] if args.small else []) + (["--corpora", args.corpora] if args.corpora else []) + \
         (["--domains", *args.domains] if args.domains else [])
@@ -697,6 +718,8 @@ def run_job(cfg: dict[str, Any], paths: Paths, job: str, methods: tuple[str, ...
         job_pretrain(cfg, paths, name)
     elif kind == "domain":
         job_domain(cfg, paths, name, methods)
+    elif kind == "finetune":
+        job_finetune(cfg, paths, name, methods)
     elif job == "eval:bases":
         job_eval_bases(cfg, paths)
     else:
@@ -724,7 +747,9 @@ def orchestrate(args: argparse.Namespace, cfg: dict[str, Any], paths: Paths) -> 
     phases["pretrain"] = time.perf_counter() - t0
     if not failed:
         t0 = time.perf_counter()
-        jobs = [f"domain:{d}" for d in cfg["domains"]] + (["eval:bases"] if "base" in args.methods else [])
+        jobs = [f"domain:{d}" for d in cfg["domains"]] + \
+            ([f"finetune:{d}" for d in cfg["domains"]] if set(FINETUNED) & set(args.methods) else []) + \
+            (["eval:bases"] if "base" in args.methods else [])
         failed += run_jobs(args, cfg, paths, jobs, info["n_gpus"], serial)
         phases["domains_and_eval"] = time.perf_counter() - t0
     t0 = time.perf_counter()
