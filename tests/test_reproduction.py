@@ -194,6 +194,19 @@ def test_a_silent_worker_is_killed_and_the_others_finish(tmp_path):
     assert "done" in (tmp_path / "logs" / "ok.log").read_text()
 
 
+def test_report_only_refreshes_stage_times(tmp_path):
+    """--report-only while workers run: times.json gets every stage finished so far, keeps invocations and phases."""
+    run_dir = tmp_path / "run"
+    st = scheduler.Stages(run_dir / "times", "domain:x")
+    st("a", False, lambda: None)
+    scheduler.write_times(run_dir, {"n_gpus": 1}, {"pretrain": 5.0}, 10.0, "t0")
+    st("b", False, lambda: None)  # a stage finished after the last times.json
+    scheduler.write_times(run_dir, {"n_gpus": 1}, {}, None)
+    times = json.loads((run_dir / "times.json").read_text())
+    assert set(times["jobs"]["domain-x"]) == {"a", "b"} and times["invocations_s"] == {"t0": 10.0}
+    assert times["phases_s"] == {"pretrain": 5.0}
+
+
 def test_workers_get_their_own_compile_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     a = scheduler.worker_env("domain:bio", 0, 4, ROOT, tmp_path)

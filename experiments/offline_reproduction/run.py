@@ -899,9 +899,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.job:
             run_job(cfg, paths, args.job, tuple(args.methods))
             return 0
-        if args.report_only:
-            if not (paths.run / "times.json").exists():
-                scheduler.write_times(paths.run, scheduler.gpu_info(), {}, None)
+        if args.report_only:  # times.json refreshed from the stages finished so far (a run may still be going)
+            old = read_json(paths.run / "times.json") if (paths.run / "times.json").exists() else {}
+            scheduler.write_times(paths.run, old.get("device") or scheduler.gpu_info(), {}, None)
             try:
                 make_report(cfg, paths)
             except Exception as e:  # still hand back what there is

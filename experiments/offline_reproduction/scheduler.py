@@ -163,6 +163,7 @@ def write_times(run: Path, info: dict[str, Any], phases: dict[str, float], total
     invocations = dict(old.get("invocations_s", {}))
     if started is not None and total is not None:
         invocations[started] = round(total, 1)
+    phases = phases or old.get("phases_s", {})  # a report-only refresh keeps the last phases
     write_json(run / "times.json", {"device": info, "phases_s": {k: round(v, 1) for k, v in phases.items()},
                                     "invocations_s": invocations,
                                     "total_s": round(sum(invocations.values()), 1), "jobs": jobs})
