@@ -267,6 +267,9 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="markdown tables, a long-form CSV and plots from lm-eval results folders")
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="folders searched for lm-eval results_*.json")
     p.add_argument("--out", required=True, help="output name: writes OUT.md, OUT.csv and OUT_*.png")
+    p.add_argument("--claims", action="store_true",
+                   help="also check the paper's claims (results laid out as the offline reproduction's: "
+                        "RESULTS/base/BASE__base_*.json, RESULTS/DOMAIN/BASE__METHOD_*.json; see reports/claims.py)")
 
     def run(args):
         import warnings
@@ -276,7 +279,7 @@ def _add_report(sub) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                written = write_report(args.runs, args.out)
+                written = write_report(args.runs, args.out, claims=args.claims)
             finally:
                 for w in caught:
                     if issubclass(w.category, UserWarning):

@@ -42,8 +42,9 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Path]:
-    """Write OUT.md, OUT.csv and OUT_lmbda.png / OUT_size.png (when there is something to plot).
+def write_report(paths: list[str | os.PathLike], out: str | os.PathLike, claims: bool = False) -> dict[str, Path]:
+    """Write OUT.md, OUT.csv and OUT_lmbda.png / OUT_size.png (when there is something to plot); with `claims`,
+    OUT.md also checks the paper's claims (reports/claims.py; the results must follow its layout).
 
     Returns {"md", "csv", "lmbda_png"?, "size_png"?} → paths. Unusable files are skipped with a
     SkippedFileWarning each (also listed in OUT.md); raises ValueError when no table can be made.
@@ -62,6 +63,11 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict
     where = ", ".join(str(p) for p in paths)
     if df.empty:
         raise ValueError(f"no lm-eval results found in {where}" + (" (see the warnings above)" if skipped else ""))
+    claim_lines = None
+    if claims:  # before any file is written: a tree without the layout is a one-line error
+        from reports.claims import claims_report
+
+        claim_lines = claims_report(paths, df)
     tables = build_tables(df)
     if not tables:
         tasks = ", ".join(dict.fromkeys(df["task"]))
@@ -73,6 +79,8 @@ def write_report(paths: list[str | os.PathLike], out: str | os.PathLike) -> dict
     lines = [f"# {out.name}", "", f"From {df['file'].nunique()} lm-eval results files below {where}.", ""]
     for title, table in tables.items():
         lines += [f"## {title}", "", to_markdown(table)]
+    if claim_lines:
+        lines += claim_lines
     conflicts = find_conflicts(df)
     if not conflicts.empty:
         n = len(conflicts.drop_duplicates(["base", "label", "task", "metric", "filter"]))

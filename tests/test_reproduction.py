@@ -1,5 +1,5 @@
 """Smoke test of experiments/offline_reproduction/run.py at --small scale on CPU, on a tiny slice of corpora;
-unit tests of its scheduler.py and claims.py.
+unit tests of its scheduler.py and of reports/claims.py (`memdec report --claims`).
 
 Runs every stage for one domain with two base models and three methods (+MemDec, +kNN-LM, +MemDec (router))
 plus the bases,
@@ -33,7 +33,8 @@ def _load_run():
 
 
 run = _load_run()
-from experiments.offline_reproduction import claims, scheduler  # noqa: E402  (run.py put ROOT on sys.path)
+from experiments.offline_reproduction import scheduler  # noqa: E402  (run.py put ROOT on sys.path)
+from reports import claims  # noqa: E402
 
 
 def _docs(name: str) -> list[str]:
@@ -192,6 +193,30 @@ def test_a_silent_worker_is_killed_and_the_others_finish(tmp_path):
                                 ROOT, stall_s=2)
     assert failed == ["quiet"] and time.time() - t0 < 30
     assert "done" in (tmp_path / "logs" / "ok.log").read_text()
+
+
+def test_memdec_report_claims_makes_the_claims_tables(done, tmp_path, capsys):
+    """`memdec report --claims RUN/results` finds the layout, the bases (smallest first) and the tuning JSONs and
+    writes the same claims section as results.md; a tree without the layout is a one-line error, nothing written."""
+    from memdec.cli import main
+
+    assert main(["report", str(done["run"] / "results"), "--out", str(tmp_path / "r"), "--claims"]) == 0
+    md = (tmp_path / "r.md").read_text()
+    section = md[md.index("## The paper's claims against these numbers"):]
+    results = (done["out"] / "results.md").read_text()
+    ours = results[results.index("## The paper's claims against these numbers"):results.index("## Tables from")]
+    assert section.startswith(ours.rstrip("\n"))
+    for text in ("| base-10m | finance |", "kNN-LM settings chosen on valid", "(v) Case study, finance",
+                 "- Retrieval, finance:", "RAG (stride 8)"):
+        assert text in section, text
+    other = tmp_path / "other"
+    (other / "x").mkdir(parents=True)
+    for f in (done["run"] / "results" / "finance").glob("base-10m__memdec_*.json"):
+        (other / "x" / f.name).write_text(f.read_text())
+    capsys.readouterr()
+    assert main(["report", str(other), "--out", str(tmp_path / "o"), "--claims"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--claims: no base-alone runs" in err[0] and not list(tmp_path.glob("o.*"))
 
 
 def test_report_only_refreshes_stage_times(tmp_path):

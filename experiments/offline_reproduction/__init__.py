@@ -1,2 +1,3 @@
 """The Memory Decoder paper's experiments at small scale on the offline corpora: run.py (the recipe),
-scheduler.py (jobs, stages, resume), claims.py (the paper's claims against the numbers)."""
+scheduler.py (jobs, stages, resume), case_study.py and rag_check.py (two checks); the claims are
+reports/claims.py's (`memdec report --claims`)."""

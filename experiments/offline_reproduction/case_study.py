@@ -18,9 +18,7 @@ from typing import Any
 
 import numpy as np
 
-#: (result key, table label) of the five probability columns, in table order
-COLUMNS = (("base", "base"), ("knnlm", "+kNN-LM"), ("knn", "kNN alone"), ("memdec_alone", "MemDec alone"),
-           ("memdec", "+MemDec"))
+from reports.claims import COLUMNS, case_study_lines  # noqa: E402, F401  (the table is the report's; re-exported)
 
 
 def word_like(text: str) -> bool:
@@ -150,33 +148,3 @@ def case_study(base: str, memory: str, datastore: str, test: str, reference: str
     if out:
         write_json(out, result)
     return result
-
-
-def _cell(p: float | None, fmt: str) -> str:
-    return "inf" if p is None else format(p, fmt)
-
-
-def case_study_lines(result: dict) -> list[str]:
-    """Markdown: one row per long-tail token (mean probabilities), the aggregate rows, how tokens were chosen."""
-    s = result["settings"]
-    lines = ["| token | test count | per M in general | " + " | ".join(label for _, label in COLUMNS) + " |",
-             "|---|---:|---:|" + "---:|" * len(COLUMNS)]
-    for r in result["tokens"]:
-        # a leading space shown as ␣: " phosphatidyl" (word start) and "phosphatidyl" (inside a word) are two tokens
-        raw = r["text"]
-        text = ("␣" if raw[:1].isspace() else "") + raw.strip().replace("|", "\\|") or repr(raw)
-        lines.append(f"| `{text}` | {r['test_count']} | {r['per_million']:.1f} | "
-                     + " | ".join(_cell(r["mean_prob"][c], ".4g") for c, _ in COLUMNS) + " |")
-    for key, name in (("long_tail", "these tokens"), ("all", "all tokens")):
-        agg = result[key]
-        lines.append(f"| {name}: mean p | {agg['n_positions']} | | "
-                     + " | ".join(_cell(agg["mean_prob"][c], ".4g") for c, _ in COLUMNS) + " |")
-        lines.append(f"| {name}: perplexity | {agg['n_positions']} | | "
-                     + " | ".join(_cell(agg["perplexity"][c], ".2f") for c, _ in COLUMNS) + " |")
-    lines += ["", f"Tokens: the {len(result['tokens'])} targets of the test split (at least {s['min_count']} "
-              f"occurrences) with the fewest occurrences per million tokens of the general corpus "
-              f"({s['reference_tokens']} tokens), word-like ones (4+ letters) first; each cell is the mean "
-              f"probability of the true token over its positions (windows {s['window']}, stride {s['stride']}; "
-              f"kNN-LM k = {s['k']}, temperature {s['temperature']:g}, lmbda {s['knnlm_lmbda']:g}; "
-              f"+MemDec lmbda {s['lmbda']:g})."]
-    return lines

@@ -22,7 +22,8 @@ Steps (each skipped when its output is complete, so a rerun after a kill or a ti
              and their memdec-eval runs
 6. eval      every base alone on the three domain tests and general/test
 7. report    `memdec report` over RUN/results (RUN/report/report.md, .csv, .png) and RUN/report/results.md
-             (card, stage times, lmbda, tables, the paper's claims checked against the numbers: claims.py)
+             (card, stage times, lmbda, tables, the paper's claims checked against the numbers:
+             reports/claims.py, also `memdec report --claims RUN/results`)
 8. bundle    OUT/: results.tar.gz (lm-eval JSONs, tuning JSONs, tune-lambda curves), report.md/.csv/_size.png,
              results.md, times.json, logs.tar.gz
 
@@ -30,8 +31,8 @@ Steps 4 and 5-6 run as parallel worker processes (this script with --job), sprea
 (CUDA_VISIBLE_DEVICES per worker); without a GPU, or with --serial, they run one after another in
 this process. Stage wall times go to RUN/times/JOB.json and OUT/times.json.
 
-This file is the recipe; scheduler.py runs its jobs and stages (workers, GPUs, resume, times) and claims.py
-checks the paper's claims. Method names and labels come from the method registry (memdec.methods).
+This file is the recipe; scheduler.py runs its jobs and stages (workers, GPUs, resume, times) and
+reports/claims.py checks the paper's claims. Method names and labels come from the method registry (memdec.methods).
 
 Step 5's datastore → targets → Memory Decoder is `memdec pipeline`'s sequence, run through the pipeline's
 stage functions and its completeness check (memdec.pipeline.run.stage_complete) rather than through
@@ -62,7 +63,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from experiments.offline_reproduction import scheduler  # noqa: E402
-from experiments.offline_reproduction.claims import claims  # noqa: E402
 from experiments.offline_reproduction.scheduler import Stages  # noqa: E402
 from memdec.core.formats import read_json, write_json  # noqa: E402
 from memdec.pipeline.run import stage_complete  # noqa: E402
@@ -772,6 +772,7 @@ def orchestrate(args: argparse.Namespace, cfg: dict[str, Any], paths: Paths) -> 
 
 def make_report(cfg: dict, paths: Paths, info: dict | None = None) -> Path:
     """`memdec report` over RUN/results, then RUN/report/results.md (card, times, lmbda, tables, claims)."""
+    from reports.claims import claims_report
     from reports.load import load_results
     from reports.report import write_report
 
@@ -814,29 +815,11 @@ def make_report(cfg: dict, paths: Paths, info: dict | None = None) -> Path:
         for stage, rec in stages.items():
             lines.append(f"| {job} | {stage} | {rec.get('seconds', '')} | {rec['status']} |")
     lines += ["", f"Phases (s): {json.dumps(times.get('phases_s', {}))}", ""]
-    lines += claims(df, paths.bases, cfg["domains"], TASKS, claim_facts(cfg, paths))
+    lines += claims_report([paths.results], df, paths.bases, cfg["domains"], TASKS)
     lines += ["## Tables from `memdec report`", ""]
     lines += tables
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "results.md"
-
-
-def claim_facts(cfg: dict, paths: Paths) -> dict[str, Any]:
-    """What claims.claims reads besides the results: the tunings on valid and the case studies, where finished."""
-    knn = {dom: {b: read_json(paths.knnlm_tuning(dom, b)) for b in paths.bases if paths.knnlm_tuning(dom, b).exists()}
-           for dom in cfg["domains"]}
-    lr = {dom: {m: read_json(paths.lr_choice(dom, m)) for m in ("dapt", "lora") if paths.lr_choice(dom, m).exists()}
-          for dom in cfg["domains"]}
-    cases = {}
-    for dom in cfg["domains"]:
-        if paths.case_study(dom).exists():
-            from experiments.offline_reproduction.case_study import case_study_lines
-
-            cases[dom] = case_study_lines(read_json(paths.case_study(dom)))
-    stride = (cfg["rag"].get("paper_stride") or {}).get("stride")
-    checks = {dom: read_json(paths.rag_check(dom)) for dom in cfg["domains"] if paths.rag_check(dom).exists()}
-    return {"knnlm": {d: v for d, v in knn.items() if v}, "lr": {d: v for d, v in lr.items() if v},
-            "rag_stride": int(stride) if stride else None, "case_study": cases, "rag_check": checks}
 
 
 def _n_params(path: Path) -> str:

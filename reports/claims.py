@@ -1,17 +1,24 @@
-"""The Memory Decoder paper's claims checked against the offline reproduction's numbers (issues 14, 18).
+"""The Memory Decoder paper's claims checked against a results tree (issues 14, 18): `memdec report --claims`.
 
-`claims(df, bases, domains, tasks, facts)` gives the markdown section "The paper's claims against these
-numbers" of RUN/report/results.md: the family's spread, domain test token perplexity of every base x method,
-how often one Memory Decoder lowers the base's domain perplexity and beats each baseline, the smallest base
-+ MemDec against DAPT of the next size up, RAG at the paper's stride and its copy check, the router against
-fixed lmbda, the general-text change of every method (forgetting), the settings tuned on valid and the case
-study. `df` is `reports.load.load_results`'s long table (its `file` column tells runs apart: results below
-RUN/results/DOMAIN/ are named BASE__RUN_<date>.json); `facts` holds the tuning JSONs run.py wrote.
+The layout it reads is the offline reproduction's (experiments/offline_reproduction): RESULTS/base/BASE__base_*.json
+(each base alone on every task) and RESULTS/DOMAIN/BASE__RUN_*.json (RUN a registered method, or a variant such as
+"rag-stride4" / "rag-copy"), lm-eval tasks named memdec_DOMAIN_ppl and memdec_general_ppl, and beside the runs the
+JSONs the tunings write: DOMAIN/tune_knnlm-BASE.json (memdec tune-knnlm), DOMAIN/lr_dapt.json / lr_lora.json,
+DOMAIN/case_study.json (case_study.py), DOMAIN/rag_check.json (rag_check.py).
+
+`claims(df, bases, domains, tasks, facts)` gives the markdown section "The paper's claims against these numbers":
+the family's spread, domain test token perplexity of every base x method, how often one Memory Decoder lowers
+the base's domain perplexity and beats each baseline, the smallest base + MemDec against DAPT of the next size
+up, RAG at the paper's stride and its copy check, the router against fixed lmbda, the general-text change of
+every method (forgetting), the settings tuned on valid and the case study. `claims_report(folders, df)` finds
+the layout, the bases (smallest first, by parameter count) and the facts itself.
 """
 
 from __future__ import annotations
 
-from pathlib import PurePath
+import json
+from collections.abc import Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 #: the methods of the claims tables, in column order (registry names); "router" is memdec_router
@@ -211,3 +218,99 @@ def _tuned(facts: dict, bases: list[str], domains: list[str]) -> list[str]:
                 lines.append(f"| {dom} | {method} | {grid} | {t['best_lr']:g} |")
         lines.append("")
     return lines
+
+
+#: (result key, table label) of the case study's five probability columns, in table order
+COLUMNS = (("base", "base"), ("knnlm", "+kNN-LM"), ("knn", "kNN alone"), ("memdec_alone", "MemDec alone"),
+           ("memdec", "+MemDec"))
+
+
+def _cell(p: float | None, fmt: str) -> str:
+    return "inf" if p is None else format(p, fmt)
+
+
+def case_study_lines(result: dict) -> list[str]:
+    """Markdown: one row per long-tail token (mean probabilities), the aggregate rows, how tokens were chosen."""
+    s = result["settings"]
+    lines = ["| token | test count | per M in general | " + " | ".join(label for _, label in COLUMNS) + " |",
+             "|---|---:|---:|" + "---:|" * len(COLUMNS)]
+    for r in result["tokens"]:
+        # a leading space shown as ␣: " phosphatidyl" (word start) and "phosphatidyl" (inside a word) are two tokens
+        raw = r["text"]
+        text = ("␣" if raw[:1].isspace() else "") + raw.strip().replace("|", "\\|") or repr(raw)
+        lines.append(f"| `{text}` | {r['test_count']} | {r['per_million']:.1f} | "
+                     + " | ".join(_cell(r["mean_prob"][c], ".4g") for c, _ in COLUMNS) + " |")
+    for key, name in (("long_tail", "these tokens"), ("all", "all tokens")):
+        agg = result[key]
+        lines.append(f"| {name}: mean p | {agg['n_positions']} | | "
+                     + " | ".join(_cell(agg["mean_prob"][c], ".4g") for c, _ in COLUMNS) + " |")
+        lines.append(f"| {name}: perplexity | {agg['n_positions']} | | "
+                     + " | ".join(_cell(agg["perplexity"][c], ".2f") for c, _ in COLUMNS) + " |")
+    lines += ["", f"Tokens: the {len(result['tokens'])} targets of the test split (at least {s['min_count']} "
+              f"occurrences) with the fewest occurrences per million tokens of the general corpus "
+              f"({s['reference_tokens']} tokens), word-like ones (4+ letters) first; each cell is the mean "
+              f"probability of the true token over its positions (windows {s['window']}, stride {s['stride']}; "
+              f"kNN-LM k = {s['k']}, temperature {s['temperature']:g}, lmbda {s['knnlm_lmbda']:g}; "
+              f"+MemDec lmbda {s['lmbda']:g})."]
+    return lines
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def find_facts(folders: Sequence[str | Path], df: Any, domains: list[str], bases: list[str]) -> dict[str, Any]:
+    """The tuning and check JSONs beside the runs (see the module docstring), and RAG's paper stride (from run
+    names BASE__rag-strideN_...)."""
+    facts: dict[str, Any] = {"knnlm": {}, "lr": {}, "case_study": {}, "rag_check": {}, "rag_stride": None}
+    for root in map(Path, folders):
+        for dom in domains:
+            d = root / dom
+            knn = {b: t for b in bases if (t := _read(d / f"tune_knnlm-{b}.json"))}
+            lr = {m: t for m in ("dapt", "lora") if (t := _read(d / f"lr_{m}.json"))}
+            if knn:
+                facts["knnlm"][dom] = knn
+            if lr:
+                facts["lr"][dom] = lr
+            if (case := _read(d / "case_study.json")) is not None:
+                facts["case_study"][dom] = case_study_lines(case)
+            if (check := _read(d / "rag_check.json")) is not None:
+                facts["rag_check"][dom] = check
+    for name in df["file"].astype(str).map(lambda f: PurePath(f).name):
+        run = name.partition("__")[2]
+        if run.startswith("rag-stride"):
+            facts["rag_stride"] = int(run[len("rag-stride"):].partition("_")[0])
+            break
+    return facts
+
+
+def infer_layout(df: Any) -> tuple[list[str], list[str], dict[str, str]]:
+    """(bases smallest first, domains, {domain and "general": task}) of a results tree in the claims layout;
+    ValueError naming what is missing when it is not one."""
+    files = df["file"].astype(str)
+    names = files.map(lambda f: PurePath(f).name)
+    base_rows = df[names.str.contains("__base_") & files.map(lambda f: PurePath(f).parent.name == "base")]
+    if base_rows.empty:
+        raise ValueError("--claims: no base-alone runs RESULTS/base/BASE__base_*.json (the offline reproduction's "
+                         "layout, see reports/claims.py)")
+    sizes = base_rows.groupby("base")["n_params"].max()
+    bases = sorted(sizes.index, key=lambda b: (sizes[b] if sizes[b] == sizes[b] else float("inf"), b))
+    tasks = set(df["task"])
+    domains = sorted({PurePath(f).parent.name for f in files} - {"base"})
+    domains = [d for d in domains if f"memdec_{d}_ppl" in tasks]
+    if not domains or "memdec_general_ppl" not in tasks:
+        raise ValueError("--claims: results need tasks memdec_DOMAIN_ppl in RESULTS/DOMAIN/ and memdec_general_ppl "
+                         f"(found tasks: {', '.join(sorted(tasks))})")
+    return bases, domains, {**{d: f"memdec_{d}_ppl" for d in domains}, "general": "memdec_general_ppl"}
+
+
+def claims_report(folders: Sequence[str | Path], df: Any, bases: list[str] | None = None,
+                  domains: list[str] | None = None, tasks: dict[str, str] | None = None) -> list[str]:
+    """`claims` over the results below `folders` (`df` their `load_results`): layout inferred unless given."""
+    if bases is None or domains is None or tasks is None:
+        b, d, t = infer_layout(df)
+        bases, domains, tasks = bases or b, domains or d, tasks or t
+    return claims(df, bases, domains, tasks, find_facts(folders, df, domains, bases))
