@@ -181,7 +181,8 @@ def test_read_capped_and_gpu_assignment(tmp_path):
 
 
 def test_a_silent_worker_is_killed_and_the_others_finish(tmp_path):
-    """stall_s: a worker whose log does not grow is killed (with its children) and reported failed; others finish."""
+    """stall_s: a worker whose log does not grow is killed (with its children) and restarted once; silent again,
+    it is reported failed; the others finish."""
     import sys
     import time
 
@@ -193,6 +194,19 @@ def test_a_silent_worker_is_killed_and_the_others_finish(tmp_path):
                                 ROOT, stall_s=2)
     assert failed == ["quiet"] and time.time() - t0 < 30
     assert "done" in (tmp_path / "logs" / "ok.log").read_text()
+
+
+def test_a_worker_that_stalls_once_is_restarted_and_finishes(tmp_path):
+    """The restarted worker runs again (here: the second run finds a marker the first left and exits at once)."""
+    import sys
+
+    marker = tmp_path / "first-run"
+    code = (f"import pathlib, sys, time; m = pathlib.Path({str(marker)!r})\n"
+            "if m.exists(): print('resumed'); sys.exit(0)\n"
+            "m.write_text('x'); time.sleep(60)")
+    failed = scheduler.run_jobs(["j"], lambda j: None, lambda j: [sys.executable, "-c", code], {}, 0, False,
+                                tmp_path / "logs", ROOT, stall_s=2)
+    assert failed == [] and "resumed" in (tmp_path / "logs" / "j.log").read_text()
 
 
 def test_memdec_report_claims_makes_the_claims_tables(done, tmp_path, capsys):

@@ -83,7 +83,7 @@ def run_jobs(jobs: list[str], run_job: Callable[[str], None], command: Callable[
     `command(job)` run in `root` (on PYTHONPATH) with its output in LOGS/JOB.log, on the GPU `assign_gpus`
     gives it by `weights`, with the CPU threads shared between the workers and a compile cache of its own
     (`worker_env`). With `stall_s`, a worker whose log has not grown for that long is killed (with the processes
-    it started) and counted as failed: a rerun resumes it from its last finished stage."""
+    it started) and started again, once (it resumes from its last finished stage); stalled twice, it fails."""
     failed = []
     if serial:
         for job in jobs:
@@ -96,13 +96,18 @@ def run_jobs(jobs: list[str], run_job: Callable[[str], None], command: Callable[
     gpus = assign_gpus({j: weights.get(j, 1.0) for j in jobs}, n_gpus)
     threads = max(1, (os.cpu_count() or 2) // max(1, len(jobs)))
     logs.mkdir(parents=True, exist_ok=True)
-    procs = {}
-    for job in jobs:
+    procs: dict[str, tuple[subprocess.Popen, Any]] = {}
+
+    def start(job: str) -> None:
         env = worker_env(job, gpus[job], threads, root, logs.parent / "cache")
         log = open(logs / f"{job.replace(':', '-')}.log", "a", encoding="utf-8")
         print(f"started {job} on GPU {gpus[job]} (log {log.name})", flush=True)
         procs[job] = (subprocess.Popen(command(job), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(root),
                                        start_new_session=True), log)
+
+    for job in jobs:
+        start(job)
+    restarted: set[str] = set()
     while procs:
         for job, (proc, log) in list(procs.items()):
             rc, why = proc.poll(), ""
@@ -113,7 +118,11 @@ def run_jobs(jobs: list[str], run_job: Callable[[str], None], command: Callable[
                 continue
             del procs[job]
             log.close()
-            if rc != 0 or why:
+            if why and job not in restarted:  # once: the new worker skips every finished stage
+                restarted.add(job)
+                print(f"[{job}] {why}restarting it once", flush=True)
+                start(job)
+            elif rc != 0 or why:
                 failed.append(job)
                 tail = Path(log.name).read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
                 print(f"[{job}] FAILED ({why}exit {rc}); last lines of {log.name}:\n" + "\n".join(tail), flush=True)
