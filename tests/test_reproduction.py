@@ -84,6 +84,44 @@ def done(tmp_path_factory, corpora, config) -> dict:
     return {"rc": rc, "argv": argv, "run": root / "run", "out": root / "out", "config": config}
 
 
+def test_parallel_workers_run_domain_and_finetune_jobs_side_by_side(tmp_path, corpora, config):
+    """--parallel: worker processes (own logs, own compile caches); the fine-tuning job runs beside the domain's
+    and may finish its learning-rate choice before the domain job has made RESULTS/DOMAIN (it did once)."""
+    argv = ["--config", str(config), "--run", str(tmp_path / "run"), "--small", "--corpora", str(corpora),
+            "--parallel", "--domains", "finance", "--methods", "base", "memdec", "dapt", "lora"]
+    assert run.main(argv) == 0
+    res = tmp_path / "run" / "results" / "finance"
+    assert (res / "lr_dapt.json").exists() and (res / "lr_lora.json").exists()
+    for base in ("base-10m", "base-100m"):
+        for method in ("memdec", "dapt", "lora"):
+            assert len(list(res.glob(f"{base}__{method}_*.json"))) == 1, (base, method)
+    logs = sorted(p.name for p in (tmp_path / "run" / "logs").glob("*.log"))
+    assert "finetune-finance.log" in logs and "domain-finance.log" in logs
+
+
+def test_finetune_job_chooses_the_learning_rate_before_the_results_folder_exists(tmp_path, config, monkeypatch):
+    """The fine-tuning job alone on a fresh run folder: grid on the largest base, lowest valid perplexity chosen
+    (written even though no other job has made RESULTS/DOMAIN yet), then the other bases at it, then evaluations."""
+    cfg = run.load_config(config, small=True)
+    paths = run.Paths(tmp_path / "run", cfg)
+    trained, evals = [], []
+
+    def fake_finetune(cfg, paths, dom, method, base, lr):
+        trained.append((method, base, lr))
+        out = run._finetuned(paths, method, dom, base, lr)
+        out.mkdir(parents=True)
+        (out / "baseline.json").write_text("{}")
+
+    monkeypatch.setattr(run, "finetune", fake_finetune)
+    monkeypatch.setattr(run, "valid_perplexity", lambda cfg, paths, dom, method, base, lr, dev: 100.0 - 1e4 * lr)
+    monkeypatch.setattr(run, "run_eval", lambda cfg, paths, group, name, *a: evals.append(name))
+    run.job_finetune(cfg, paths, "finance", ("dapt",))
+    grid = cfg["dapt"]["lr_grid"]
+    assert trained == [("dapt", "base-100m", lr) for lr in grid] + [("dapt", "base-10m", max(grid))]
+    assert json.loads(paths.lr_choice("finance", "dapt").read_text())["best_lr"] == max(grid)
+    assert evals == ["base-10m__dapt", "base-100m__dapt"]
+
+
 def _results(folder: Path, name: str) -> dict:
     (file,) = folder.glob(f"{name}_*.json")
     return json.loads(file.read_text(encoding="utf-8"))

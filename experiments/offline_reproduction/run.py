@@ -560,6 +560,7 @@ def finetune_stages(st: Stages, cfg: dict, paths: Paths, dom: str, method: str, 
         def choose():
             ppl = {f"{lr:g}": valid_perplexity(cfg, paths, dom, method, paths.largest, lr, dev) for lr in grid}
             best = min(grid, key=lambda lr: ppl[f"{lr:g}"])
+            paths.lr_choice(dom, method).parent.mkdir(parents=True, exist_ok=True)  # the domain job may not have yet
             write_json(paths.lr_choice(dom, method), {"domain": dom, "method": method, "base": paths.largest,
                                                       "grid": grid, "valid_perplexity": ppl, "best_lr": best})
 
