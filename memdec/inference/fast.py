@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from memdec.core.compile_cache import use_compile_cache
 from memdec.core.errors import first_line
 from memdec.inference import scoring
 from memdec.inference.mixing import align_vocab, check_lmbda, log_softmax, mix_logprobs
@@ -55,6 +56,7 @@ def _compiled(name: str, fn: Callable) -> Callable | None:
     if name in _COMPILE_FAILED:
         return None
     if name not in _COMPILED:
+        use_compile_cache()
         _COMPILED[name] = torch.compile(fn, dynamic=True)
     return _COMPILED[name]
 
@@ -386,6 +388,7 @@ class GraphedForward:
 
     def _compiled_forward(self, **compile_kwargs: Any) -> Callable:
         """The model's forward compiled as `compile_mode` says (`compile_kwargs`, e.g. a backend, go to torch.compile)."""
+        use_compile_cache()
         if self.compile_mode == "regional":
             self._regional = regional_compile(self.model, **compile_kwargs)
             if self._regional is not None:
@@ -687,6 +690,8 @@ class GraphedDecoder:
             import torch._dynamo as dynamo
 
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        if self.use_compile:
+            use_compile_cache()
         self.forwards = [torch.compile(m.forward, dynamic=False, fullgraph=False) if self.use_compile else m.forward
                          for m in self.models]
         self.cache_kw = [cache_kwarg(m) for m in self.models]

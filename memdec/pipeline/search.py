@@ -142,6 +142,9 @@ def _rerank(keys: torch.Tensor, rows: torch.Tensor, q: torch.Tensor, qrow: torch
         def fused(keys, rows, q, qrow):
             return ((keys[rows].float() - q[qrow]) ** 2).sum(-1)
 
+        from memdec.core.compile_cache import use_compile_cache
+
+        use_compile_cache()
         fn = _RERANK["fn"] = torch.compile(fused, dynamic=True)
     if _RERANK.get("broken"):
         return _rerank_eager(keys, rows, q, qrow)

@@ -170,6 +170,9 @@ def _step_loss(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, k
     if vocab_size is not None:
         flat = align_vocab(flat, vocab_size)
     if flat.is_cuda and os.environ.get("MEMDEC_TRAIN_LOSS", "compiled") == "compiled" and "broken" not in _COMPILED:
+        from memdec.core.compile_cache import use_compile_cache
+
+        use_compile_cache()
         fn = _COMPILED.get("fn") or _COMPILED.setdefault("fn", torch.compile(_fused_terms))
         try:
             loss, ce_sum, kl_sum = fn(flat, rows, labels, knn_ids if beta > 0 else None, knn_probs, beta)
@@ -506,6 +509,9 @@ def train(
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     if on_gpu and os.environ.get("MEMDEC_TRAIN_COMPILE", "1") != "0":
+        from memdec.core.compile_cache import use_compile_cache
+
+        use_compile_cache()
         accelerator.unwrap_model(model).compile()  # in place: parameter names and checkpoints unchanged
 
     step = 0
