@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rag_check: error: {path}: no such file", file=sys.stderr)
             return 2
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
-    docs = [json.loads(line)["text"] for line in Path(a.test).open(encoding="utf-8") if line.strip()]
+    from memdec.pipeline.data import CorpusSpec, load_texts
+
+    docs = load_texts(CorpusSpec(path=a.test))
     res = [retrieval_check(tok, docs, c, a.stride, a.query_tokens, a.chunk_tokens, a.cache_dir) for c in a.corpus]
     print(json.dumps(res, indent=1))
     if a.out:

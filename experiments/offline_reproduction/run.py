@@ -395,8 +395,8 @@ def job_domain(cfg: dict[str, Any], paths: Paths, dom: str, methods: tuple[str, 
 
     if "rag" in methods and dom in rag_settings(cfg, "copy_check"):
         st("copy-corpus", paths.copy_corpus(dom).exists(), lambda: _write_jsonl(
-            paths.copy_corpus(dom), [json.loads(line)["text"] for f in (paths.corpus(dom, "train"),
-                                     paths.corpus(dom, "test")) for line in f.open(encoding="utf-8")]))
+            paths.copy_corpus(dom), read_capped(paths.corpus(dom, "train"), None)
+            + read_capped(paths.corpus(dom, "test"), None)))
         st("rag-retrieval", paths.rag_check(dom).exists(), lambda: rag_retrieval_stage(cfg, paths, dom))
 
     evaluate(st, cfg, paths, dom, tuple(m for m in methods if m not in FINETUNED))
@@ -449,13 +449,13 @@ def knnlm_tuned(cfg: dict) -> bool:
 
 def tune_knnlm_stage(cfg: dict, paths: Paths, dom: str, base: str, dev: str) -> None:
     """`memdec tune-knnlm` of `base` with its own datastore of `dom` on the domain's valid split."""
-    from memdec.eval.tune_knnlm import tune_knnlm
+    from memdec.eval.tune_knnlm import DEFAULT_TEMPERATURES, tune_knnlm
 
     e, k = cfg["eval"], cfg["knnlm"]
     paths.knnlm_tuning(dom, base).parent.mkdir(parents=True, exist_ok=True)
     tune_knnlm(str(paths.model(base)), str(paths.datastore(dom, base)), str(paths.corpus(dom, "valid")), k=int(k["k"]),
                lmbda_grid=k["tune"].get("lmbda_grid", "0:1:0.05"),
-               temperatures=k["tune"].get("temperatures", "1,2,4,8,16,32,64"), window=int(e["window"]),
+               temperatures=k["tune"].get("temperatures", DEFAULT_TEMPERATURES), window=int(e["window"]),
                stride=int(e["stride"]), batch_size=int(e["batch_size"]), backend="torch", device=dev,
                cache_dir=paths.run / "cache" / "knnlm", out=paths.knnlm_tuning(dom, base), progress=_progress())
 
@@ -580,7 +580,7 @@ def rag_retrieval_stage(cfg: dict, paths: Paths, dom: str) -> None:
 
     r = cfg["rag"]
     tok = AutoTokenizer.from_pretrained(str(paths.tokenizer))
-    docs = [json.loads(line)["text"] for line in paths.corpus(dom, "test").open(encoding="utf-8") if line.strip()]
+    docs = read_capped(paths.corpus(dom, "test"), None)
     res = [retrieval_check(tok, docs, str(c), int(r["stride"]), int(r["query_tokens"]), int(r["max_doc_tokens"]),
                            str(paths.run / "cache" / "rag")) for c in (paths.corpus(dom, "train"), paths.copy_corpus(dom))]
     paths.rag_check(dom).parent.mkdir(parents=True, exist_ok=True)
