@@ -270,6 +270,10 @@ def footnote(table: pd.DataFrame, deltas: bool = True) -> str:
     unknown = sorted({str(i[1] if isinstance(i, tuple) else i) for i in table.index if i not in recorded
                       and str(i[1] if isinstance(i, tuple) else i).startswith(("+MemDec", "+kNN-LM"))
                       and "lmbda=" not in str(i)})
+    routed = [u for u in unknown if "(router)" in u]
+    unknown = [u for u in unknown if "(router)" not in u]
+    if routed:
+        parts.append("+MemDec (router): per-token weights from its router, no fixed lmbda")
     if unknown:
         parts.append(f"lmbda not recorded for {', '.join(unknown)} (the model's default)")
     if kind in ("domain", "zeroshot"):

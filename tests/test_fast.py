@@ -564,12 +564,13 @@ def test_lm_logits_hidden_is_the_head_input(arch):
 @pytest.mark.parametrize("arch, keeps", [("qwen2", (0,)), pytest.param("gpt2", (0, 5), marks=_full_compile),
                                          pytest.param("qwen2", (0, 5), marks=_full_compile)])
 def test_lm_logits_hidden_under_torch_compile(arch, keeps):
-    """The head's pre-hook traces under torch.compile(model.forward, dynamic=True) in one graph (fullgraph), gives
-    the eager hidden state, and a new hook at a new length recompiles nothing."""
+    """The backbone compiled in one graph (fullgraph, dynamic=True) gives the eager hidden state and logits, and a
+    new length recompiles nothing."""
     import torch._dynamo as dynamo
 
     model = _tiny_lm(arch)
-    compiled = torch.compile(model.forward, dynamic=True, fullgraph=True, backend=_test_backend())
+    assert fast.hidden_target(model) is model.base_model
+    compiled = torch.compile(fast.hidden_target(model).forward, dynamic=True, fullgraph=True, backend=_test_backend())
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for keep in keeps:
@@ -582,6 +583,53 @@ def test_lm_logits_hidden_under_torch_compile(arch, keeps):
                 torch.testing.assert_close(hidden, want_h, atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(logits, want_l, atol=1e-5, rtol=1e-5)
     assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+def test_plain_then_hidden_runner_of_one_model_compiled_in_full(monkeypatch):
+    """The H200 failure of 2026-12-04: the plain runner compiled model.forward, the hidden runner's compile of the
+    same function reused that code (Dynamo does not guard on hooks) and the LM head's hook never ran. Now the
+    hidden runner compiles the backbone: both runners give the eager numbers, in either order."""
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "full")
+    for order in ("plain first", "hidden first"):
+        model = _tiny_lm("qwen2", n_layer=2, seed=3)
+        ids = torch.randint(0, 96, (2, 21), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            want_l, want_h = _hidden_reference(copy.deepcopy(model), ids, 0)
+        runners = [_force_compiled(model), _force_compiled(model, hidden=True)]
+        if order == "hidden first":
+            runners.reverse()
+        for r in runners:
+            got = r(ids)
+            if r.hidden:
+                torch.testing.assert_close(got[0], want_l, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(got[1], want_h, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(r(ids, keep=4)[1], want_h[:, -4:], atol=1e-5, rtol=1e-5)
+            else:
+                torch.testing.assert_close(got, want_l, atol=1e-5, rtol=1e-5)
+        assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+def test_head_split_refuses_a_model_that_changes_logits_after_the_head():
+    """A causal LM whose forward scales the head's output (like Gemma 2's soft-capping) gets no split; its hidden
+    state then comes from output_hidden_states, and the logits stay the model's own."""
+    model = _tiny_lm("qwen2", n_layer=2, seed=4)
+    assert fast.head_split(model) == (model.base_model, model.get_output_embeddings())
+    capped = _tiny_lm("qwen2", n_layer=2, seed=4)
+    plain_forward = capped.forward
+
+    def forward(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        out.logits = 30.0 * torch.tanh(out.logits / 30.0)
+        return out
+
+    capped.forward = forward  # nn.Module.__call__ calls self.forward: the instance's
+    assert fast.head_split(capped) is None and fast.hidden_target(capped) is capped
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = capped(input_ids=ids, use_cache=False, output_hidden_states=True)
+        logits, hidden = fast.lm_logits_hidden(capped, ids, keep=3)
+    torch.testing.assert_close(logits, ref.logits[:, -3:], atol=0, rtol=0)
+    torch.testing.assert_close(hidden, ref.hidden_states[-1][:, -3:], atol=0, rtol=0)
 
 
 def _force_compiled(model, **kwargs) -> fast.GraphedForward:
@@ -681,3 +729,28 @@ def test_compile_mode_setting_and_fallbacks(monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records if "failed" in r.getMessage()] == [
         "memdec.inference.fast: compiling the forward failed (RuntimeError: inductor exploded); running it uncompiled"]
     assert not runner.use_compile
+
+
+def test_graphed_decoder_hidden_compiled_matches_eager(monkeypatch):
+    """GraphedDecoder(hidden=True) compiled (aot_eager here; inductor on CUDA) returns each model's logits and final
+    hidden state of the eager decoder, also when the same model's plain forward was compiled before it (the
+    case where a hook-based hidden state silently went missing)."""
+    import functools
+
+    base, memory = _tiny_lm("qwen2", n_layer=2, seed=5), _tiny_lm("qwen2", n_layer=2, seed=6)
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.compile(base.forward, dynamic=False, backend=_test_backend())(input_ids=ids, use_cache=False)
+    eager = fast.GraphedDecoder([base, memory], batch_size=1, max_cache_len=16, use_compile=False, hidden=True)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=_test_backend()))
+    compiled = fast.GraphedDecoder([base, memory], batch_size=1, max_cache_len=16, use_compile=True, hidden=True)
+    assert compiled.targets == [base.base_model, memory.base_model]
+    with torch.no_grad():
+        want = [m(input_ids=ids, use_cache=False, output_hidden_states=True) for m in (copy.deepcopy(base), copy.deepcopy(memory))]
+    for dec in (eager, compiled):
+        outs = dec.prefill(ids[:, :4])
+        for t in range(4, 7):
+            for o, w in zip(outs, want, strict=True):
+                torch.testing.assert_close(o[:, :96], w.logits[:, t - 1], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(o[:, 96:], w.hidden_states[-1][:, t - 1], atol=1e-5, rtol=1e-5)
+            outs = dec.step(ids[:, t])

@@ -291,3 +291,12 @@ def test_footnote_says_when_lmbda_is_not_recorded(tmp_path):
     _copy(GPT2_MEMDEC, f, config__model_args=args, config__lmbda=0.55)  # what MemDecLM.get_model_info reports
     md = reports.to_markdown(reports.perplexity_table(reports.load_results([f])))
     assert "lmbda: +MemDec 0.55 (gpt2)" in md and "not recorded" not in md
+
+
+def test_footnote_names_the_router_not_a_missing_lmbda(tmp_path):
+    args = {"pretrained": "openai-community/gpt2", "memory": "runs/memdec-gpt2-bio", "router": "runs/router-bio"}
+    f = _copy(GPT2_MEMDEC, tmp_path / "results_a.json", config__model_args=args)
+    md = reports.to_markdown(reports.perplexity_table(reports.load_results([f])))
+    assert "+MemDec (router)" in md
+    assert "+MemDec (router): per-token weights from its router, no fixed lmbda" in md
+    assert "not recorded" not in md

@@ -214,12 +214,11 @@ def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
 
 @contextlib.contextmanager
 def capture_head_input(model) -> Iterator[list[torch.Tensor]]:
-    """Record the input of `model`'s LM head (the final hidden state, after the final norm) on each forward.
+    """Record the input of `model`'s LM head (the final hidden state, after the final norm) on each eager forward.
 
-    A forward pre-hook on `model.get_output_embeddings()`, registered for the block only. It works eagerly,
-    under torch.compile (Dynamo replays the append after the graph: the hidden state is one more graph
-    output, the hook's registration changes no guard) and inside a CUDA-graph capture (the recorded tensor
-    is the captured buffer, like the logits).
+    A forward pre-hook on `model.get_output_embeddings()`, registered for the block only. Eager calls only: a
+    compiled forward may replay code traced without the hook (Dynamo shares compiled code between compiles
+    of one function and does not guard on module hooks), so the compiled paths use `lm_logits_hidden`.
     """
     seen: list[torch.Tensor] = []
     head = model.get_output_embeddings()
@@ -230,19 +229,66 @@ def capture_head_input(model) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+_UNSET = object()
+
+
+def head_split(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(backbone, LM head) of a causal LM whose logits are exactly `head(backbone(...)[0])`, else None.
+
+    The backbone is `model.base_model` (Qwen2Model, GPT2Model, ...). Checked once per model: its own logits
+    of a 4-token input must equal the split's bit for bit, which rules out final-logit soft-capping or
+    scaling (Gemma 2, Cohere, Granite) that a causal LM class adds after the head.
+    """
+    cached = model.__dict__.get("_memdec_head_split", _UNSET)
+    if cached is not _UNSET:
+        return cached
+    result = None
+    backbone = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(backbone, torch.nn.Module) and backbone is not model and isinstance(head, torch.nn.Module):
+        ids = torch.zeros(1, 4, dtype=torch.long, device=next(model.parameters()).device)
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                want = model(input_ids=ids, use_cache=False).logits
+                got = head(backbone(input_ids=ids, use_cache=False)[0])
+            if want.shape == got.shape and torch.equal(want, got):
+                result = (backbone, head)
+        except Exception as e:  # an unusual model: the output_hidden_states path below still works
+            log.info("memdec.inference.fast: %s: no backbone/head split (%s)", type(model).__name__, first_line(e, typed=True))
+        finally:
+            model.train(was)
+    model.__dict__["_memdec_head_split"] = result
+    return result
+
+
+def hidden_target(model) -> torch.nn.Module:
+    """What `lm_logits_hidden`'s `forward` stands in for: the backbone (`head_split`), else the model."""
+    split = head_split(model)
+    return model if split is None else split[0]
+
+
 def lm_logits_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      keep: int = 0, forward: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`lm_logits` and the final hidden state (the LM head's input): ((B, T or keep, V'), (B, T or keep, H)).
 
-    The hidden state is what the head reads (`capture_head_input`), not output_hidden_states, which would make
-    every layer's hidden state an output of the forward. With `logits_to_keep` the head's input is already cut.
+    The backbone's last hidden state, cut to the last `keep` positions, then the head (`head_split`); models
+    without that split run with output_hidden_states. `forward` runs in place of calling
+    `hidden_target(model)` (e.g. its compiled forward). No hook: a compiled forward shares its code cache
+    with every other compile of the same function, and Dynamo does not guard on module hooks.
     """
-    with capture_head_input(model) as seen:
-        logits = lm_logits(model, input_ids, attention_mask, keep, forward)
-    if not seen:
-        raise RuntimeError(f"lm_logits_hidden: the LM head of {type(model).__name__} did not run in its forward")
-    hidden = seen[-1]
-    return logits, hidden[:, -keep:] if keep else hidden
+    kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
+    split = head_split(model)
+    if split is not None:
+        backbone, head = split
+        hidden = (forward or backbone)(input_ids=input_ids, use_cache=False, **kwargs)[0]
+        if keep:
+            hidden = hidden[:, -keep:]
+        return head(hidden), hidden
+    out = (forward or model)(input_ids=input_ids, use_cache=False, output_hidden_states=True, **kwargs)
+    logits, hidden = out.logits, out.hidden_states[-1]
+    return (logits[:, -keep:], hidden[:, -keep:]) if keep else (logits, hidden)
 
 
 def padded_shape(t: int, keep: int, bucket: int, limit: int | None = None) -> tuple[int, int, int]:
@@ -265,7 +311,8 @@ COMPILE_MODES = ("regional", "full")
 
 def default_compile_mode() -> str:
     """How GraphedForward compiles a forward: MEMDEC_COMPILE_MODE=full (default: the whole forward) or regional
-    (each decoder layer; cold compiles ~4x faster on CPU, not yet measured on a GPU, so not the default)."""
+    (each decoder layer: first calls ~4x faster on CPU and ~10x on an H200, but there its CUDA-graph capture
+    fails and it runs ungraphed, ~6 % slower at 8x1024; so opt-in)."""
     mode = os.environ.get("MEMDEC_COMPILE_MODE", "").strip().lower() or "full"
     if mode not in COMPILE_MODES:
         raise ValueError(f"MEMDEC_COMPILE_MODE={mode!r}: use one of {', '.join(COMPILE_MODES)}")
@@ -379,23 +426,28 @@ class GraphedForward:
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"GraphedForward: compile_mode {self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
         self._regional: RegionalCompile | None = None
-        self._forward = self._compiled_forward() if self.use_compile else model.forward
+        self._forward = self._compiled_forward() if self.use_compile else self._target().forward
         self._graphs: dict[tuple[int, int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a deep copy of the model gets no graphs of this one's weights (graphed() makes new ones)
 
+    def _target(self) -> torch.nn.Module:
+        """The module whose forward this runner calls: the model, or for `hidden` its backbone (`hidden_target`)."""
+        return hidden_target(self.model) if self.hidden else self.model
+
     def _compiled_forward(self, **compile_kwargs: Any) -> Callable:
         """The model's forward compiled as `compile_mode` says (`compile_kwargs`, e.g. a backend, go to torch.compile)."""
         use_compile_cache()
+        target = self._target()
         if self.compile_mode == "regional":
             self._regional = regional_compile(self.model, **compile_kwargs)
             if self._regional is not None:
-                return self._regional.wrap(self.model.forward)
+                return self._regional.wrap(target.forward)
             log.info("memdec.inference.fast: %s has no decoder layer list; compiling its whole forward",
                      type(self.model).__name__)
-        return torch.compile(self.model.forward, dynamic=True, **compile_kwargs)
+        return torch.compile(target.forward, dynamic=True, **compile_kwargs)
 
     def _logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
         return (lm_logits_hidden if self.hidden else lm_logits)(self.model, ids, None, keep, self._forward)
@@ -406,7 +458,7 @@ class GraphedForward:
                 return self._logits(input_ids, keep)
             except Exception as e:  # a compiler problem must never break scoring
                 log.warning("memdec.inference.fast: compiling the forward failed (%s); running it uncompiled", first_line(e, typed=True))
-                self.use_compile, self._forward = False, self.model.forward
+                self.use_compile, self._forward = False, self._target().forward
                 if self._regional is not None:  # the model's other runners share the compiled layers: plain too
                     self._regional.failed = True
         return self._logits(input_ids, keep)
@@ -692,9 +744,11 @@ class GraphedDecoder:
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
         if self.use_compile:
             use_compile_cache()
-        self.forwards = [torch.compile(m.forward, dynamic=False, fullgraph=False) if self.use_compile else m.forward
-                         for m in self.models]
-        self.cache_kw = [cache_kwarg(m) for m in self.models]
+        # with `hidden`, each model's backbone runs and the step applies the head (`lm_logits_hidden`'s split)
+        self.targets = [hidden_target(m) if self.hidden else m for m in self.models]
+        self.forwards = [torch.compile(t.forward, dynamic=False, fullgraph=False) if self.use_compile else t.forward
+                         for t in self.targets]
+        self.cache_kw = [cache_kwarg(t) for t in self.targets]
         # the post-processing (the mixture) fused into a few kernels on CUDA, like the forwards
         self._post = torch.compile(post, dynamic=False) if (post is not None and self.use_compile) else post
         self.pos = 0
@@ -710,12 +764,16 @@ class GraphedDecoder:
 
     def _last(self, i: int, forward: Callable, **kwargs: Any) -> torch.Tensor:
         """forward(**kwargs)'s last-position logits; when `hidden`, with model i's final hidden state (its LM head's
-        input, `capture_head_input`) appended."""
+        input) appended: `forward` is then its backbone's (`head_split`) and the head runs here."""
         if not self.hidden:
             return forward(**kwargs).logits[:, -1]
-        with capture_head_input(self.models[i]) as seen:
-            out = forward(**kwargs)
-        return torch.cat([out.logits[:, -1], seen[-1][:, -1].to(out.logits.dtype)], dim=-1)
+        split = head_split(self.models[i])
+        if split is None:
+            out = forward(**kwargs, output_hidden_states=True)
+            return torch.cat([out.logits[:, -1], out.hidden_states[-1][:, -1].to(out.logits.dtype)], dim=-1)
+        hidden = forward(**kwargs)[0][:, -1]
+        logits = split[1](hidden)
+        return torch.cat([logits, hidden.to(logits.dtype)], dim=-1)
 
     def _step_eager(self, ids: torch.Tensor, cpos: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(self.models) == 1 or self.device.type != "cuda":
@@ -755,7 +813,7 @@ class GraphedDecoder:
         cpos = torch.arange(n, device=self.device)
         # the prompt runs eagerly (its shape changes from call to call; compiling it would recompile)
         outs = []
-        for i, (m, c, kw) in enumerate(zip(self.models, self.caches, self.cache_kw, strict=True)):
+        for i, (m, c, kw) in enumerate(zip(self.targets, self.caches, self.cache_kw, strict=True)):
             kwargs = {kw: c, "logits_to_keep": 1} if accepts_logits_to_keep(m) else {kw: c}
             outs.append(self._last(i, m, input_ids=input_ids, cache_position=cpos,
                                    position_ids=cpos.unsqueeze(0).expand(b, -1), use_cache=True, **kwargs))
