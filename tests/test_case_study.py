@@ -16,6 +16,7 @@ from experiments.offline_reproduction.case_study import (
     case_study,
     case_study_lines,
     long_tail_tokens,
+    reference_counts,
     word_like,
 )
 
@@ -83,7 +84,7 @@ def test_columns_match_float64_brute_force(setup, tmp_path):
     out = tmp_path / "case.json"
     r = case_study(setup["base"], setup["memory"], setup["datastore"], setup["test"], setup["reference"],
                    {"k": K, "lmbda": KNN_LMBDA, "temperature": TEMP}, LMBDA, WINDOW, STRIDE, batch_size=3,
-                   n_tokens=5, min_count=3, device="cpu", out=out)
+                   n_tokens=5, min_count=3, device="cpu", out=out, reference_cache=tmp_path / "counts")
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     tok = AutoTokenizer.from_pretrained(setup["base"])
     tokens = tokenize(load_texts(CorpusSpec.from_arg(setup["test"])), tok, progress=False)
@@ -135,7 +136,7 @@ def test_long_tail_rule_prefers_word_like(setup):
     word = next(i for i in range(len(tok)) if word_like(tok.decode([i])))
     targets = np.array([ids["a"]] * 4 + [word] * 3 + [ids["Ġthe"]] * 2)
     reference = np.array([word] * 10 + [ids["a"]] * 1 + [1] * 89)
-    rows = long_tail_tokens(targets, reference, tok, n_tokens=2, min_count=3)
+    rows = long_tail_tokens(targets, np.bincount(reference, minlength=len(tok)), tok, n_tokens=2, min_count=3)
     # the word comes first although "a" is rarer; "Ġthe" (2 < min_count) is never a candidate
     assert [r["id"] for r in rows] == [word, ids["a"]]
     assert rows[0]["per_million"] == pytest.approx(1e5) and rows[1]["reference_count"] == 1
@@ -157,3 +158,31 @@ def test_missing_test_file_is_one_line_before_any_model(setup, tmp_path, monkeyp
                    out=tmp_path / "r.json")
     assert str(missing) in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "r.json").exists()
+
+
+def test_reference_counts_are_cached_per_corpus_and_tokenizer(setup, tmp_path, monkeypatch):
+    """The reference's token counts equal a bincount of its tokens; a second call reads them from the cache
+    (no tokenizing), a changed corpus is counted again, and no temporary file is left."""
+    import experiments.offline_reproduction.case_study as cs
+    from memdec.pipeline.data import CorpusSpec, load_texts, tokenize
+
+    tok = AutoTokenizer.from_pretrained(setup["base"])
+    ref = tmp_path / "general.jsonl"
+    ref.write_bytes(Path(setup["reference"]).read_bytes())
+    want = np.bincount(tokenize(load_texts(CorpusSpec.from_arg(str(ref))), tok, progress=False), minlength=len(tok))
+    cache = tmp_path / "cache"
+    got = reference_counts(ref, tok, cache)
+    assert got.dtype == np.int64 and got.shape == (len(tok),) and np.array_equal(got, want)
+    assert [p.suffix for p in cache.iterdir()] == [".npy"] and "tmp" not in next(cache.iterdir()).name
+
+    def no_tokenize(*_a, **_k):
+        raise AssertionError("the cached counts should be read")
+
+    monkeypatch.setattr("memdec.pipeline.data.tokenize", no_tokenize)
+    assert np.array_equal(reference_counts(ref, tok, cache), want)
+    monkeypatch.undo()
+    ref.write_text(ref.read_text(encoding="utf-8") + json.dumps({"text": "tissue tissue tissue"}) + "\n",
+                   encoding="utf-8")
+    again = reference_counts(ref, tok, cache)
+    assert again.sum() > want.sum() and len(list(cache.iterdir())) == 2
+    assert cs.reference_counts is reference_counts

@@ -27,23 +27,57 @@ def word_like(text: str) -> bool:
     return len(s) >= 4 and s.isalpha()
 
 
-def long_tail_tokens(targets: np.ndarray, reference: np.ndarray, tokenizer, n_tokens: int = 10,
+def long_tail_tokens(targets: np.ndarray, reference_counts: np.ndarray, tokenizer, n_tokens: int = 10,
                      min_count: int = 3) -> list[dict[str, Any]]:
-    """The `n_tokens` target ids (≥ `min_count` occurrences in `targets`) rarest per million `reference`
-    tokens, word-like first (ties: more test occurrences, then lower id); special tokens never."""
+    """The `n_tokens` target ids (≥ `min_count` occurrences in `targets`) rarest per million reference tokens
+    (`reference_counts[i]`: how often id i occurs there), word-like first (ties: more test occurrences, then
+    lower id); special tokens never."""
     ids, counts = np.unique(np.asarray(targets, dtype=np.int64), return_counts=True)
-    ref_ids, ref_counts = np.unique(np.asarray(reference, dtype=np.int64), return_counts=True)
-    ref = dict(zip(ref_ids.tolist(), ref_counts.tolist(), strict=True))
+    ref = np.asarray(reference_counts, dtype=np.int64)
+    total = max(int(ref.sum()), 1)
     special = set(tokenizer.all_special_ids)
     rows = []
     for i, c in zip(ids.tolist(), counts.tolist(), strict=True):
         if c < min_count or i in special:
             continue
         text = tokenizer.decode([i])
-        rows.append({"id": i, "text": text, "test_count": c, "reference_count": ref.get(i, 0),
-                     "per_million": ref.get(i, 0) / max(len(reference), 1) * 1e6, "word_like": word_like(text)})
+        n_ref = int(ref[i]) if i < len(ref) else 0
+        rows.append({"id": i, "text": text, "test_count": c, "reference_count": n_ref,
+                     "per_million": n_ref / total * 1e6, "word_like": word_like(text)})
     rows.sort(key=lambda r: (not r["word_like"], r["per_million"], -r["test_count"], r["id"]))
     return rows[:n_tokens]
+
+
+def reference_counts(reference: str | Path, tokenizer, cache_dir: str | Path | None = None,
+                     progress: bool = False) -> np.ndarray:
+    """How often each token id occurs in the `reference` corpus, (len(tokenizer),) int64.
+
+    With `cache_dir` the counts are kept there as one .npy per (corpus path, size, mtime, tokenizer
+    fingerprint), so a run's domains tokenize a large reference once; written under a temporary name and
+    renamed (workers may race: each writes the same numbers).
+    """
+    import hashlib
+    import os
+
+    from memdec.core.formats import load_npy
+    from memdec.inference.mixing import tokenizer_fingerprint
+    from memdec.pipeline.data import CorpusSpec, load_texts, tokenize
+
+    cached = None
+    if cache_dir is not None:
+        st = Path(reference).stat()
+        key = f"{Path(reference).resolve()}|{st.st_size}|{st.st_mtime_ns}|{tokenizer_fingerprint(tokenizer)}"
+        cached = Path(cache_dir) / f"reference-counts-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+        if cached.exists():
+            return np.asarray(load_npy(cached, mmap=False, dtype=np.int64))
+    tokens = tokenize(load_texts(CorpusSpec.from_arg(str(reference))), tokenizer, progress=progress)
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=len(tokenizer)).astype(np.int64)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.stem}.tmp-{os.getpid()}.npy")
+        np.save(tmp, counts, allow_pickle=False)
+        os.replace(tmp, cached)
+    return counts
 
 
 def _ppl(logprobs: np.ndarray) -> float | None:
@@ -71,11 +105,13 @@ def _knn_settings(knnlm: dict) -> tuple[int, float, float]:
 
 def case_study(base: str, memory: str, datastore: str, test: str, reference: str, knnlm: dict, lmbda: float,
                window: int, stride: int, batch_size: int = 8, n_tokens: int = 10, min_count: int = 3,
-               device: str | None = None, out: str | Path | None = None, progress: bool = False) -> dict:
+               device: str | None = None, out: str | Path | None = None, progress: bool = False,
+               reference_cache: str | Path | None = None) -> dict:
     """Mean probability of the true next token under the five columns (COLUMNS) for the long-tail tokens of
     `test` (rarest in `reference`), over the long-tail positions together and over all positions.
 
-    `knnlm` is {"k", "lmbda", "temperature"} (the kNN-LM's settings), `lmbda` the Memory Decoder's weight.
+    `knnlm` is {"k", "lmbda", "temperature"} (the kNN-LM's settings), `lmbda` the Memory Decoder's weight;
+    `reference_cache` a folder for the reference's token counts (`reference_counts`).
     Every input is checked before a model loads; with `out` the result is written there as JSON (atomically).
     """
     from baselines.knnlm import KNNDistribution
@@ -110,7 +146,7 @@ def case_study(base: str, memory: str, datastore: str, test: str, reference: str
     check_same_tokenizer(tok, load_tokenizer(memory, "memory"), "base", "memory")
     ds.check_tokenizer(tok)
     tokens = tokenize(load_texts(CorpusSpec.from_arg(str(test))), tok, progress=progress)
-    ref = tokenize(load_texts(CorpusSpec.from_arg(str(reference))), tok, progress=progress)
+    ref = reference_counts(reference, tok, reference_cache, progress)
     for name, what in ((base, "base"), (memory, "memory")):
         check_context(context_length(name, what), window, f"{what} {name}")
     check_min_tokens(len(tokens), window, f"test corpus {test}")
@@ -139,7 +175,7 @@ def case_study(base: str, memory: str, datastore: str, test: str, reference: str
         "settings": {"base": str(base), "memory": str(memory), "datastore": str(ds.path), "test": str(test),
                      "reference": str(reference), "k": k, "knnlm_lmbda": knn_lmbda, "temperature": temperature,
                      "lmbda": lmbda, "window": int(window), "stride": int(stride), "n_positions": int(len(targets)),
-                     "reference_tokens": int(len(ref)), "n_tokens": int(n_tokens), "min_count": int(min_count),
+                     "reference_tokens": int(ref.sum()), "n_tokens": int(n_tokens), "min_count": int(min_count),
                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "tokens": chosen,
         "long_tail": _summary(cols, np.isin(targets, [r["id"] for r in chosen])),

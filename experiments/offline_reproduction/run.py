@@ -598,7 +598,8 @@ def case_study_stage(cfg: dict, paths: Paths, dom: str, dev: str) -> None:
                knnlm={"k": int(cfg["knnlm"]["k"]), **knnlm_settings(cfg, paths, dom, base)},
                lmbda=float(read_json(paths.memdec(dom) / "memdec.json")["lmbda"]), window=int(e["window"]),
                stride=int(e["stride"]), batch_size=int(e["batch_size"]), n_tokens=int(c.get("n_tokens", 10)),
-               min_count=int(c.get("min_count", 3)), device=dev, out=paths.case_study(dom))
+               min_count=int(c.get("min_count", 3)), device=dev, out=paths.case_study(dom),
+               reference_cache=paths.run / "cache" / "case_study")
 
 
 def eval_model(cfg: dict, paths: Paths, dom: str, base: str, method: str,
