@@ -4,7 +4,7 @@ The layout it reads is the offline reproduction's (experiments/offline_reproduct
 (each base alone on every task) and RESULTS/DOMAIN/BASE__RUN_*.json (RUN a registered method, or a variant such as
 "rag-stride4" / "rag-copy"), lm-eval tasks named memdec_DOMAIN_ppl and memdec_general_ppl, and beside the runs the
 JSONs the tunings write: DOMAIN/tune_knnlm-BASE.json (memdec tune-knnlm), DOMAIN/lr_dapt.json / lr_lora.json,
-DOMAIN/case_study.json (case_study.py), DOMAIN/rag_check.json (rag_check.py).
+DOMAIN/case_study.json (case_study.py), DOMAIN/rag_check.json and DOMAIN/copy_ability-BASE.json (rag_check.py).
 
 `claims(df, bases, domains, tasks, facts)` gives the markdown section "The paper's claims against these numbers":
 the family's spread, domain test token perplexity of every base x method, how often one Memory Decoder lowers
@@ -151,6 +151,13 @@ def _rag(df: Any, bases: list[str], domains: list[str], tasks: dict[str, str], f
                       f"verbatim at {100 * c['copy']['holds_next_block']:.1f} % of {c['copy']['points']} retrieval "
                       f"points when the corpus holds the test documents, {100 * c['honest']['holds_next_block']:.1f} % "
                       "from the train split alone (rag_check.py).")
+    for dom, per_base in sorted((facts.get("copy_ability") or {}).items()):
+        cells = [f"{b} {c['nll_first']:.2f} → {c['nll_second']:.2f}" for b in bases if (c := per_base.get(b))]
+        if cells:
+            c0 = next(iter(per_base.values()))
+            checks.append(f"- Copy ability, {dom} (rag_check.copy_ability): mean NLL on {c0['n_spans']} test spans of "
+                          f"{c0['span']} tokens, first copy → the same span shown again right after it: "
+                          f"{'; '.join(cells)} (a model that copies from its context: near 0 on the second).")
     if not rows and not checks:
         return []
     return ["In-Context RAG: the honest run (retrieval from the domain's train split), the paper's retrieval "
@@ -265,7 +272,8 @@ def _read(path: Path) -> dict[str, Any] | None:
 def find_facts(folders: Sequence[str | Path], df: Any, domains: list[str], bases: list[str]) -> dict[str, Any]:
     """The tuning and check JSONs beside the runs (see the module docstring), and RAG's paper stride (from run
     names BASE__rag-strideN_...)."""
-    facts: dict[str, Any] = {"knnlm": {}, "lr": {}, "case_study": {}, "rag_check": {}, "rag_stride": None}
+    facts: dict[str, Any] = {"knnlm": {}, "lr": {}, "case_study": {}, "rag_check": {}, "copy_ability": {},
+                             "rag_stride": None}
     for root in map(Path, folders):
         for dom in domains:
             d = root / dom
@@ -279,6 +287,8 @@ def find_facts(folders: Sequence[str | Path], df: Any, domains: list[str], bases
                 facts["case_study"][dom] = case_study_lines(case)
             if (check := _read(d / "rag_check.json")) is not None:
                 facts["rag_check"][dom] = check
+            if copy := {b: c for b in bases if (c := _read(d / f"copy_ability-{b}.json"))}:
+                facts["copy_ability"][dom] = copy
     for name in df["file"].astype(str).map(lambda f: PurePath(f).name):
         run = name.partition("__")[2]
         if run.startswith("rag-stride"):

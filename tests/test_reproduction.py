@@ -187,8 +187,9 @@ def test_bundle_report_and_times(done):
         names = tar.getnames()
     n_json = len(list((runs / "results").rglob("*.json")))
     # bases; memdec, knnlm, router, rag, dapt, lora per base; RAG at the paper's stride per base and the copy check;
-    # tune-lambda, tune-knnlm per base, the DAPT and LoRA learning-rate choices, the case study, the RAG check
-    assert sum(n.endswith(".json") for n in names) == n_json == 2 + 2 * 6 + 2 + 1 + 1 + 2 + 2 + 1 + 1
+    # tune-lambda, tune-knnlm per base, the DAPT and LoRA learning-rate choices, the case study, the RAG check,
+    # the copy ability per base
+    assert sum(n.endswith(".json") for n in names) == n_json == 2 + 2 * 6 + 2 + 1 + 1 + 2 + 2 + 1 + 1 + 2
     md = (out / "results.md").read_text()
     assert "## The paper's claims against these numbers" in md and "Domain perplexity" in md
     times = json.loads((out / "times.json").read_text())
@@ -259,7 +260,7 @@ def test_memdec_report_claims_makes_the_claims_tables(done, tmp_path, capsys):
     ours = results[results.index("## The paper's claims against these numbers"):results.index("## Tables from")]
     assert section.startswith(ours.rstrip("\n"))
     for text in ("| base-10m | finance |", "kNN-LM settings chosen on valid", "(v) Case study, finance",
-                 "- Retrieval, finance:", "RAG (stride 8)"):
+                 "- Retrieval, finance:", "- Copy ability, finance", "RAG (stride 8)"):
         assert text in section, text
     other = tmp_path / "other"
     (other / "x").mkdir(parents=True)
@@ -397,3 +398,7 @@ def test_rag_paper_stride_and_copy_check(done):
     assert "RAG, corpus with the test documents" in md and "(iii) A smaller base + MemDec" in md
     check = json.loads((runs / "results" / "finance" / "rag_check.json").read_text())
     assert check["copy"]["points"] == check["honest"]["points"] > 0 and "- Retrieval, finance:" in md
+    for base in ("base-10m", "base-100m"):  # each base on test spans shown twice (small: 4 x 16 tokens)
+        c = json.loads((runs / "results" / "finance" / f"copy_ability-{base}.json").read_text())
+        assert (c["base"], c["span"], c["n_spans"]) == (base, 16, 4) and c["nll_first"] > 0 and c["nll_second"] > 0
+    assert "- Copy ability, finance (rag_check.copy_ability): mean NLL on 4 test spans of 16 tokens" in md

@@ -1,4 +1,5 @@
 """The In-Context RAG copy check at the retrieval level (issue 18, goal 3): does BM25 find the test passage?
+And the models' side of it (`copy_ability`): can a model copy a passage it is shown?
 
     python experiments/offline_reproduction/rag_check.py --tokenizer TOK --test TEST.jsonl \
         --corpus TRAIN.jsonl [--corpus TRAIN+TEST.jsonl] [--stride 32 --query-tokens 32 --chunk-tokens 128]
@@ -57,6 +58,49 @@ def retrieval_check(tokenizer, test_docs: list[str], corpus: str, stride: int = 
             "holds_next_block": float(np.mean(block)) if block else 0.0,
             "holds_next_token": float(np.mean(token)) if token else 0.0,
             "stride": stride, "query_tokens": query_tokens, "chunk_tokens": chunk_tokens}
+
+
+def copy_spans(tokens: np.ndarray, span: int, n_spans: int) -> np.ndarray:
+    """`n_spans` spans of `span` tokens at evenly spaced, non-overlapping offsets of `tokens`, (n, span)."""
+    if span < 2 or n_spans < 1:
+        raise ValueError(f"copy ability: span ({span}) must be at least 2 and n_spans ({n_spans}) at least 1")
+    n = min(int(n_spans), len(tokens) // span)
+    if n < 1:
+        raise ValueError(f"copy ability: the test text has {len(tokens)} tokens, fewer than one span of {span}")
+    starts = np.linspace(0, len(tokens) - span, n).astype(np.int64)
+    return np.stack([np.asarray(tokens[s : s + span], dtype=np.int64) for s in starts])
+
+
+def copy_ability(model_path: str, tokens: np.ndarray, span: int = 128, n_spans: int = 32, batch_size: int = 8,
+                 device: str | None = None) -> dict[str, Any]:
+    """Whether a model copies from its context: mean NLL (nats per token) of `n_spans` test spans of `span`
+    tokens each shown twice in a row, on tokens 1..span-1 of the first copy and of the second.
+
+    A model with induction heads predicts the second copy almost perfectly (NLL near 0); a model that cannot
+    copy scores both copies alike, and then In-Context RAG cannot help it even when the retrieved chunk holds
+    the continuation (the copy check).
+    """
+    import torch
+
+    from memdec.core.devices import default_device
+    from memdec.core.models import check_context, context_length, load_causal_lm
+
+    spans = copy_spans(tokens, span, n_spans)
+    check_context(context_length(model_path, "model"), 2 * span, f"model {model_path} (two copies of a span)")
+    device = device or default_device()
+    model = load_causal_lm(model_path, "model", dtype="float32", device=device)
+    first, second = [], []
+    with torch.no_grad():
+        for i in range(0, len(spans), batch_size):
+            x = torch.as_tensor(np.concatenate([spans[i : i + batch_size]] * 2, axis=1), device=device)
+            logp = torch.log_softmax(model(input_ids=x[:, :-1], use_cache=False).logits.float(), -1)
+            nll = -logp.gather(-1, x[:, 1:, None])[..., 0].double()  # nll[:, j] predicts x[:, j + 1]
+            first.append(nll[:, : span - 1].cpu())
+            second.append(nll[:, span:].cpu())
+    f, s = torch.cat(first), torch.cat(second)
+    return {"model": str(model_path), "span": int(span), "n_spans": int(len(spans)),
+            "nll_first": float(f.mean()), "nll_second": float(s.mean()),
+            "second_over_first": float(s.mean() / f.mean()) if float(f.mean()) > 0 else None}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,8 @@ Steps (each skipped when its output is complete, so a rerun after a kill or a ti
              (memdec.eval.tune_knnlm), a per-token router per base (memdec.inference.router, issue 17) on the
              domain's valid split + general/valid; then memdec-eval (in process) of every base x method on the
              domain's test split and on general/test (+MemDec, +MemDec (router), +kNN-LM, +In-Context RAG, and
-             RAG at the paper's stride and the copy check where the config asks), RAG's retrieval check
-             (rag_check.py) and the case study (case_study.py)
+             RAG at the paper's stride and the copy check where the config asks), RAG's retrieval check and
+             each base's copy ability (rag_check.py) and the case study (case_study.py)
    finetune  per domain, beside it: DAPT and LoRA (rank matched to the Memory Decoder) of the largest base at
              every learning rate of the grid, the one with the lowest valid perplexity, every other base at it,
              and their memdec-eval runs
@@ -178,6 +178,9 @@ class Paths:
 
     def case_study(self, dom: str) -> Path:
         return self.results / dom / "case_study.json"
+
+    def copy_ability(self, dom: str, base: str) -> Path:
+        return self.results / dom / f"copy_ability-{base}.json"
 
     @property
     def results(self) -> Path:
@@ -398,6 +401,9 @@ def job_domain(cfg: dict[str, Any], paths: Paths, dom: str, methods: tuple[str, 
             paths.copy_corpus(dom), read_capped(paths.corpus(dom, "train"), None)
             + read_capped(paths.corpus(dom, "test"), None)))
         st("rag-retrieval", paths.rag_check(dom).exists(), lambda: rag_retrieval_stage(cfg, paths, dom))
+        for base in paths.bases:  # can the bases copy what they are shown at all?
+            st(f"copy-ability:{base}", paths.copy_ability(dom, base).exists(),
+               lambda base=base: copy_ability_stage(cfg, paths, dom, base, dev))
 
     evaluate(st, cfg, paths, dom, tuple(m for m in methods if m not in FINETUNED))
 
@@ -585,6 +591,21 @@ def rag_retrieval_stage(cfg: dict, paths: Paths, dom: str) -> None:
                            str(paths.run / "cache" / "rag")) for c in (paths.corpus(dom, "train"), paths.copy_corpus(dom))]
     paths.rag_check(dom).parent.mkdir(parents=True, exist_ok=True)
     write_json(paths.rag_check(dom), {"domain": dom, "honest": res[0], "copy": res[1]})
+
+
+def copy_ability_stage(cfg: dict, paths: Paths, dom: str, base: str, dev: str) -> None:
+    """rag_check.copy_ability of one base on the domain's test split: NLL on the first and second copy of a span."""
+    from transformers import AutoTokenizer
+
+    from experiments.offline_reproduction.rag_check import copy_ability
+    from memdec.pipeline.data import tokenize
+
+    c = cfg["rag"].get("copy_ability") or {}
+    tok = AutoTokenizer.from_pretrained(str(paths.tokenizer))
+    tokens = tokenize(read_capped(paths.corpus(dom, "test"), None), tok, progress=False)
+    res = copy_ability(str(paths.model(base)), tokens, span=int(c.get("span", 128)),
+                       n_spans=int(c.get("n_spans", 32)), batch_size=int(cfg["eval"]["batch_size"]), device=dev)
+    write_json(paths.copy_ability(dom, base), {"domain": dom, "base": base, **res})
 
 
 def case_study_stage(cfg: dict, paths: Paths, dom: str, dev: str) -> None:
