@@ -15,8 +15,17 @@
 (c) training tokens/s of one optimizer step (forward, sparse KL + CE via `memdec.pipeline.train.memdec_loss`,
     backward, AdamW) on a GPT-2-small-shaped model with random kNN targets of `--support` entries
     per position; skipped when memdec.pipeline.train is not there. Data loading is not included.
+(d) IVF-PQ against exact search (`--ivfpq NxD`, off by default; needs faiss): clustered float16 keys
+    (a low-dimensional Gaussian mixture, see `clustered_keys`) with Zipf-distributed value tokens written
+    as a datastore, `memdec.pipeline.search.build_index(backend="faiss-ivfpq")` (train + add seconds),
+    then for each `--ivfpq-nprobe`: queries/s of `FaissIndex.search` for k + 1 neighbours with and
+    without `refine` (exact distances of the returned ids from the stored keys; `--ivfpq-rerank` adds
+    refine over R (k + 1) candidates), recall of the exact torch search's k neighbours (own row dropped),
+    and the mean total-variation distance between the kNN target distributions
+    (`memdec.pipeline.targets.knn_distribution`, same temperature) of the two searches.
+    faiss-gpu is used where installed and --device is cuda, else CPU faiss on the host's cores.
 
-Needs only torch, transformers and numpy (no faiss, no network). Runs from a plain checkout.
+Needs only torch, transformers and numpy (faiss for (d) only; no network). Runs from a plain checkout.
 Writes bench_pipeline.json and bench_pipeline.md (with the device name and date) to --out.
 """
 
@@ -24,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -254,8 +265,9 @@ class PeakRSS:
             return 0
 
 
-def write_random_datastore(keys: torch.Tensor, folder: Path, shard_rows: int = 1 << 21) -> Path:
-    """A datastore folder of the given keys (random values and tokens), shard by shard."""
+def write_random_datastore(keys: torch.Tensor, folder: Path, shard_rows: int = 1 << 21,
+                           values: np.ndarray | None = None) -> Path:
+    """A datastore folder of the given keys (the given or random values, random tokens), shard by shard."""
     from memdec.core.formats import write_manifest
 
     folder.mkdir(parents=True)
@@ -265,7 +277,8 @@ def write_random_datastore(keys: torch.Tensor, folder: Path, shard_rows: int = 1
     for j, s in enumerate(range(0, n, shard_rows)):
         e = min(s + shard_rows, n)
         np.save(folder / f"keys_{j:05d}.npy", keys[s:e].cpu().numpy())
-        np.save(folder / f"values_{j:05d}.npy", rng.integers(0, 50257, e - s, dtype=np.int32))
+        v = rng.integers(0, 50257, e - s, dtype=np.int32) if values is None else values[s:e].astype(np.int32)
+        np.save(folder / f"values_{j:05d}.npy", v)
         shards.append({"keys": f"keys_{j:05d}.npy", "values": f"values_{j:05d}.npy", "rows": e - s})
     np.save(folder / "tokens.npy", rng.integers(0, 50257, n + 1, dtype=np.int32))
     write_manifest(folder, "datastore", dim=dim, n_tokens=n + 1, n_entries=n, shards=shards, window=1024,
@@ -318,6 +331,236 @@ def bench_stream(args, device: torch.device, n: int, dim: int, rate: float, sour
         out["recall_vs_float64"] = round(float64_recall(check, rows[qb : qb + 64], i[:64], k + 1), 5)
         ref = TorchIndex(check, device=device, query_batch=4096).search(queries[qb : qb + 4096], k + 1)[1]
         out["same_ids_as_resident"] = round(float((ref == i[:4096]).double().mean()), 5)
+    return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (else platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def zipf_tokens(n: int, vocab: int, s: float = 1.1, seed: int = 0) -> np.ndarray:
+    """n int32 token ids in [0, vocab), drawn independently with p(i) proportional to (i + 1)^-s."""
+    p = 1.0 / np.arange(1, vocab + 1, dtype=np.float64) ** s
+    return np.random.default_rng(seed).choice(vocab, size=n, p=p / p.sum()).astype(np.int32)
+
+
+def clustered_keys(n: int, dim: int, centres: int, device: torch.device, seed: int = 0, rank: int = 32,
+                   spread: float = 0.3, noise: float = 0.1) -> torch.Tensor:
+    """Float16 [n, dim] keys with structure for IVF-PQ to find (a low-dimensional Gaussian mixture).
+
+    A key is (c + spread * z) W + noise * e: c one of `centres` centres ~ N(0, I_rank) (log-normal weights),
+    z ~ N(0, I_rank), W a fixed random rank x dim map (unit variance per coordinate), e ~ N(0, I_dim).
+    Neighbours are those of a rank-dimensional mixture (low intrinsic dimension, as in LM hidden states),
+    not of an isotropic Gaussian in dim dimensions, where all distances concentrate.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    r = min(rank, dim)
+    c = torch.randn((centres, r), generator=gen, device=device)
+    w = torch.randn(centres, generator=gen, device=device, dtype=torch.float64).exp().cumsum(0)
+    proj = torch.randn((r, dim), generator=gen, device=device) / math.sqrt(r)
+    keys = torch.empty((n, dim), dtype=torch.float16, device=device)
+    for s in range(0, n, 1 << 18):
+        e = min(s + (1 << 18), n)
+        u = torch.rand(e - s, generator=gen, device=device, dtype=torch.float64) * w[-1]
+        latent = c[torch.searchsorted(w, u).clamp_max(centres - 1)]
+        latent += spread * torch.randn((e - s, r), generator=gen, device=device)
+        keys[s:e] = (latent @ proj + noise * torch.randn((e - s, dim), generator=gen, device=device)).half()
+    return keys
+
+
+def without_self(ids: torch.Tensor, rows: torch.Tensor, *others: torch.Tensor) -> torch.Tensor | tuple:
+    """The k of each query's k + 1 neighbour ids left by memdec.pipeline.targets' rule: its own row
+    (`rows`) dropped wherever it is, else the farthest; with `others` ([n, k + 1] each, e.g. the
+    distances), those cut the same way too (a tuple)."""
+    is_self = ids == rows.to(ids.device)[:, None]
+    keep = ~is_self
+    keep[:, -1] &= is_self.any(1)
+    cut = [t[keep.to(t.device)].view(len(ids), ids.shape[1] - 1) for t in (ids, *others)]
+    return tuple(cut) if others else cut[0]
+
+
+def recall(found: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Per query, the share of its valid (>= 0) `exact` ids that `found` holds too ([n, a], [n, b]; ids are
+    distinct within a row; -1 in either means no neighbour)."""
+    n, a = found.shape
+    b = exact.shape[1]
+    found, exact = found.cpu(), exact.cpu()
+    f = torch.where(found >= 0, found, -1 - torch.arange(a).expand(n, a))  # distinct fillers: never equal
+    e = torch.where(exact >= 0, exact, -1 - a - torch.arange(b).expand(n, b))
+    s = torch.cat([f, e], 1).sort(1).values
+    common = (s[:, 1:] == s[:, :-1]).sum(1)
+    return common.double() / (exact >= 0).sum(1).clamp_min(1)
+
+
+def csr_dense(counts: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Float64 [n, vocab] distributions from the CSR rows (counts [n], token ids, probabilities) of
+    memdec.pipeline.targets.knn_distribution."""
+    counts = counts.cpu()
+    row = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    out = torch.zeros((len(counts), vocab), dtype=torch.float64)
+    return out.index_put_((row, ids.cpu().long()), probs.cpu().double(), accumulate=True)
+
+
+def total_variation(a: tuple, b: tuple, vocab: int) -> torch.Tensor:
+    """Per row, 0.5 * sum |p_a - p_b| between two batches of CSR distributions (counts, ids, probs)."""
+    return 0.5 * (csr_dense(*a, vocab) - csr_dense(*b, vocab)).abs().sum(1)
+
+
+def check_ivfpq(args) -> str | None:
+    """A one-line error for bad --ivfpq-* values (before any work), or None."""
+    try:
+        (n, dim), = shapes(args.ivfpq)
+    except ValueError:
+        return f"--ivfpq {args.ivfpq!r}: expected one NxD shape such as 1e7x768"
+    try:
+        nprobes = [int(x) for x in args.ivfpq_nprobe.split(",") if x.strip()]
+    except ValueError:
+        return f"--ivfpq-nprobe {args.ivfpq_nprobe!r}: expected comma-separated integers such as 8,32,128"
+    nlist, m, nbits, train = args.ivfpq_nlist, args.ivfpq_m, args.ivfpq_nbits, args.ivfpq_train_rows
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return "--ivfpq needs faiss: pip install faiss-cpu (or faiss-gpu-cu12)"
+    if dim < 1 or n < 2:
+        return f"--ivfpq {args.ivfpq}: needs at least 2 keys of dimension >= 1"
+    if not 1 <= args.k < n:
+        return f"--k {args.k}: must be between 1 and keys - 1 ({n - 1}) for --ivfpq {args.ivfpq}"
+    if m is not None and (m < 1 or dim % m):
+        return f"--ivfpq-m {m}: must divide the key dimension {dim}"
+    if not 1 <= nbits <= 16:
+        return f"--ivfpq-nbits {nbits}: must be between 1 and 16"
+    if nlist is not None and not 1 <= nlist <= n:
+        return f"--ivfpq-nlist {nlist}: must be between 1 and the number of keys ({n})"
+    try:
+        factors = [int(x) for x in args.ivfpq_rerank.split(",") if x.strip()]
+    except ValueError:
+        factors = [0]
+    if factors and min(factors) < 1:
+        return f"--ivfpq-rerank {args.ivfpq_rerank!r}: expected comma-separated integers >= 1 such as 1,4"
+    if not nprobes or min(nprobes) < 1:
+        return f"--ivfpq-nprobe {args.ivfpq_nprobe!r}: needs values >= 1"
+    if nlist is not None and max(nprobes) > nlist:
+        return f"--ivfpq-nprobe {max(nprobes)}: more than --ivfpq-nlist {nlist} lists"
+    need = max(nlist or 1, 1 << nbits)
+    if min(train, n) < need:
+        return (f"--ivfpq-train-rows {train}: IVF-PQ training needs at least {need} keys "
+                f"(nlist and 2^nbits), {min(train, n)} available")
+    if not 1 <= args.ivfpq_queries <= n or args.ivfpq_query_batch < 1:
+        return f"--ivfpq-queries {args.ivfpq_queries}: must be between 1 and {n}; --ivfpq-query-batch >= 1"
+    if args.ivfpq_repeats < 1:
+        return f"--ivfpq-repeats {args.ivfpq_repeats}: must be >= 1"
+    if not 1 <= args.ivfpq_centres <= n:
+        return f"--ivfpq-centres {args.ivfpq_centres}: must be between 1 and {n}"
+    return None
+
+
+def bench_ivfpq(args, device: torch.device, n: int, dim: int, work: Path) -> dict:
+    """memdec's faiss IVF-PQ index against its exact torch search on n clustered keys: build seconds, then per
+    nprobe (with and without `refine`) queries/s, recall of the exact k neighbours and the mean total-variation
+    distance between the kNN target distributions of the two searches."""
+    import faiss
+
+    from memdec.core.formats import read_manifest
+    from memdec.inference.knn import neighbour_weights
+    from memdec.pipeline.datastore import Datastore
+    from memdec.pipeline.search import TorchIndex, build_index
+    from memdec.pipeline.targets import knn_distribution
+
+    k, qb, nq, temp, vocab = args.k, args.ivfpq_query_batch, args.ivfpq_queries, args.temperature, args.vocab
+    load_start, t_start = os.getloadavg()[0], time.perf_counter()
+    t0 = time.perf_counter()
+    keys = clustered_keys(n, dim, args.ivfpq_centres, device)
+    ds = Datastore.open(write_random_datastore(keys, work / f"ivfpq-{n}x{dim}", values=zipf_tokens(n, vocab)))
+    t_data = time.perf_counter() - t0
+    values = torch.from_numpy(ds.values).to(device)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(4))[:nq].to(device)
+    queries = keys[rows]  # stored rows, as `memdec targets` searches them (float16, on the device)
+    batches = [(s, min(s + qb, nq)) for s in range(0, nq, qb)]
+
+    def timed(index, kk: int = k + 1) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """All queries' k + 1 nearest of a search for kk (>= k + 1) neighbours, and queries/s."""
+        index.search(queries[:qb], kk)  # warm-up
+        t = math.inf
+        for _ in range(args.ivfpq_repeats):  # the fastest pass: the least disturbed by other processes
+            sync(device)
+            t0 = time.perf_counter()
+            out = [index.search(queries[a:b], kk) for a, b in batches]
+            sync(device)
+            t = min(t, time.perf_counter() - t0)
+        return torch.cat([o[0][:, : k + 1] for o in out]), torch.cat([o[1][:, : k + 1] for o in out]), nq / t
+
+    def targets(d: torch.Tensor, i: torch.Tensor) -> list[tuple]:
+        return [knn_distribution(d[a:b], i[a:b], rows[a:b], values, k, temp) for a, b in batches]
+
+    exact = TorchIndex(keys if device.type == "cuda" else keys.float(), device=device)
+    ed, ei, exact_qps = timed(exact)
+    exact_sets, exact_targets = without_self(ei, rows), targets(ed, ei)
+    weights, _ = neighbour_weights(*reversed(without_self(ei, rows, ed)), temp)  # softmax(-d / T), nearest first
+    mass = {f"nearest_{j}": round(float(weights[:, :j].sum(1).median()), 4) for j in (10, 100) if j < k}
+    mass[f"farthest_{k // 2}"] = round(float(weights[:, k - k // 2 :].sum(1).median()), 6)
+    del exact
+    threads = {"torch": torch.get_num_threads(), "faiss_omp": faiss.omp_get_max_threads(),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count()}
+    out = {"keys": n, "dim": dim, "k": k, "temperature": temp, "vocab": vocab, "centres": args.ivfpq_centres,
+           "key_rank": min(32, dim), "queries": nq, "query_batch": qb, "repeats": args.ivfpq_repeats,
+           "data_s": round(t_data, 2), "faiss": faiss.__version__, "threads": threads, "exact_queries_per_s": round(exact_qps, 1), "exact_mass_median": mass}
+    print("ivfpq: data and exact search done", out, flush=True)
+
+    nprobes = [int(x) for x in args.ivfpq_nprobe.split(",") if x.strip()]
+    t0 = time.perf_counter()
+    index = build_index(ds, "faiss-ivfpq", out=work / f"index-ivfpq-{n}x{dim}", nlist=args.ivfpq_nlist,
+                        m=args.ivfpq_m, nbits=args.ivfpq_nbits, nprobe=nprobes[0],
+                        train_size=args.ivfpq_train_rows, device=device, progress=False)
+    t_build = time.perf_counter() - t0
+    params = read_manifest(index.path, "index")["params"]
+    gpu = type(index.index).__name__.startswith("Gpu")
+    out.update(build_s=round(t_build, 2), nlist=params["nlist"], m=params["m"], nbits=params["nbits"],
+               train_rows=params["train_size"], faiss_on="gpu" if gpu else "cpu",
+               code_bytes=params["m"] * params["nbits"] // 8, index_type=type(index.index).__name__)
+    out["rows"] = [{"backend": "torch (exact)", "nprobe": None, "refine": None, "candidates": k + 1,
+                    "queries_per_s": round(exact_qps, 1), "recall": 1.0, "mean_tv": 0.0}]
+    # (refine, candidates searched): memdec's search as `memdec targets` runs it, without and with refine
+    # (exact distances of the k + 1 ids found), then refine over R (k + 1) candidates cut to the k + 1 nearest
+    factors = sorted({int(x) for x in args.ivfpq_rerank.split(",") if x.strip()} - {1})
+    variants = [(False, k + 1), (True, k + 1)] + [(True, min(f * (k + 1), n)) for f in factors]
+    print("ivfpq: built", {key: out[key] for key in ("build_s", "nlist", "m", "nbits", "faiss_on")}, flush=True)
+    for p in nprobes:
+        try:
+            index.set_nprobe(p)
+        except RuntimeError as e:  # a GPU index faiss.ParameterSpace may not know: faiss's GPU variant sets it
+            if not hasattr(faiss, "GpuParameterSpace"):
+                raise
+            faiss.GpuParameterSpace().set_index_parameter(index.index, "nprobe", p)
+            out.setdefault("notes", []).append(f"FaissIndex.set_nprobe({p}) failed "
+                                               f"({str(e).strip().splitlines()[-1][:200]}); set by GpuParameterSpace")
+        for refine, kk in variants:
+            index.refine = refine
+            try:
+                d, i, qps = timed(index, kk)
+            except RuntimeError as e:  # e.g. faiss-gpu's limit on k: the row says so, the others still run
+                msg = str(e).strip().splitlines()[-1][:200]
+                out["rows"].append({"backend": "faiss-ivfpq", "nprobe": p, "refine": refine, "candidates": kk,
+                                    "error": msg})
+                print("ivfpq: nprobe", p, "candidates", kk, "failed:", msg, flush=True)
+                continue
+            rec = recall(without_self(i, rows), exact_sets)
+            tv = torch.cat([total_variation(a, b, vocab) for a, b in zip(targets(d, i), exact_targets, strict=True)])
+            r = {"backend": "faiss-ivfpq", "nprobe": p, "refine": refine, "candidates": kk,
+                 "queries_per_s": round(qps, 1),
+                 "recall": round(float(rec.mean()), 5), "recall_min": round(float(rec.min()), 5),
+                 "mean_tv": round(float(tv.mean()), 5), "tv_p95": round(float(tv.quantile(0.95)), 5),
+                 "speedup_vs_exact": round(qps / exact_qps, 2)}
+            print("ivfpq:", r, flush=True)
+            out["rows"].append(r)
+    out.update(total_s=round(time.perf_counter() - t_start, 1), load_average_start=round(load_start, 2),
+               load_average_end=round(os.getloadavg()[0], 2))
     return out
 
 
@@ -398,11 +641,13 @@ def bench_train(args, shape: dict, device: torch.device, dtype: torch.dtype, rat
 
 def markdown(res: dict) -> str:
     m = res["matmul"]
-    lines = [f"# memdec pipeline benchmark ({res['device_name']}, {res['date']})", "",
-             f"Measured 8192^3 matmul rate: bfloat16 {m['bfloat16'] / 1e12:.0f} TFLOP/s, float16 "
-             f"{m['float16'] / 1e12:.0f} TFLOP/s. Floors: search 2 x queries x keys x dim FLOP at the float16 "
-             "rate; training (6 N + 12 L d T) FLOP per token at the bfloat16 rate.", ""]
-    lines += ["| stage | measure | value | vs floor |", "|---|---|---|---|"]
+    rate = (f"8192^3 matmul rate: bfloat16 {m['bfloat16'] / 1e12:.0f} TFLOP/s, float16 {m['float16'] / 1e12:.0f} "
+            "TFLOP/s" if res["device"].startswith("cuda") else
+            f"512^3 float32 matmul rate: {m['float16'] / 1e9:.0f} GFLOP/s")
+    head = [f"# memdec pipeline benchmark ({res['device_name']}, {res['date']})", "",
+            f"Measured {rate}. Floors: search 2 x queries x keys x dim FLOP at the float16 "
+            "rate; training (6 N + 12 L d T) FLOP per token at the bfloat16 rate.", ""]
+    lines = ["| stage | measure | value | vs floor |", "|---|---|---|---|"]
     a = res.get("datastore")
     if a:
         lines += [f"| datastore | plain forward, tokens/s | {a['forward_tokens_per_s']:,} | |",
@@ -426,7 +671,51 @@ def markdown(res: dict) -> str:
                          f"{c['window']}, support {c['support']}) | {c['tokens_per_s']:,} | {c['mfu']:.1%} MFU |")
         else:
             lines.append(f"| train | skipped | {c.get('skipped', '')} | |")
-    lines += ["", f"Model: {res['model']}; torch {res['torch']}; {res['dtype']}."]
+    lines = head + (lines + [""] if len(lines) > 2 else [])
+    if any(res.get(stage) for stage in ("datastore", "train")):
+        lines += [f"Model: {res['model']}; torch {res['torch']}; {res['dtype']}."]
+    else:
+        lines += [f"torch {res['torch']}."]
+    v = res.get("ivfpq")
+    if v:
+        th = v["threads"]
+        mass = ", ".join(f"{key.replace('_', ' ')}: {val:g}" for key, val in v.get("exact_mass_median", {}).items())
+        lines += ["", f"## IVF-PQ against exact search ({v['keys']:,} x {v['dim']} clustered float16 keys, "
+                  f"k = {v['k']}, T = {v['temperature']:g})", "",
+                  f"faiss {v['faiss']} on the {v['faiss_on'].upper()} ({v['index_type']}); threads: torch "
+                  f"{th['torch']}, faiss {th['faiss_omp']} (OMP_NUM_THREADS={th['OMP_NUM_THREADS']}, "
+                  f"{th['cpu_count']} cores; 1-minute load average {v['load_average_start']} at the start, "
+                  f"{v['load_average_end']} at the end). Index: nlist {v['nlist']:,}, m {v['m']} x "
+                  f"{v['nbits']} bits ({v['code_bytes']} bytes/key), trained on {v['train_rows']:,} keys; "
+                  f"build (train + add) {v['build_s']:,.1f} s. {v['queries']:,} queries (stored rows, own row "
+                  f"dropped), {v['query_batch']} per call, the fastest of {v['repeats']} timed passes. Keys: a "
+                  f"rank-{v['key_rank']} Gaussian mixture of {v['centres']:,} centres (`clustered_keys`), Zipf "
+                  f"tokens over {v['vocab']:,}.", "",
+                  "refine: no = faiss's PQ distances; k+1 = memdec's `refine` (what `memdec targets` does: exact "
+                  "distances of the k + 1 ids found, same ids); a number = that many candidates searched, refined, "
+                  "cut to the k + 1 nearest (not an option of memdec today). recall@k: share of the exact k "
+                  "neighbours found; TV: total-variation distance between the kNN target distributions "
+                  "(memdec.pipeline.targets.knn_distribution) from these and from the exact neighbours. "
+                  f"Median share of the exact neighbours' softmax weight (T as above) on their {mass}.", "",
+                  "| search | nprobe | refine | queries/s | vs exact | recall@k | mean TV | TV p95 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in v["rows"]:
+            if r["nprobe"] is None:
+                probe, refine, speed, p95 = "", "", "1x", ""
+            else:
+                probe = str(r["nprobe"])
+                kk = r.get("candidates", v["k"] + 1)
+                refine = "no" if not r["refine"] else "k+1" if kk == v["k"] + 1 else f"{kk:,}"
+                speed, p95 = f"{r.get('speedup_vs_exact', 0):g}x", f"{r.get('tv_p95', 0):.4f}"
+            if r.get("error"):
+                lines.append(f"| {r['backend']} | {probe} | {refine} | failed: {r['error']} | | | | |")
+                continue
+            lines.append(f"| {r['backend']} | {probe} | {refine} | {r['queries_per_s']:,.1f} | {speed} | "
+                         f"{r['recall']:.4f} | {r['mean_tv']:.4f} | {p95} |")
+        for note in v.get("notes", []):
+            lines.append(f"\nNote: {note}")
+    if res.get("command"):
+        lines += ["", f"Command: `{res['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -458,7 +747,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-qwen", action="store_true", help="also time a Qwen2.5-0.5B-shaped model")
     p.add_argument("--profile", action="store_true", help="write torch.profiler tables to OUT/profile.txt")
     p.add_argument("--support", type=int, default=1024, help="kNN target entries per position in (c)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["datastore", "targets", "stream", "train"])
+    p.add_argument("--ivfpq", default="", help="keys x dim of the IVF-PQ comparison (e.g. 1e7x768; empty: skipped)")
+    p.add_argument("--ivfpq-nlist", type=int, help="IVF lists (default: memdec's, 4 sqrt(keys))")
+    p.add_argument("--ivfpq-m", type=int, help="PQ sub-quantizers, must divide dim (default: memdec's, <= 64)")
+    p.add_argument("--ivfpq-nbits", type=int, default=8, help="bits per PQ sub-quantizer")
+    p.add_argument("--ivfpq-nprobe", default="8,32,128", help="comma-separated lists visited per query")
+    p.add_argument("--ivfpq-train-rows", type=int, default=1 << 18, help="keys the index is trained on")
+    p.add_argument("--ivfpq-rerank", default="1,4", help="also refine R x (k + 1) candidates for each R > 1 "
+                   "(1: memdec's refine alone, over the k + 1 ids found)")
+    p.add_argument("--ivfpq-queries", type=int, help="timed queries (default 4096; --small 256)")
+    p.add_argument("--ivfpq-query-batch", type=int, help="queries per search call (default 1024 on cuda, else 256)")
+    p.add_argument("--ivfpq-repeats", type=int, default=1, help="timed passes over the queries (the fastest counts)")
+    p.add_argument("--ivfpq-centres", type=int, help="Gaussian-mixture centres of the keys (default 4096; --small 32)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["datastore", "targets", "stream", "train", "ivfpq"])
     args = p.parse_args(argv)
     small = args.small
     shape = ({"vocab": 1000, "dim": 64, "layers": 2, "heads": 4, "window": 128} if small else
@@ -472,12 +773,22 @@ def main(argv: list[str] | None = None) -> int:
         args.train_batch, args.train_steps = min(args.train_batch, 2), min(args.train_steps, 3)
         args.support = min(args.support, 32)
     device = torch.device(args.device)
+    args.vocab = shape["vocab"]
+    args.ivfpq_queries = args.ivfpq_queries or (256 if small else 4096)
+    args.ivfpq_query_batch = args.ivfpq_query_batch or (1024 if device.type == "cuda" else 256)
+    args.ivfpq_centres = args.ivfpq_centres or (32 if small else 4096)
+    run_ivfpq = bool(args.ivfpq) and "ivfpq" not in args.skip
+    error = check_ivfpq(args) if run_ivfpq else None
+    if error:
+        print(f"bench_pipeline.py: error: {error}", file=sys.stderr)
+        return 2
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_name()})"
     res = {"device": str(device), "device_name": name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
            "model": f"GPT-2-shaped random weights: {shape['layers']} x {shape['dim']}, vocab {shape['vocab']}, "
-                    f"window {shape['window']}", "small": small}
+                    f"window {shape['window']}", "small": small,
+           "command": "python benchmarks/bench_pipeline.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res["matmul"] = matmul_rate(device)
@@ -516,6 +827,10 @@ def main(argv: list[str] | None = None) -> int:
                     print("stream:", r, flush=True)
                     res["stream"].append(r)
                     save()
+        if run_ivfpq:
+            (n, dim), = shapes(args.ivfpq)
+            res["ivfpq"] = bench_ivfpq(args, device, n, dim, Path(work))
+            save()
     if "train" not in args.skip:
         res["train"] = []
         variants = [(True, "compiled")] + ([(True, "blockwise"), (False, "blockwise")] if args.train_eager else [])
