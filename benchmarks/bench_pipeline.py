@@ -526,10 +526,10 @@ def bench_ivfpq(args, device: torch.device, n: int, dim: int, work: Path) -> dic
                code_bytes=params["m"] * params["nbits"] // 8, index_type=type(index.index).__name__)
     out["rows"] = [{"backend": "torch (exact)", "nprobe": None, "refine": None, "candidates": k + 1,
                     "queries_per_s": round(exact_qps, 1), "recall": 1.0, "mean_tv": 0.0}]
-    # (refine, candidates searched): memdec's search as `memdec targets` runs it, without and with refine
-    # (exact distances of the k + 1 ids found), then refine over R (k + 1) candidates cut to the k + 1 nearest
+    # (refine, k_factor): memdec's search as `memdec targets` runs it, without and with refine (exact distances
+    # of the k + 1 ids found), then with the index's k_factor R: R (k + 1) candidates re-ranked, the k + 1 nearest kept
     factors = sorted({int(x) for x in args.ivfpq_rerank.split(",") if x.strip()} - {1})
-    variants = [(False, k + 1), (True, k + 1)] + [(True, min(f * (k + 1), n)) for f in factors]
+    variants = [(False, 1), (True, 1)] + [(True, f) for f in factors]
     print("ivfpq: built", {key: out[key] for key in ("build_s", "nlist", "m", "nbits", "faiss_on")}, flush=True)
     for p in nprobes:
         try:
@@ -540,10 +540,10 @@ def bench_ivfpq(args, device: torch.device, n: int, dim: int, work: Path) -> dic
             faiss.GpuParameterSpace().set_index_parameter(index.index, "nprobe", p)
             out.setdefault("notes", []).append(f"FaissIndex.set_nprobe({p}) failed "
                                                f"({str(e).strip().splitlines()[-1][:200]}); set by GpuParameterSpace")
-        for refine, kk in variants:
-            index.refine = refine
+        for refine, factor in variants:
+            index.refine, index.k_factor, kk = refine, factor, min(factor * (k + 1), n)
             try:
-                d, i, qps = timed(index, kk)
+                d, i, qps = timed(index)
             except RuntimeError as e:  # e.g. faiss-gpu's limit on k: the row says so, the others still run
                 msg = str(e).strip().splitlines()[-1][:200]
                 out["rows"].append({"backend": "faiss-ivfpq", "nprobe": p, "refine": refine, "candidates": kk,
@@ -693,7 +693,7 @@ def markdown(res: dict) -> str:
                   f"tokens over {v['vocab']:,}.", "",
                   "refine: no = faiss's PQ distances; k+1 = memdec's `refine` (what `memdec targets` does: exact "
                   "distances of the k + 1 ids found, same ids); a number = that many candidates searched, refined, "
-                  "cut to the k + 1 nearest (not an option of memdec today). recall@k: share of the exact k "
+                  "cut to the k + 1 nearest (the index's k_factor: `memdec index --k-factor R`). recall@k: share of the exact k "
                   "neighbours found; TV: total-variation distance between the kNN target distributions "
                   "(memdec.pipeline.targets.knn_distribution) from these and from the exact neighbours. "
                   f"Median share of the exact neighbours' softmax weight (T as above) on their {mass}.", "",

@@ -207,6 +207,9 @@ def _add_index(sub) -> None:
     p.add_argument("--m", type=int, help="IVF-PQ: code size = sub-quantizers, must divide the key dim (default <= 64)")
     p.add_argument("--nprobe", type=int, default=32, help="IVF-PQ: lists visited per query (default 32)")
     p.add_argument("--train-size", type=int, default=1 << 18, help="IVF-PQ: random keys to train on")
+    p.add_argument("--k-factor", type=int, default=1,
+                   help="IVF-PQ: search k_factor x k candidates and keep the k nearest by exact distance "
+                        "(default 1: re-score only the k found; see benchmarks/results/ivfpq-*.md)")
     p.add_argument("--device", help="cuda to build on the GPU (faiss-gpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
 
@@ -215,7 +218,7 @@ def _add_index(sub) -> None:
 
         index = build_index(args.datastore, args.backend, out=args.out, nlist=args.nlist, m=args.m,
                             nprobe=args.nprobe, train_size=args.train_size, device=args.device,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, k_factor=args.k_factor)
         print(index.path)
 
     p.set_defaults(func=run)

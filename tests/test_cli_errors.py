@@ -212,6 +212,13 @@ def test_index_and_targets_errors(tiny_datastore, tmp_path, capsys):
     assert main(["index", "--datastore", tiny_datastore, "--backend", "faiss-ivfpq", "--nprobe", "0",
                  "--out", str(tmp_path / "idx")]) == 2
     one_line_error(capsys, "index", "nprobe", ">= 1", "got 0")
+    assert main(["index", "--datastore", tiny_datastore, "--backend", "faiss-ivfpq", "--k-factor", "0",
+                 "--out", str(tmp_path / "idx")]) == 2
+    one_line_error(capsys, "index", "k_factor (--k-factor)", ">= 1", "got 0")
+    assert main(["index", "--datastore", tiny_datastore, "--backend", "faiss-flat", "--k-factor", "2",
+                 "--out", str(tmp_path / "idx")]) == 2
+    one_line_error(capsys, "index", "k_factor = 2: only for faiss-ivfpq")
+    assert not (tmp_path / "idx").exists()
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert main(["index", "--datastore", tiny_datastore, "--out", str(afile / "idx")]) == 2

@@ -189,3 +189,33 @@ def test_memory_cap_from_the_environment(monkeypatch):
     monkeypatch.setenv(MAX_MEMORY_ENV, "lots")
     with pytest.raises(ValueError, match="MEMDEC_SEARCH_MAX_MEMORY='lots': expected a byte count"):
         TorchIndex(torch.zeros((10, 4)), device="cpu")
+
+
+def test_ivfpq_k_factor_reranks_more_candidates_and_raises_recall(tiny_datastore, tmp_path):
+    """refine alone re-scores the k ids faiss found (same ids, same recall); k_factor F re-ranks F k candidates by
+    exact distance: with every list probed and every key a candidate, the float64 brute force's neighbours."""
+    ds = Datastore.open(shutil.copytree(tiny_datastore, tmp_path / "ds"))
+    queries = torch.from_numpy(ds.keys(1000, 1100)).float()
+    k = 10
+    _, ref_i = brute_force(ds.keys(), queries.numpy(), k)
+    ivf = build_index(ds, "faiss-ivfpq", nlist=16, m=8, nprobe=16, train_size=3000, progress=False)
+    assert ivf.k_factor == 1
+    _, i1 = ivf.search(queries, k)
+    _, i0 = load_index(ivf.path, refine=False).search(queries, k)
+    assert np.array_equal(np.sort(i1.numpy(), 1), np.sort(i0.numpy(), 1))  # refine: same ids
+    recall = lambda i: np.mean([len(set(a) & set(b)) / k for a, b in zip(i.numpy(), ref_i, strict=True)])  # noqa: E731
+    assert recall(i1) < 1.0
+    every = build_index(ds, "faiss-ivfpq", out=tmp_path / "ivf-all", nlist=16, m=8, nprobe=16, train_size=3000,
+                        k_factor=-(-ds.n // k), progress=False)
+    assert json.loads((every.path / "manifest.json").read_text())["params"]["k_factor"] == -(-ds.n // k)
+    d, i = load_index(every.path).search(queries, k)  # the saved k_factor is used
+    assert recall(i) == 1.0
+    np.testing.assert_allclose(d.numpy(), exact_distances(queries, i, ds).numpy(), rtol=1e-6)
+    assert load_index(every.path, refine=False).k_factor == 1  # without refine there is nothing to re-rank
+    for bad, match in ((0, "k_factor \\(--k-factor\\) must be an integer >= 1, got 0"), (2.5, "got 2.5"),
+                       (True, "got True")):
+        with pytest.raises(ValueError, match=match):
+            build_index(ds, "faiss-ivfpq", out=tmp_path / "bad", k_factor=bad, progress=False)
+    with pytest.raises(ValueError, match="k_factor = 4: only for faiss-ivfpq \\(the faiss-flat search is exact\\)"):
+        build_index(ds, "faiss-flat", out=tmp_path / "bad", k_factor=4, progress=False)
+    assert not (tmp_path / "bad").exists()

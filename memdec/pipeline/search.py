@@ -460,13 +460,20 @@ def _to_gpu(index, device: torch.device | None):
 
 
 class FaissIndex:
-    """A faiss index over datastore rows; `refine` recomputes exact distances from the stored keys."""
+    """A faiss index over datastore rows; `refine` recomputes exact distances from the stored keys.
 
-    def __init__(self, index, backend: str, datastore: Datastore | None = None, refine: bool = False):
+    With `k_factor` F > 1 (refine only; faiss's IndexRefine calls it k_factor) a search for k neighbours asks
+    faiss for F k candidates, re-ranks them by exact distance and keeps the k nearest: refine alone re-scores
+    only the k ids found, so it fixes distances but not recall.
+    """
+
+    def __init__(self, index, backend: str, datastore: Datastore | None = None, refine: bool = False,
+                 k_factor: int = 1):
         self.index = index
         self.backend = backend
         self.datastore = datastore
         self.refine = refine
+        self.k_factor = check_k_factor(k_factor, refine)
         self.n, self.dim = int(index.ntotal), int(index.d)
         self.path: Path | None = None
         if refine and datastore is None:
@@ -484,11 +491,20 @@ class FaissIndex:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries: expected shape [n, {self.dim}], got {tuple(queries.shape)}")
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        d, i = self.index.search(q, k)
+        d, i = self.index.search(q, min(self.n, k * self.k_factor))
         d, i = torch.from_numpy(d), torch.from_numpy(i).long()
         d[i < 0] = float("inf")
         d, i = _sort(exact_distances(queries.detach().cpu(), i, self.datastore) if self.refine else d, i, k)
         return d.to(queries.device), i.to(queries.device)
+
+
+def check_k_factor(k_factor: Any, refine: bool = True) -> int:
+    """`k_factor` as an int >= 1; above 1 it needs refine (exact re-ranking). One-line ValueError otherwise."""
+    if isinstance(k_factor, bool) or not isinstance(k_factor, int | np.integer) or int(k_factor) < 1:
+        raise ValueError(f"k_factor (--k-factor) must be an integer >= 1, got {k_factor!r}")
+    if int(k_factor) > 1 and not refine:
+        raise ValueError(f"k_factor = {k_factor} re-ranks candidates by exact distance: it needs refine")
+    return int(k_factor)
 
 
 def _default_m(dim: int) -> int:
@@ -537,13 +553,17 @@ def build_index(
     device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    k_factor: int = 1,
 ):
     """Build the `backend` index of a datastore, save it to `out` (default DATASTORE/index-<backend>) and
     return it loaded (its `.path` is the folder). IVF-PQ: `nlist` lists, `m` sub-quantizers of `nbits`
-    bits, trained on `train_size` random keys, `nprobe` lists visited per query."""
+    bits, trained on `train_size` random keys, `nprobe` lists visited per query, `k_factor` x k candidates
+    re-ranked exactly per search (FaissIndex)."""
     ds = _as_datastore(datastore)
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if check_k_factor(k_factor) != 1 and backend != "faiss-ivfpq":
+        raise ValueError(f"k_factor = {k_factor}: only for faiss-ivfpq (the {backend} search is exact)")
     for name, value in (("nprobe", nprobe), ("nlist", nlist), ("m", m), ("train_size", train_size)):
         if value is not None and int(value) < 1:
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
@@ -559,6 +579,7 @@ def build_index(
         index, params = _faiss_index(ds, backend, nlist, m, nbits, train_size, seed, dev, progress)
         if backend == "faiss-ivfpq":
             params["nprobe"] = nprobe
+            params["k_factor"] = int(k_factor)
         if hasattr(faiss, "index_gpu_to_cpu") and dev is not None and dev.type == "cuda":
             index = faiss.index_gpu_to_cpu(index)
         faiss.write_index(index, str(tmp / "index.faiss"))
@@ -599,7 +620,8 @@ def load_index(path: str | os.PathLike, datastore: Datastore | str | os.PathLike
                               f"{ds.n} of dim {ds.dim}")
         dev = torch.device(device) if device is not None else None
         refine = (backend == "faiss-ivfpq") if refine is None else refine
-        index = FaissIndex(_to_gpu(raw, dev), backend, ds, refine)
+        k_factor = int(man["params"].get("k_factor", 1)) if refine else 1
+        index = FaissIndex(_to_gpu(raw, dev), backend, ds, refine, k_factor)
         if "nprobe" in man["params"]:
             index.set_nprobe(man["params"]["nprobe"])
     else:
