@@ -15,12 +15,13 @@ Steps (each skipped when its output is complete, so a rerun after a kill or a ti
              (memdec.eval.tune_knnlm), a per-token router per base (memdec.inference.router, issue 17) on the
              domain's valid split + general/valid; then memdec-eval (in process) of every base x method on the
              domain's test split and on general/test (+MemDec, +MemDec (router), +kNN-LM, +In-Context RAG, and
-             RAG at the paper's stride and the copy check where the config asks), RAG's retrieval check and
-             each base's copy ability (rag_check.py) and the case study (case_study.py)
+             RAG at the paper's stride and the copy check where the config asks), RAG's retrieval check
+             (rag_check.py) and the case study (case_study.py)
    finetune  per domain, beside it: DAPT and LoRA (rank matched to the Memory Decoder) of the largest base at
              every learning rate of the grid, the one with the lowest valid perplexity, every other base at it,
              and their memdec-eval runs
-6. eval      every base alone on the three domain tests and general/test
+6. eval      every base alone on the three domain tests and general/test; each base's copy ability on the
+             copy check's domains (rag_check.copy_ability)
 7. report    `memdec report` over RUN/results (RUN/report/report.md, .csv, .png) and RUN/report/results.md
              (card, stage times, lmbda, tables, the paper's claims checked against the numbers:
              reports/claims.py, also `memdec report --claims RUN/results`)
@@ -401,9 +402,6 @@ def job_domain(cfg: dict[str, Any], paths: Paths, dom: str, methods: tuple[str, 
             paths.copy_corpus(dom), read_capped(paths.corpus(dom, "train"), None)
             + read_capped(paths.corpus(dom, "test"), None)))
         st("rag-retrieval", paths.rag_check(dom).exists(), lambda: rag_retrieval_stage(cfg, paths, dom))
-        for base in paths.bases:  # can the bases copy what they are shown at all?
-            st(f"copy-ability:{base}", paths.copy_ability(dom, base).exists(),
-               lambda base=base: copy_ability_stage(cfg, paths, dom, base, dev))
 
     evaluate(st, cfg, paths, dom, tuple(m for m in methods if m not in FINETUNED))
 
@@ -605,6 +603,7 @@ def copy_ability_stage(cfg: dict, paths: Paths, dom: str, base: str, dev: str) -
     tokens = tokenize(read_capped(paths.corpus(dom, "test"), None), tok, progress=False)
     res = copy_ability(str(paths.model(base)), tokens, span=int(c.get("span", 128)),
                        n_spans=int(c.get("n_spans", 32)), batch_size=int(cfg["eval"]["batch_size"]), device=dev)
+    paths.copy_ability(dom, base).parent.mkdir(parents=True, exist_ok=True)
     write_json(paths.copy_ability(dom, base), {"domain": dom, "base": base, **res})
 
 
@@ -690,7 +689,8 @@ def run_eval(cfg: dict, paths: Paths, group: str, name: str, model: str, model_a
 
 
 def job_eval_bases(cfg: dict, paths: Paths) -> None:
-    """Every base alone on the domain tests and general/test."""
+    """Every base alone on the domain tests and general/test; on the RAG copy check's domains, whether each base
+    can copy a span it is shown (rag_check.copy_ability: a property of the base, so it needs only the bases)."""
     st = Stages(paths.times, "eval:bases")
     tasks = [TASKS[d] for d in cfg["domains"]] + [TASKS["general"]]
     for base in paths.bases:
@@ -698,6 +698,10 @@ def job_eval_bases(cfg: dict, paths: Paths) -> None:
         st(f"eval:{base}__base", eval_done(paths, "base", f"{base}__base"),
            lambda model=model, args=args, base=base: run_eval(cfg, paths, "base", f"{base}__base", model, args,
                                                               tasks, {"method": "base", "base": base}))
+    for dom in (d for d in rag_settings(cfg, "copy_check") if d in cfg["domains"]):
+        for base in paths.bases:
+            st(f"copy-ability:{dom}:{base}", paths.copy_ability(dom, base).exists(),
+               lambda dom=dom, base=base: copy_ability_stage(cfg, paths, dom, base, _device()))
 
 
 # ------------------------------------------------------------------------------------ orchestration
