@@ -754,3 +754,28 @@ def test_graphed_decoder_hidden_compiled_matches_eager(monkeypatch):
                 torch.testing.assert_close(o[:, :96], w.logits[:, t - 1], atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(o[:, 96:], w.hidden_states[-1][:, t - 1], atol=1e-5, rtol=1e-5)
             outs = dec.step(ids[:, t])
+
+
+def test_plain_and_hidden_runners_share_one_compiled_backbone(monkeypatch):
+    """Where the model splits, both runners compile its backbone (the head runs after it): the hidden runner after
+    the plain one compiles nothing new (one cold compile per model, not two), and both give the eager numbers."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("MEMDEC_COMPILE_MODE", "full")
+    model = _tiny_lm("qwen2", n_layer=2, seed=7)
+    ids = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want_l, want_h = _hidden_reference(copy.deepcopy(model), ids, 0)
+    runner = _force_compiled(model)
+    torch.testing.assert_close(runner(ids), want_l, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(runner(ids, keep=3), want_l[:, -3:], atol=1e-5, rtol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    hrunner = _force_compiled(model, hidden=True)
+    assert hrunner._forward is runner._forward  # the model's one compiled backbone forward
+    assert "_memdec_compiled" not in copy.deepcopy(model).__dict__ or not copy.deepcopy(model)._memdec_compiled
+    with dynamo.config.patch(error_on_recompile=True):
+        logits, hidden = hrunner(ids)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(logits, want_l, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden, want_h, atol=1e-5, rtol=1e-5)

@@ -388,6 +388,13 @@ def regional_compile(model: torch.nn.Module, **compile_kwargs: Any) -> RegionalC
     return entry
 
 
+class _CompiledForwards(dict):
+    """A model's compiled forwards, by (module, settings); a deep copy of the model starts without them."""
+
+    def __deepcopy__(self, memo: dict) -> _CompiledForwards:
+        return _CompiledForwards()
+
+
 class GraphedForward:
     """A causal LM's logits for right-padded batches (no attention mask); on CUDA compiled and graphed.
 
@@ -434,8 +441,9 @@ class GraphedForward:
         return None  # a deep copy of the model gets no graphs of this one's weights (graphed() makes new ones)
 
     def _target(self) -> torch.nn.Module:
-        """The module whose forward this runner calls: the model, or for `hidden` its backbone (`hidden_target`)."""
-        return hidden_target(self.model) if self.hidden else self.model
+        """The module whose forward this runner compiles: the backbone where the model splits (`head_split`; the
+        head runs after it), plain and hidden runners alike, so the two share one compiled code; else the model."""
+        return hidden_target(self.model)
 
     def _compiled_forward(self, **compile_kwargs: Any) -> Callable:
         """The model's forward compiled as `compile_mode` says (`compile_kwargs`, e.g. a backend, go to torch.compile)."""
@@ -447,10 +455,18 @@ class GraphedForward:
                 return self._regional.wrap(target.forward)
             log.info("memdec.inference.fast: %s has no decoder layer list; compiling its whole forward",
                      type(self.model).__name__)
-        return torch.compile(target.forward, dynamic=True, **compile_kwargs)
+        # one compiled forward per model (and settings), shared by its plain and hidden runners
+        shared = self.model.__dict__.setdefault("_memdec_compiled", _CompiledForwards())
+        key = (id(target), tuple(sorted(compile_kwargs.items(), key=lambda kv: kv[0])))
+        if key not in shared:
+            shared[key] = torch.compile(target.forward, dynamic=True, **compile_kwargs)
+        return shared[key]
 
     def _logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        return (lm_logits_hidden if self.hidden else lm_logits)(self.model, ids, None, keep, self._forward)
+        if self.hidden or head_split(self.model) is not None:
+            out = lm_logits_hidden(self.model, ids, None, keep, self._forward)
+            return out if self.hidden else out[0]
+        return lm_logits(self.model, ids, None, keep, self._forward)
 
     def _plain(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         if self.use_compile:
