@@ -779,3 +779,17 @@ def test_plain_and_hidden_runners_share_one_compiled_backbone(monkeypatch):
     assert counters["stats"]["unique_graphs"] == graphs
     torch.testing.assert_close(logits, want_l, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hidden, want_h, atol=1e-5, rtol=1e-5)
+
+
+def test_head_split_accepts_a_model_that_upcasts_its_logits():
+    """A causal LM returning float32 logits of a bfloat16 head (exact upcast) keeps the split."""
+    model = _tiny_lm("qwen2", n_layer=1, seed=8).to(torch.bfloat16)
+    plain_forward = model.forward
+
+    def forward(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        out.logits = out.logits.float()
+        return out
+
+    model.forward = forward
+    assert fast.head_split(model) == (model.base_model, model.get_output_embeddings())

@@ -236,8 +236,9 @@ def head_split(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(backbone, LM head) of a causal LM whose logits are exactly `head(backbone(...)[0])`, else None.
 
     The backbone is `model.base_model` (Qwen2Model, GPT2Model, ...). Checked once per model: its own logits
-    of a 4-token input must equal the split's bit for bit, which rules out final-logit soft-capping or
-    scaling (Gemma 2, Cohere, Granite) that a causal LM class adds after the head.
+    of a 4-token input must equal the split's bit for bit (after a cast to their dtype, where the model
+    upcasts), which rules out final-logit soft-capping or scaling (Gemma 2, Cohere, Granite) that a causal
+    LM class adds after the head. A model that fails the check still works (output_hidden_states), slower.
     """
     cached = model.__dict__.get("_memdec_head_split", _UNSET)
     if cached is not _UNSET:
@@ -253,7 +254,7 @@ def head_split(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
             with torch.no_grad():
                 want = model(input_ids=ids, use_cache=False).logits
                 got = head(backbone(input_ids=ids, use_cache=False)[0])
-            if want.shape == got.shape and torch.equal(want, got):
+            if want.shape == got.shape and torch.equal(want, got.to(want.dtype)):  # an upcast of the logits is exact
                 result = (backbone, head)
         except Exception as e:  # an unusual model: the output_hidden_states path below still works
             log.info("memdec.inference.fast: %s: no backbone/head split (%s)", type(model).__name__, first_line(e, typed=True))
