@@ -48,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memdec.pipeline.data import sliding_windows, tokenize, window_batch  # noqa: E402
+from memdec.pipeline.targets import drop_self as without_self  # noqa: E402  (the targets' own-row rule)
 
 
 def word_tokenizer(vocab_size: int):
@@ -373,17 +374,6 @@ def clustered_keys(n: int, dim: int, centres: int, device: torch.device, seed: i
         latent += spread * torch.randn((e - s, r), generator=gen, device=device)
         keys[s:e] = (latent @ proj + noise * torch.randn((e - s, dim), generator=gen, device=device)).half()
     return keys
-
-
-def without_self(ids: torch.Tensor, rows: torch.Tensor, *others: torch.Tensor) -> torch.Tensor | tuple:
-    """The k of each query's k + 1 neighbour ids left by memdec.pipeline.targets' rule: its own row
-    (`rows`) dropped wherever it is, else the farthest; with `others` ([n, k + 1] each, e.g. the
-    distances), those cut the same way too (a tuple)."""
-    is_self = ids == rows.to(ids.device)[:, None]
-    keep = ~is_self
-    keep[:, -1] &= is_self.any(1)
-    cut = [t[keep.to(t.device)].view(len(ids), ids.shape[1] - 1) for t in (ids, *others)]
-    return tuple(cut) if others else cut[0]
 
 
 def recall(found: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,17 @@ def _renormalise_fp16(p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def drop_self(ids: torch.Tensor, query_ids: torch.Tensor, *others: torch.Tensor) -> torch.Tensor | tuple:
+    """The k of each query's k + 1 neighbour ids ([n, k + 1]) left when its own row (`query_ids`) is dropped,
+    wherever it is, else the farthest; with `others` ([n, k + 1] each, e.g. the distances) those are cut the
+    same way too and (ids, *others) is returned."""
+    is_self = ids == query_ids.to(ids.device)[:, None]
+    keep = ~is_self
+    keep[:, -1] &= is_self.any(1)  # no self among them: drop the farthest instead
+    cut = [t[keep.to(t.device)].view(len(ids), ids.shape[1] - 1) for t in (ids, *others)]
+    return tuple(cut) if others else cut[0]
+
+
 def knn_distribution(dist: torch.Tensor, ids: torch.Tensor, query_ids: torch.Tensor, values: torch.Tensor,
                      k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sparse kNN distributions from a search for k + 1 neighbours ([n, k+1] distances and ids).
@@ -77,14 +88,10 @@ def knn_distribution(dist: torch.Tensor, ids: torch.Tensor, query_ids: torch.Ten
     distribution (`values`: token id of every datastore row), cast to float16 summing to 1. Returns (counts [n] int64,
     token ids int32, float16 probabilities), the entries of row r following those of row r - 1.
     """
-    n = len(dist)
-    dev = dist.device
-    ids = ids.to(dev)
-    is_self = ids == query_ids.to(dev)[:, None]
-    keep = ~is_self
-    keep[:, -1] &= is_self.any(1)  # no self among them: drop the farthest instead
-    d = dist[keep].view(n, k).double()
-    i = ids[keep].view(n, k)
+    if ids.shape[1] != k + 1:
+        raise ValueError(f"knn_distribution: {ids.shape[1]} neighbours per query, k + 1 = {k + 1} expected")
+    i, d = drop_self(ids.to(dist.device), query_ids, dist)
+    d = d.double()
     if not bool(((i >= 0) & torch.isfinite(d)).any(1).all()):
         raise ValueError("kNN search returned no neighbour for some rows (raise nprobe or use an exact backend)")
     tok, seg, keep = knn_distribution_of(d, i, values, temperature)
