@@ -53,13 +53,12 @@ def reference_counts(reference: str | Path, tokenizer, cache_dir: str | Path | N
     """How often each token id occurs in the `reference` corpus, (len(tokenizer),) int64.
 
     With `cache_dir` the counts are kept there as one .npy per (corpus path, size, mtime, tokenizer
-    fingerprint), so a run's domains tokenize a large reference once; written under a temporary name and
-    renamed (workers may race: each writes the same numbers).
+    fingerprint), so a run's domains tokenize a large reference once (`save_npy`: workers may race, each
+    writes the same numbers).
     """
     import hashlib
-    import os
 
-    from memdec.core.formats import load_npy
+    from memdec.core.formats import load_npy, save_npy
     from memdec.inference.mixing import tokenizer_fingerprint
     from memdec.pipeline.data import CorpusSpec, load_texts, tokenize
 
@@ -74,9 +73,7 @@ def reference_counts(reference: str | Path, tokenizer, cache_dir: str | Path | N
     counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=len(tokenizer)).astype(np.int64)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f"{cached.stem}.tmp-{os.getpid()}.npy")
-        np.save(tmp, counts, allow_pickle=False)
-        os.replace(tmp, cached)
+        save_npy(cached, counts)
     return counts
 
 

@@ -48,9 +48,10 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Save one array atomically."""
+    """Save one array atomically (a temporary name of this process, then a rename: concurrent writers of the same
+    array never share a temporary file)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npy")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npy")
     np.save(tmp, array, allow_pickle=False)
     os.replace(tmp, path)
 
