@@ -119,7 +119,7 @@ def model_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 def model_logprobs_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int,
                           temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`model_logprobs` and the final hidden state (B, T, H) that fed the LM head (for a router)."""
-    from memdec.inference.router import capture_head_input
+    from memdec.inference.fast import capture_head_input
 
     with capture_head_input(model) as seen:
         logp = model_logprobs(model, input_ids, attention_mask, vocab_size, temperature)
@@ -455,7 +455,7 @@ class MemoryDecoder:
 
         With a router, the last position's final hidden state is kept in `self._hidden[model]`.
         """
-        from memdec.inference.router import capture_head_input
+        from memdec.inference.fast import capture_head_input
 
         device = model.device
         name = cache_kwarg(model)

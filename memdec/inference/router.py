@@ -31,7 +31,7 @@ from torch import nn
 
 from memdec.core.errors import first_line
 from memdec.core.formats import commit_partial, open_partial, read_json, write_json
-from memdec.inference.fast import capture_head_input  # noqa: F401  (its owner is fast; re-exported)
+from memdec.inference.fast import lm_logits_hidden
 from memdec.inference.mixing import check_lmbda, mix_logprobs, tokenizer_fingerprint
 
 ROUTER_CONFIG = "router_config.json"
@@ -180,13 +180,6 @@ def routed_target_logprobs(base_lp: torch.Tensor, memory_lp: torch.Tensor, log_w
 # ---- hidden states ----
 
 
-def forward_with_hidden(model, **kwargs) -> tuple[Any, torch.Tensor]:
-    """(model(**kwargs), the final hidden state that fed its LM head)."""
-    with capture_head_input(model) as seen:
-        out = model(**kwargs)
-    return out, seen[-1]
-
-
 def hidden_size(model) -> int:
     cfg = model.config
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -327,8 +320,8 @@ def model_features(model, tokens: np.ndarray, window: int, stride: int | None = 
     for i in tqdm(range(0, len(windows), batch_size), desc=f"features ({what})", disable=not progress):
         chunk = windows[i : i + batch_size]
         ids, attn, _ = window_batch(tokens_t, chunk, pad_id)
-        res, hid = forward_with_hidden(model, input_ids=ids.to(device), attention_mask=attn.to(device))
-        lp = log_softmax(res.logits[:, :-1], vocab_size, temperature)
+        logits, hid = lm_logits_hidden(model, ids.to(device), attn.to(device))  # the scoring paths' hidden state
+        lp = log_softmax(logits[:, :-1], vocab_size, temperature)
         tgt = lp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu().double()
         sc = distribution_scalars(lp).cpu()
         hid = hid[:, :-1].float().cpu()
