@@ -72,18 +72,19 @@ def copy_spans(tokens: np.ndarray, span: int, n_spans: int) -> np.ndarray:
 
 
 def copy_ability(model_path: str, tokens: np.ndarray, span: int = 128, n_spans: int = 32, batch_size: int = 8,
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, vocab_size: int | None = None) -> dict[str, Any]:
     """Whether a model copies from its context: mean NLL (nats per token) of `n_spans` test spans of `span`
     tokens each shown twice in a row, on tokens 1..span-1 of the first copy and of the second.
 
     A model with induction heads predicts the second copy almost perfectly (NLL near 0); a model that cannot
     copy scores both copies alike, and then In-Context RAG cannot help it even when the retrieved chunk holds
-    the continuation (the copy check).
+    the continuation (the copy check). `vocab_size`: the tokenizer's length (default the model's logits').
     """
     import torch
 
     from memdec.core.devices import default_device
     from memdec.core.models import check_context, context_length, load_causal_lm
+    from memdec.inference.scoring import target_logprobs
 
     spans = copy_spans(tokens, span, n_spans)
     check_context(context_length(model_path, "model"), 2 * span, f"model {model_path} (two copies of a span)")
@@ -93,8 +94,8 @@ def copy_ability(model_path: str, tokens: np.ndarray, span: int = 128, n_spans: 
     with torch.no_grad():
         for i in range(0, len(spans), batch_size):
             x = torch.as_tensor(np.concatenate([spans[i : i + batch_size]] * 2, axis=1), device=device)
-            logp = torch.log_softmax(model(input_ids=x[:, :-1], use_cache=False).logits.float(), -1)
-            nll = -logp.gather(-1, x[:, 1:, None])[..., 0].double()  # nll[:, j] predicts x[:, j + 1]
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits
+            nll = -target_logprobs(logits, x[:, 1:], vocab_size or logits.shape[-1]).double()  # [:, j]: x[:, j + 1]
             first.append(nll[:, : span - 1].cpu())
             second.append(nll[:, span:].cpu())
     f, s = torch.cat(first), torch.cat(second)

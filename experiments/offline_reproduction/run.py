@@ -602,7 +602,8 @@ def copy_ability_stage(cfg: dict, paths: Paths, dom: str, base: str, dev: str) -
     tok = AutoTokenizer.from_pretrained(str(paths.tokenizer))
     tokens = tokenize(read_capped(paths.corpus(dom, "test"), None), tok, progress=False)
     res = copy_ability(str(paths.model(base)), tokens, span=int(c.get("span", 128)),
-                       n_spans=int(c.get("n_spans", 32)), batch_size=int(cfg["eval"]["batch_size"]), device=dev)
+                       n_spans=int(c.get("n_spans", 32)), batch_size=int(cfg["eval"]["batch_size"]), device=dev,
+                       vocab_size=len(tok))
     paths.copy_ability(dom, base).parent.mkdir(parents=True, exist_ok=True)
     write_json(paths.copy_ability(dom, base), {"domain": dom, "base": base, **res})
 
