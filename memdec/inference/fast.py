@@ -390,7 +390,7 @@ def regional_compile(model: torch.nn.Module, **compile_kwargs: Any) -> RegionalC
 
 
 class _CompiledForwards(dict):
-    """A model's compiled forwards, by (module, settings); a deep copy of the model starts without them."""
+    """A model's compiled forwards, by compile settings; a deep copy of the model starts without them."""
 
     def __deepcopy__(self, memo: dict) -> _CompiledForwards:
         return _CompiledForwards()
@@ -456,9 +456,9 @@ class GraphedForward:
                 return self._regional.wrap(target.forward)
             log.info("memdec.inference.fast: %s has no decoder layer list; compiling its whole forward",
                      type(self.model).__name__)
-        # one compiled forward per model (and settings), shared by its plain and hidden runners
+        # one compiled forward per model (and settings), shared by its plain and hidden runners (same target)
         shared = self.model.__dict__.setdefault("_memdec_compiled", _CompiledForwards())
-        key = (id(target), tuple(sorted(compile_kwargs.items(), key=lambda kv: kv[0])))
+        key = tuple(sorted(compile_kwargs.items(), key=lambda kv: kv[0]))
         if key not in shared:
             shared[key] = torch.compile(target.forward, dynamic=True, **compile_kwargs)
         return shared[key]
