@@ -88,6 +88,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from memdec.core.formats import commit_partial, open_partial, write_json  # noqa: E402
+from memdec.pipeline.data import write_texts  # noqa: E402
+
 PROG = "scale_rehearsal.py"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet")  # memdec.pipeline.data's reader
 
@@ -432,19 +435,10 @@ def _sync(device: str) -> None:
 
 
 def _atomic_dir(final: Path, write) -> None:
-    """write(tmp) into FINAL.tmp, then rename it to FINAL (a folder that exists is complete)."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """write(tmp) into FINAL.partial, then rename it to FINAL (a folder that exists is complete)."""
+    tmp = open_partial(final, overwrite=True, resume=False)
     write(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    commit_partial(tmp, final)
 
 
 def doc_lengths(texts: Sequence[str], tok, batch: int = 1000) -> list[int]:
@@ -480,14 +474,6 @@ def cap_documents(texts: Sequence[str], lengths: Sequence[int], max_tokens: int 
             room -= max(1, got - (max_tokens - total - sep))
         break
     return docs, total
-
-
-def _write_jsonl(path: Path, docs: Sequence[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def pipeline_config(root: Path, corpus: Path, base: Path, init: Path, s: dict[str, Any], device: str,
@@ -533,7 +519,7 @@ class Rehearsal:
     def record(self, name: str, rec: dict[str, Any]) -> dict[str, Any]:
         rec = {**rec, "device": self.device, "date": self.env["date"]}
         self.state["stages"][name] = rec
-        _write_json(self.state_path, self.state)
+        write_json(self.state_path, self.state)
         self.ran.append(name)
         self.log(f"{name}: {fmt_s(rec.get('seconds'))}")
         if self.reporting:
@@ -609,7 +595,7 @@ class Rehearsal:
         tok_s = time.perf_counter() - t0
         capped, n_tokens = cap_documents(docs, lengths, s["max_tokens"], tok)
         check_sample(s, n_tokens - 1)
-        _write_jsonl(path, capped)
+        write_texts(path, capped)
         rec = {"seconds": time.perf_counter() - t0, "tokenize_seconds": tok_s,
                "tokenized": int(sum(lengths) + max(0, len(lengths) - 1)), "n_tokens": int(n_tokens),
                "docs": len(capped), "docs_read": len(texts), "chars_tokenized": chars,
@@ -618,9 +604,9 @@ class Rehearsal:
         sample = s["query_sample"]
         if sample is not None and sample < n_tokens - 1:
             train_docs, train_tokens = cap_documents(docs, lengths, sample + 1, tok)  # a prefix of `capped`
-            _write_jsonl(self.work / "trainset.jsonl", train_docs)
+            write_texts(self.work / "trainset.jsonl", train_docs)
             rec.update(trainset_tokens=int(train_tokens), trainset_docs=len(train_docs))
-        _write_json(meta, rec)
+        write_json(meta, rec)
         return self.record("corpus", rec)
 
     # -- pipeline stages (memdec.pipeline.run's stage functions on its config)
@@ -794,7 +780,7 @@ class Rehearsal:
                                     "rows": projection(costs, sizes, gpus, self.args.ivfpq_qps,
                                                        st["datastore"].get("dim"), limits)}
         self.out.mkdir(parents=True, exist_ok=True)
-        _write_json(self.out / "scale_rehearsal.json", result)
+        write_json(self.out / "scale_rehearsal.json", result)
         (self.out / "scale_rehearsal.md").write_text(markdown(result), encoding="utf-8")
         return result
 
@@ -998,7 +984,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     reh.log(f"read {len(texts)} documents of {args.corpus} in {time.perf_counter() - t0:.1f} s; work {work}")
     work.mkdir(parents=True, exist_ok=True)
     if not reh.state_path.exists():
-        _write_json(reh.state_path, reh.state)
+        write_json(reh.state_path, reh.state)
     tok = reh.tokenizer(texts)
     base, init = reh.models(tok)
     corpus = reh.corpus(texts, tok)

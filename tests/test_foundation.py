@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -19,7 +20,7 @@ from memdec.inference.mixing import (
     tokenizer_fingerprint,
 )
 from memdec.inference.scoring import perplexity, token_logprobs
-from memdec.pipeline.data import CorpusSpec, load_texts, sliding_windows, tokenize
+from memdec.pipeline.data import CorpusSpec, load_texts, sliding_windows, tokenize, write_texts
 from memdec.pipeline.keys import capture_keys, key_layer
 
 
@@ -64,6 +65,16 @@ def test_windows_score_each_target_once(n, window, stride):
         assert w.end - w.start <= window and w.start < w.score_start <= w.end
         seen[w.score_start : w.end] += 1
     assert seen[0] == 0 and (seen[1:] == 1).all()
+
+
+def test_write_texts_round_trips_through_load_texts(tmp_path):
+    docs = ["plain", "ünïcode — and \"quotes\"\nover two lines", ""]
+    path = tmp_path / "sub" / "docs.jsonl"  # the parent folder is made
+    write_texts(path, iter(docs))
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [{"text": d} for d in docs]
+    assert "ünïcode" in path.read_text(encoding="utf-8")  # not \u-escaped
+    assert sorted(p.name for p in path.parent.iterdir()) == ["docs.jsonl"]  # no temporary file left
+    assert load_texts(CorpusSpec(path=str(path))) == [d for d in docs if d]
 
 
 def test_load_texts_errors(tmp_path):

@@ -66,6 +66,7 @@ if str(ROOT) not in sys.path:
 from experiments.offline_reproduction import scheduler  # noqa: E402
 from experiments.offline_reproduction.scheduler import Stages  # noqa: E402
 from memdec.core.formats import read_json, write_json  # noqa: E402
+from memdec.pipeline.data import write_texts  # noqa: E402
 from memdec.pipeline.run import stage_complete  # noqa: E402
 
 TASKS = {"bio": "memdec_bio_ppl", "finance": "memdec_finance_ppl", "law": "memdec_law_ppl",
@@ -229,15 +230,6 @@ def read_capped(path: Path, max_chars: int | None) -> list[str]:
     return out
 
 
-def _write_jsonl(path: Path, texts: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def prepare_data(cfg: dict, paths: Paths) -> None:
     """Capped corpus copies and the lm-eval tasks' local test files; a DONE marker holds the settings."""
     d = cfg["data"]
@@ -248,9 +240,9 @@ def prepare_data(cfg: dict, paths: Paths) -> None:
             cap = (d["general_train_chars"] if name == "general" else d["domain_train_chars"]) \
                 if split == "train" else caps[split]
             texts = read_capped(_source(cfg, name, split), cap)
-            _write_jsonl(paths.corpus(name, split), texts)
+            write_texts(paths.corpus(name, split), texts)
             if split == "test":
-                _write_jsonl(paths.eval_data / f"{TASKS[name]}.jsonl", texts)
+                write_texts(paths.eval_data / f"{TASKS[name]}.jsonl", texts)
             stats[f"{name}/{split}"] = {"docs": len(texts), "chars": sum(map(len, texts))}
     write_json(paths.run / "data" / "DONE.json", {"settings": _data_settings(cfg), "stats": stats})
 
@@ -398,7 +390,7 @@ def job_domain(cfg: dict[str, Any], paths: Paths, dom: str, methods: tuple[str, 
                lambda base=base: router_stage(cfg, paths, dom, base, dev))
 
     if "rag" in methods and dom in rag_settings(cfg, "copy_check"):
-        st("copy-corpus", paths.copy_corpus(dom).exists(), lambda: _write_jsonl(
+        st("copy-corpus", paths.copy_corpus(dom).exists(), lambda: write_texts(
             paths.copy_corpus(dom), read_capped(paths.corpus(dom, "train"), None)
             + read_capped(paths.corpus(dom, "test"), None)))
         st("rag-retrieval", paths.rag_check(dom).exists(), lambda: rag_retrieval_stage(cfg, paths, dom))

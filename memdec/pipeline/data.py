@@ -175,6 +175,18 @@ def load_texts(spec: CorpusSpec) -> list[str]:
     return texts
 
 
+def write_texts(path: str | os.PathLike, texts: Iterable[str]) -> None:
+    """Write documents as JSON lines ({"text": ...} each, what `load_texts` reads), atomically (a temporary name,
+    then a rename); the parent folder is made if missing."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def tokenize(texts: Sequence[str], tokenizer, batch_size: int = 1000, progress: bool = True) -> np.ndarray:
     """Token ids of all documents concatenated (int32), EOS between documents when the tokenizer has one."""
     from tqdm.auto import tqdm
