@@ -521,21 +521,20 @@ def finetune(cfg: dict, paths: Paths, dom: str, method: str, base: str, lr: floa
 
 def valid_perplexity(cfg: dict, paths: Paths, dom: str, method: str, base: str, lr: float, dev: str) -> float:
     """Token perplexity on the domain's valid split (the evaluation's windows) of a fine-tuned base."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from memdec.core.models import load_causal_lm
     from memdec.inference.scoring import perplexity, token_logprobs
     from memdec.pipeline.data import CorpusSpec, corpus_tokens
 
     e, out = cfg["eval"], _finetuned(paths, method, dom, base, lr)
     tok = AutoTokenizer.from_pretrained(str(paths.tokenizer))
     if method == "dapt":
-        model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+        model = load_causal_lm(str(out), "DAPT model", dtype="float32")
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(paths.model(base)),
-                                                                                dtype=torch.float32), str(out))
+        model = PeftModel.from_pretrained(load_causal_lm(str(paths.model(base)), "base", dtype="float32"), str(out))
         model = model.merge_and_unload()
     model = model.to(dev).eval()
     tokens, _, _ = corpus_tokens(CorpusSpec(path=str(paths.corpus(dom, "valid"))), tok, progress=False)
