@@ -34,17 +34,12 @@ from memdec.inference.mixing import log_softmax
 from memdec.inference.router import routed_logprobs
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def first_call_s(fn: Callable[[], Any], dev: torch.device) -> float:
     """Seconds of one call of `fn` (its first: compiling and capturing included), synchronised."""
-    _sync(dev)
+    B._sync(dev)
     t0 = time.perf_counter()
     fn()
-    _sync(dev)
+    B._sync(dev)
     return time.perf_counter() - t0
 
 
@@ -57,7 +52,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny models (a CPU check of the script)")
     ap.add_argument("--compile-mode", choices=fast.COMPILE_MODES, default=None,
-                    help="MEMDEC_COMPILE_MODE of every runner (default: the environment's, else regional)")
+                    help="MEMDEC_COMPILE_MODE of every runner (default: the environment's, else full)")
     ap.add_argument("--compare-modes", action="store_true",
                     help="first: cold first call and steady-state paired ratio of +MemDec fast, regional vs full")
     ap.add_argument("--warm-cache", action="store_true", help="keep inductor's on-disk cache (first calls may be warm)")
