@@ -88,7 +88,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memdec.core.formats import commit_partial, open_partial, write_json  # noqa: E402
+from memdec.core.formats import commit_partial, open_partial, partial_dir, write_json  # noqa: E402
 from memdec.pipeline.data import write_texts  # noqa: E402
 
 PROG = "scale_rehearsal.py"
@@ -526,6 +526,15 @@ class Rehearsal:
             self.report(complete=False)
         return rec
 
+    def finished(self, cfg: dict[str, Any], stage: str, name: str) -> tuple[dict[str, Path], bool, dict | None]:
+        """(the pipeline's stage paths, whether `stage`'s output is complete, the earlier record `name` to return
+        when the stage is skipped (`done`), else None)."""
+        from memdec.pipeline.run import stage_complete, stage_paths
+
+        paths = stage_paths(cfg)
+        complete = stage_complete(stage, paths[stage])
+        return paths, complete, self.done(name, complete)
+
     def done(self, name: str, complete: bool = True) -> dict[str, Any] | None:
         """The earlier record of `name` if its output is complete and no earlier stage ran now."""
         rec = self.state["stages"].get(name)
@@ -613,14 +622,12 @@ class Rehearsal:
     def datastore(self, cfg: dict[str, Any], name: str) -> dict[str, Any]:
         from memdec.pipeline.data import CorpusSpec
         from memdec.pipeline.datastore import Datastore, build_datastore
-        from memdec.pipeline.run import stage_complete, stage_paths
 
-        path = stage_paths(cfg)["datastore"]
-        complete = stage_complete("datastore", path)
-        rec = self.done(name, complete)
+        paths, complete, rec = self.finished(cfg, "datastore", name)
         if rec is not None:
             return rec
-        resumed = (path.parent / (path.name + ".partial")).exists() and not complete
+        path = paths["datastore"]
+        resumed = partial_dir(path).exists() and not complete
         t0 = time.perf_counter()
         build_datastore(cfg["base_model"], CorpusSpec.from_arg(cfg["corpus"]), path, progress=self.progress,
                         overwrite=complete, **cfg["datastore"])
@@ -634,15 +641,12 @@ class Rehearsal:
 
     def targets(self, cfg: dict[str, Any], name: str) -> dict[str, Any]:
         from memdec.pipeline.datastore import Datastore
-        from memdec.pipeline.run import stage_complete, stage_paths
         from memdec.pipeline.targets import Targets, build_targets
 
-        paths = stage_paths(cfg)
-        complete = stage_complete("targets", paths["targets"])
-        rec = self.done(name, complete)
+        paths, complete, rec = self.finished(cfg, "targets", name)
         if rec is not None:
             return rec
-        resumed = (paths["targets"].parent / (paths["targets"].name + ".partial")).exists() and not complete
+        resumed = partial_dir(paths["targets"]).exists() and not complete
         t0 = time.perf_counter()
         build_targets(paths["datastore"], out=paths["targets"], backend=cfg["index"]["backend"],
                       progress=self.progress, overwrite=complete, **cfg["targets"])
@@ -703,12 +707,9 @@ class Rehearsal:
     def train(self, cfg: dict[str, Any], name: str) -> dict[str, Any]:
         from memdec.pipeline.data import sliding_windows
         from memdec.pipeline.datastore import Datastore
-        from memdec.pipeline.run import stage_complete, stage_paths
         from memdec.pipeline.train import _batches, train
 
-        paths = stage_paths(cfg)
-        complete = stage_complete("train", paths["train"])
-        rec = self.done(name, complete)
+        paths, complete, rec = self.finished(cfg, "train", name)
         if rec is not None:
             return rec
         ds = Datastore.open(paths["datastore"])
